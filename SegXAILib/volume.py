@@ -13,6 +13,7 @@ LPS (ITK, DICOM, every file format) and RAS (Slicer) meet in exactly one place:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import SegXAIError
+from .fileio import atomic_path
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """Single-file formats; a folder is read as a DICOM series."""
@@ -165,15 +167,29 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     """
     path = Path(path)
     suffix = volume_suffix(path)
+    if suffix in (".nhdr", ".mhd"):
+        return _write_detached_header(volume, path, compress)
+    with atomic_path(path, suffix) as tmp:
+        sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=compress and suffix != ".nii")
+    return path
+
+
+def _write_detached_header(volume: Volume, path: Path, compress: bool) -> Path:
+    """Write a header (.nhdr, .mhd) and its data file, which the header names after itself.
+
+    Both are written under their final names in a temporary folder beside ``path``; the data file
+    is moved into place first and the header last, so the header never names a temporary file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(fd)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
-        sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress and suffix != ".nii")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        sitk.WriteImage(volume.to_sitk(), str(tmp_dir / path.name), useCompression=compress)
+        for data_file in tmp_dir.iterdir():
+            if data_file.name != path.name:
+                os.replace(data_file, path.parent / data_file.name)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 

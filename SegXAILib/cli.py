@@ -1,0 +1,243 @@
+"""The ``segxai`` command line: argument parsing only; each command calls into the library.
+
+Every user error ends as one ``error: ...`` line on stderr and exit code 2, with no output
+files left behind (outputs are staged and published only when a command succeeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import Cancelled, SegXAIError
+from .progress import Progress, TqdmProgress, json_progress_line
+
+DEFAULT_MODEL = "brain-lesion-unet"
+
+
+# ------------------------------------------------------------------ helpers
+def _progress(args: argparse.Namespace) -> Progress:
+    mode = getattr(args, "progress", "bar")
+    if mode == "json":
+        return Progress(json_progress_line)
+    return Progress(TqdmProgress(disable=mode == "none"))
+
+
+def _format(fmt: str) -> str:
+    from .outputs import FORMATS
+
+    if fmt not in FORMATS:
+        raise SegXAIError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _read_host(spec: str):
+    """A host scan: a sample name (mni152, colin27) or a path."""
+    from .data.samples import SAMPLE_HOSTS, load_host
+    from .volume import read_volume
+
+    return load_host(spec) if spec in SAMPLE_HOSTS else read_volume(spec)
+
+
+# ----------------------------------------------------------------- commands
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.card import ModelCard
+    from .models.registry import available_cards
+
+    cards = available_cards()
+    if not cards:
+        print("no models found (bundled folder empty and SEGXAI_MODEL_PATH unset)")
+        return 0
+    for name, path in cards.items():
+        card = ModelCard.load(path)
+        dice = card.validation.get("dice", {})
+        main = dice.get(card.default_target or "", None)
+        print(f"{name:28s} {card.architecture.get('name', '?'):16s} {card.modality:8s} "
+              f"classes: {', '.join(card.class_names[1:])}"
+              + (f"  val Dice {card.default_target}: {main:.3f}" if main is not None else ""))
+        print(f"{'':28s} {path}")
+    return 0
+
+
+def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt: str,
+                progress: Progress) -> dict:
+    """Read, segment and write; the same function serves ``segment`` and ``demo``."""
+    from .fileio import OutputFolder
+    from .inference import segment
+    from .models.registry import load_model
+    from .outputs import write_segmentation
+    from .volume import read_volume
+
+    start = time.perf_counter()
+    scan = read_volume(scan_path)
+    model = load_model(model_spec)
+    load_seconds = time.perf_counter() - start
+    result = segment(scan, model, device=device, progress=progress)
+    with OutputFolder(out_dir) as out:
+        start = time.perf_counter()
+        timings = {"read_and_load": load_seconds, **result.timings}
+        summary = write_segmentation(out, result, model.card, scan_path, fmt, timings)
+        summary["seconds"]["write"] = round(time.perf_counter() - start, 3)
+        out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    summary = run_segment(args.scan, args.model, Path(args.out), args.device, _format(args.format),
+                          _progress(args))
+    for c in summary["classes"][1:]:
+        print(f"{c['name']:24s} {c['voxels']:9d} voxels {c['volume_ml']:9.2f} mL")
+    print(f"wrote {Path(args.out) / summary['files']['segmentation']} and {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_synth_lesion(args: argparse.Namespace) -> int:
+    from .data.lesion import synthesize_lesion, write_case
+    from .fileio import OutputFolder
+
+    host = _read_host(args.host)
+    case = synthesize_lesion(host, seed=args.seed)
+    with OutputFolder(Path(args.out)) as out:
+        write_case(case, out.staging, fmt=_format(args.format))
+    print(f"wrote {Path(args.out) / ('image.' + args.format)} and {Path(args.out) / ('label.' + args.format)}")
+    return 0
+
+
+def cmd_ct_phantom(args: argparse.Namespace) -> int:
+    from .data.ct_phantom import ct_phantom
+    from .fileio import OutputFolder
+    from .volume import write_volume
+
+    image, label = ct_phantom(shape=tuple(args.shape), seed=args.seed)
+    with OutputFolder(Path(args.out)) as out:
+        write_volume(image, out.path(f"image.{_format(args.format)}"))
+        write_volume(label, out.path(f"label.{args.format}"))
+    print(f"wrote a {'x'.join(map(str, args.shape[::-1]))} CT phantom to {args.out}")
+    return 0
+
+
+def cmd_synth_dataset(args: argparse.Namespace) -> int:
+    from .training import synthesize_dataset
+
+    first, _, last = args.seeds.partition(":")
+    seeds = range(int(first), int(last)) if last else [int(first)]
+    written = synthesize_dataset(args.hosts.split(","), seeds, Path(args.out), _progress(args))
+    print(f"wrote {len(written)} cases to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    config = TrainConfig.load(args.config)
+    if args.iterations is not None:
+        config.iterations = args.iterations
+    if args.out is not None:
+        config.out = args.out
+    card_path = train(config, _progress(args))
+    print(f"wrote model card {card_path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data.lesion import synthesize_lesion, write_case
+    from .data.samples import default_demo_host
+    from .metrics import dice_per_target
+    from .models.registry import resolve_card
+    from .volume import read_volume
+
+    out = Path(args.out)
+    host_name = args.host or default_demo_host()
+    case = synthesize_lesion(_read_host(host_name), seed=args.seed)
+    image_path, label_path = write_case(case, out / "case", fmt="nii.gz")
+    summary = run_segment(str(image_path), args.model, out, args.device, "nii.gz", _progress(args))
+    predicted = read_volume(out / summary["files"]["segmentation"])
+    card = resolve_card(args.model)
+    scores = dice_per_target(predicted.array, case.label.array, card)
+    print(f"demo: a synthetic brain tumour (seed {args.seed}) placed in the {host_name} T1 MRI, "
+          f"segmented by {card.name} on {summary['device']}")
+    for name, value in scores.items():
+        print(f"  Dice {name:20s} {value:.3f}")
+    print(f"scan:          {image_path}\ntrue label:    {label_path}\n"
+          f"segmentation:  {out / summary['files']['segmentation']}\nsummary:       {out / 'summary.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segxai", description="Segment 3D scans and explain the segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_progress(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                       help="progress as a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
+
+    p = sub.add_parser("models", help="list the models available by name")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("segment", help="segment a scan")
+    p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="name from 'segxai models', card .json or MONAI bundle folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
+    add_progress(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("demo", help="place a lesion in a packaged brain MRI, segment it, print Dice")
+    p.add_argument("--out", default="segxai-demo", help="output folder (default ./segxai-demo)")
+    p.add_argument("--host", default=None, help="mni152, colin27 (default when installed) or a T1 path")
+    p.add_argument("--seed", type=int, default=20001, help="lesion seed (training used 0-9999)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="auto")
+    add_progress(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth-lesion", help="place a synthetic brain tumour in a T1 MRI")
+    p.add_argument("host", help="T1 MRI path, or a sample name: mni152, colin27")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="nii.gz")
+    p.set_defaults(func=cmd_synth_lesion)
+
+    p = sub.add_parser("synth-dataset", help="many lesion cases for training (one folder per case)")
+    p.add_argument("--hosts", default="colin27,mni152")
+    p.add_argument("--seeds", required=True, help="FIRST:STOP (stop excluded), e.g. 0:200")
+    p.add_argument("--out", required=True)
+    add_progress(p)
+    p.set_defaults(func=cmd_synth_dataset)
+
+    p = sub.add_parser("ct-phantom", help="write a synthetic CT in Hounsfield units with organ/lesion labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], metavar=("K", "J", "I"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="nii.gz")
+    p.set_defaults(func=cmd_ct_phantom)
+
+    p = sub.add_parser("train", help="train a model from image/label pairs and write its card")
+    p.add_argument("--config", required=True, help="training configuration JSON (see Resources/Training)")
+    p.add_argument("--iterations", type=int, default=None, help="override the configured iterations")
+    p.add_argument("--out", default=None, help="override the configured card path")
+    add_progress(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Cancelled as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130
+    except SegXAIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""A conservative brain mask for any T1 MRI, with or without skull.
+
+Used to place synthetic lesions inside the brain, so the mask errs on the inside: missing a
+rim of cortex is harmless, including scalp is not. Works in physical units (mm) on any
+spacing and orientation, and on any intensity scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from ..errors import SegXAIError
+from ..volume import Volume
+
+OPENING_RADIUS_MM = 6.0
+"""Opening ball radius: cuts the thin links (meninges, vessels, optic nerves) from brain to scalp."""
+
+CLOSING_RADIUS_MM = 3.0
+"""Closing ball radius: fills sulci and small notches left by the threshold."""
+
+_THRESHOLD_FRACTION = 0.2
+"""Where the tissue threshold sits between the head/background and the dark/bright Otsu levels.
+
+Slightly above the head threshold: CSF and dura, which link brain and scalp, fall below it.
+Tuned on Colin27 with skull (Dice 0.95 with ch2bet, 0.04 % of the mask > 3 mm outside it)."""
+
+_WORK_SPACING_MM = 2.0
+"""Finer grids are block-averaged to about this spacing first: a mask needs no more, and it is ~8x faster."""
+
+
+def estimate_brain_mask(t1: Volume) -> np.ndarray:
+    """Estimate the brain of a T1-weighted volume.
+
+    Steps, on a grid of about 2 mm: smooth (sigma 1 mm); threshold a little above the Otsu level
+    that separates the head from the background (two Otsu levels, see :data:`_THRESHOLD_FRACTION`);
+    open with a ball of :data:`OPENING_RADIUS_MM`, keeping only the largest piece, to cut the
+    brain from the scalp; close and fill holes. Balls are in mm (distance transforms with the
+    voxel spacing), so any spacing and orientation give the same physical mask.
+
+    Args:
+        t1: a T1 volume, shape (K, J, I), any dtype, spacing, orientation.
+
+    Returns:
+        bool array, shape (K, J, I): True inside the brain.
+    """
+    factors = np.maximum(1, np.floor(_WORK_SPACING_MM / t1.spacing[::-1] + 1e-6)).astype(int)  # (K, J, I)
+    image = _block_mean(t1.array.astype(np.float32), factors)
+    spacing = t1.spacing[::-1] * factors  # mm per (K, J, I) index of the working grid
+
+    image = ndimage.gaussian_filter(image, sigma=1.0 / spacing)
+    if not image.max() > image.min():
+        raise SegXAIError("the T1 volume is uniform (one intensity everywhere); give a real T1 MRI scan")
+    head_level = threshold_otsu(image)
+    bright_level = threshold_otsu(image[image > head_level])
+    tissue = image > head_level + _THRESHOLD_FRACTION * (bright_level - head_level)
+
+    core = _largest_component(_distance(tissue, spacing) > OPENING_RADIUS_MM)
+    if core.any():
+        brain = (_distance(core, spacing, outside=True) <= OPENING_RADIUS_MM) & tissue
+    else:  # nothing as thick as the ball (a tiny volume): opening would erase it all
+        brain = _largest_component(tissue)
+    dilated = _distance(brain, spacing, outside=True) <= CLOSING_RADIUS_MM
+    closed = _distance(dilated, spacing) > CLOSING_RADIUS_MM
+    mask = ndimage.binary_fill_holes(closed | brain)
+    return _upsample(mask, factors, t1.shape)
+
+
+def _distance(mask: np.ndarray, spacing: np.ndarray, outside: bool = False) -> np.ndarray:
+    """Distance in mm from each True voxel to the nearest False one (``outside``: False to True)."""
+    return ndimage.distance_transform_edt(~mask if outside else mask, sampling=spacing)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of ``mask`` (all False if it is empty)."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def _block_mean(array: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Average non-overlapping blocks of ``factors`` voxels (edge voxels padded by replication)."""
+    if np.all(factors == 1):
+        return array
+    pad = [(0, (-n) % f) for n, f in zip(array.shape, factors)]
+    array = np.pad(array, pad, mode="edge")
+    k, j, i = (n // f for n, f in zip(array.shape, factors))
+    return array.reshape(k, factors[0], j, factors[1], i, factors[2]).mean(axis=(1, 3, 5))
+
+
+def _upsample(mask: np.ndarray, factors: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour inverse of :func:`_block_mean`, cropped to ``shape``."""
+    for axis, f in enumerate(factors):
+        mask = np.repeat(mask, f, axis=axis)
+    return mask[: shape[0], : shape[1], : shape[2]]

@@ -1,0 +1,286 @@
+"""Synthetic brain tumours on any T1 MRI host: training and test cases with exact labels.
+
+A lesion is a randomly oriented ellipsoid whose surfaces are bent by smooth low-frequency noise:
+a necrotic core, an enhancing rim around it, and peritumoral edema around both (the classic
+ring-enhancing glioblastoma). Sizes are in mm and shrink to fit small brains; the whole lesion
+lies inside the host's brain mask. Intensities are set relative to the host's own white matter
+(see :data:`INTENSITY_FACTORS`), with smooth texture, part of the host's fine texture, and
+partial-volume edges. Everything is drawn from one seed: the same seed gives the same case.
+
+The geometry is computed in index space with the physical voxel size per axis (the direction
+matrix is a rotation, so spacing alone gives distances in mm), hence any spacing and
+orientation work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import ndtr
+
+from ..errors import SegXAIError
+from ..volume import Volume, write_volume
+from .brain_mask import estimate_brain_mask
+
+LABEL_NCR = 1
+"""Necrotic / non-enhancing tumour core (BraTS label 1)."""
+LABEL_ED = 2
+"""Peritumoral edema (BraTS label 2)."""
+LABEL_ET = 4
+"""Enhancing tumour: the bright rim around the necrotic core (BraTS label 4)."""
+BRATS_LABELS = (LABEL_NCR, LABEL_ED, LABEL_ET)
+"""Lesion labels, BraTS convention; 0 is background. Whole tumour = {1, 2, 4}, tumour core = {1, 4}."""
+
+INTENSITY_FACTORS = {
+    LABEL_NCR: (0.35, 0.50),  # fluid-like, as dark as CSF
+    LABEL_ED: (0.75, 0.85),  # water-logged white matter: mildly hypointense
+    LABEL_ET: (1.15, 1.35),  # contrast-enhanced: brighter than white matter
+}
+"""Per label, the range of (mean intensity / host white-matter level) a case draws from."""
+
+CORE_RADIUS_MM = (8.0, 20.0)
+"""Range of the tumour core's (necrosis + rim) mean radius."""
+EDEMA_MARGIN_MM = (3.0, 15.0)
+"""Range of how far the edema extends beyond the tumour core."""
+RIM_THICKNESS_MM = (2.0, 4.0)
+"""Range of the enhancing rim's thickness."""
+
+_AXIS_RATIO = (0.75, 1.25)  # ellipsoid semi-axes, relative to the core radius
+_SURFACE_AMPLITUDE = (0.05, 0.12)  # relative radial displacement per unit of noise
+_NOISE_CLIP = 2.0  # noise in standard deviations: bounds how far a surface can be pushed out
+_TEXTURE_AMPLITUDE = {LABEL_NCR: 0.08, LABEL_ED: 0.05, LABEL_ET: 0.08}  # relative std of the texture
+_HOST_DETAIL_KEPT = 0.5  # exponent on the host's fine-texture ratio: keep half of its contrast
+_WM_PERCENTILE = 85.0  # of intensities in the brain: white matter, the brightest large tissue
+_DARK_PERCENTILE = 5.0  # of intensities in the brain: CSF
+_MIN_VOXELS = 1.5  # thinnest rim and smallest necrosis radius, in voxels, so every label shows
+
+
+@dataclass
+class LesionCase:
+    """One synthetic case.
+
+    Attributes:
+        image: the host T1 with the lesion, same grid as the host.
+        label: uint8 labels {0, 1, 2, 4} (see :data:`BRATS_LABELS`), same grid.
+        center_ras: RAS position of the lesion centre in mm, shape (3,).
+        radii_mm: semi-axes of the tumour core's ellipsoid in mm, shape (3,).
+        seed: the seed that reproduces this case.
+        params: every number drawn or estimated (intensity factors, host levels, sizes, scale).
+    """
+
+    image: Volume
+    label: Volume
+    center_ras: np.ndarray
+    radii_mm: np.ndarray
+    seed: int
+    params: dict = field(default_factory=dict)
+
+
+def host_levels(host: Volume, brain_mask: np.ndarray) -> tuple[float, float]:
+    """White-matter and CSF intensity levels of a T1 host, from percentiles inside the brain."""
+    values = host.array[brain_mask]
+    if values.size == 0:
+        raise SegXAIError("the brain mask is empty; give a T1 MRI of a head or a brain mask with brain in it")
+    wm, dark = np.percentile(values, [_WM_PERCENTILE, _DARK_PERCENTILE])
+    return float(wm), float(dark)
+
+
+def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = None) -> LesionCase:
+    """Put a random brain tumour into a T1 host.
+
+    Args:
+        host: T1 MRI, shape (K, J, I), any dtype, spacing and orientation; never modified.
+        seed: seed of every random choice: same host and seed give the same case.
+        brain_mask: bool (K, J, I), True inside the brain; estimated from ``host`` when None.
+
+    Returns:
+        the case. ``image`` keeps a float host's dtype; an integer host's dtype only when every
+        new value fits in it (e.g. a bright rim can exceed 255 in a uint8 host), else float32.
+    """
+    mask = estimate_brain_mask(host) if brain_mask is None else np.asarray(brain_mask, dtype=bool)
+    if mask.shape != host.shape:
+        raise ValueError(f"brain mask shape {mask.shape} does not match the host {host.shape}")
+    rng = np.random.default_rng(seed)
+    spacing = host.spacing[::-1]  # mm per (K, J, I) index step
+    wm, dark = host_levels(host, mask)
+    factors = {lab: float(rng.uniform(*INTENSITY_FACTORS[lab])) for lab in BRATS_LABELS}
+    shape = _LesionShape.draw(rng)
+
+    depth = ndimage.distance_transform_edt(mask, sampling=spacing)  # mm to the nearest non-brain voxel
+    scale, weights = shape.fit(depth.max(), spacing)
+    candidates = np.flatnonzero(depth.ravel() > weights.extent_mm)
+    center = np.array(np.unravel_index(rng.choice(candidates), host.shape))  # (k, j, i)
+
+    image, label = _paint(host, mask, center, weights, factors, wm, dark, shape.texture, rng)
+    center_ras = (host.ijk_to_ras @ np.append(center[::-1], 1.0))[:3]
+    params = {
+        "intensity_factors": factors, "wm_level": wm, "dark_level": dark, "scale": scale,
+        "core_radius_mm": shape.core_radius * scale, "edema_margin_mm": shape.edema_margin * scale,
+        "rim_thickness_mm": weights.rim_mm, "surface_amplitude": shape.amplitude,
+        "center_ijk": center[::-1].tolist(),
+    }
+    return LesionCase(
+        image=host.with_array(image), label=host.with_array(label), center_ras=center_ras,
+        radii_mm=shape.core_radius * scale * shape.axis_ratios, seed=seed, params=params)
+
+
+def write_case(case: LesionCase, out_dir: str | Path, fmt: str = "nii.gz") -> tuple[Path, Path]:
+    """Write ``image.<fmt>`` and ``label.<fmt>`` into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    fmt = fmt.lstrip(".")
+    return (write_volume(case.image, out_dir / f"image.{fmt}"),
+            write_volume(case.label, out_dir / f"label.{fmt}"))
+
+
+# ------------------------------------------------------------------------ shape
+@dataclass
+class _Weights:
+    """Partial-volume fractions of each tissue in a box centred on the lesion (the box's shape: (k, j, i))."""
+
+    ncr: np.ndarray
+    core: np.ndarray  # necrosis + rim
+    lesion: np.ndarray  # necrosis + rim + edema
+    extent_mm: float  # farthest voxel with any lesion fraction, from the centre voxel
+    rim_mm: float
+
+    def labels(self) -> np.ndarray:
+        """Hard labels: the tissue with the larger fraction, i.e. the surfaces at fraction 0.5."""
+        label = np.zeros(self.lesion.shape, dtype=np.uint8)
+        label[self.lesion >= 0.5] = LABEL_ED
+        label[self.core >= 0.5] = LABEL_ET
+        label[self.ncr >= 0.5] = LABEL_NCR
+        return label
+
+
+@dataclass
+class _LesionShape:
+    """A lesion's random shape at scale 1; lengths in mm, noise lattices in units of the core radius."""
+
+    core_radius: float
+    edema_margin: float
+    rim: float
+    axis_ratios: np.ndarray  # (3,) semi-axes / core radius
+    rotation: np.ndarray  # (3, 3) orthonormal: lesion frame to (k, j, i) mm frame
+    amplitude: float
+    core_noise: np.ndarray  # lattices of N(0, 1) nodes, spaced _NODE_SPACING core radii
+    edema_noise: np.ndarray
+    texture: np.ndarray
+
+    _NODE_SPACING = 0.5  # core radii: a few bumps around the surface, not a rough one
+    _NODES = 24  # per axis: covers the farthest edema (see draw) with room to spare
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _LesionShape:
+        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+        return cls(
+            core_radius=float(rng.uniform(*CORE_RADIUS_MM)),
+            edema_margin=float(rng.uniform(*EDEMA_MARGIN_MM)),
+            rim=float(rng.uniform(*RIM_THICKNESS_MM)),
+            axis_ratios=rng.uniform(*_AXIS_RATIO, size=3),
+            rotation=q * np.sign(np.diag(r)),  # sign fix: uniformly distributed rotations
+            amplitude=float(rng.uniform(*_SURFACE_AMPLITUDE)),
+            core_noise=rng.normal(size=(cls._NODES,) * 3),
+            edema_noise=rng.normal(size=(cls._NODES,) * 3),
+            texture=rng.normal(size=(2 * cls._NODES,) * 3),
+        )
+
+    def fit(self, max_depth_mm: float, spacing: np.ndarray) -> tuple[float, _Weights]:
+        """Largest scale <= 1 at which the lesion fits in a brain ``max_depth_mm`` deep; its weights."""
+        scale = 1.0
+        for _ in range(8):
+            weights = self.weights(scale, spacing)
+            if weights.extent_mm < max_depth_mm:
+                return scale, weights
+            # the extent is nearly proportional to the scale; aim a little inside
+            scale *= 0.95 * max_depth_mm / weights.extent_mm
+        raise SegXAIError(
+            f"the brain mask is too thin ({max_depth_mm:.1f} mm deep at most) to hold a lesion; "
+            "give a brain T1 with more than a few voxels of brain, or a larger brain mask")
+
+    def weights(self, scale: float, spacing: np.ndarray) -> _Weights:
+        """Tissue fractions on the voxel grid of ``spacing`` (mm per k, j, i), centred on a voxel."""
+        core = self.core_radius * scale
+        min_mm = _MIN_VOXELS * spacing.max()
+        rim = max(self.rim * scale, min_mm)
+        ncr = max(core - rim, min_mm)
+        core = ncr + rim
+        edema = core + self.edema_margin * scale
+        # farthest a surface can be pushed: longest semi-axis, noise clipped at _NOISE_CLIP
+        reach = edema * self.axis_ratios.max() / (1 - _NOISE_CLIP * self.amplitude) + 3 * spacing.max()
+        half = np.ceil(reach / spacing).astype(int)
+        offsets = [np.arange(-h, h + 1) * s for h, s in zip(half, spacing)]
+        xyz = np.stack(np.meshgrid(*offsets, indexing="ij"), axis=-1)  # (k, j, i, 3) mm from the centre
+        u = xyz @ self.rotation / (core * self.axis_ratios)  # lesion frame, in core semi-axes
+        radial = core * np.linalg.norm(u, axis=-1)  # ~ mm from the centre along the lesion's radius
+        core_level = radial * (1 + self.amplitude * _sample(self.core_noise, u, self._NODE_SPACING))
+        edema_level = radial * (1 + self.amplitude * _sample(self.edema_noise, u, self._NODE_SPACING))
+        # partial volume: a voxel averages a box, whose profile is ~ Gaussian with std 0.29 voxel
+        blur = 0.29 * spacing.mean()
+        weights = _Weights(
+            ncr=ndtr((ncr - core_level) / blur).astype(np.float32),
+            core=ndtr((core - core_level) / blur).astype(np.float32),
+            lesion=ndtr((edema - np.minimum(edema_level, core_level)) / blur).astype(np.float32),
+            extent_mm=0.0, rim_mm=rim)
+        weights.extent_mm = float(np.linalg.norm(xyz[weights.lesion > 1e-3], axis=-1).max())
+        return weights
+
+
+def _sample(lattice: np.ndarray, u: np.ndarray, node_spacing: float) -> np.ndarray:
+    """Smooth noise at points ``u`` (..., 3) from a lattice of iid N(0, 1) centred on u = 0.
+
+    Cubic B-spline interpolation without prefiltering smooths the lattice; the result is
+    rescaled to unit std and clipped at :data:`_NOISE_CLIP`.
+    """
+    coords = u.reshape(-1, 3).T / node_spacing + (np.array(lattice.shape)[:, None] - 1) / 2
+    values = ndimage.map_coordinates(lattice, coords, order=3, mode="mirror", prefilter=False)
+    values = values / max(float(values.std()), 1e-6)
+    return np.clip(values, -_NOISE_CLIP, _NOISE_CLIP).reshape(u.shape[:-1])
+
+
+# ---------------------------------------------------------------------- painting
+def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights, factors: dict[int, float],
+           wm: float, dark: float, texture: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Blend the lesion into a copy of the host; returns (image, label), shape (K, J, I)."""
+    half = (np.array(weights.lesion.shape) - 1) // 2
+    lo, hi = center - half, center + half + 1
+    box = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, host.shape))  # clipped to the grid
+    local = tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, lo))
+
+    inside = mask[box]
+    ncr, core, lesion = (w[local] * inside for w in (weights.ncr, weights.core, weights.lesion))
+    fractions = {LABEL_NCR: ncr, LABEL_ET: core - ncr, LABEL_ED: lesion - core}
+
+    region = host.array[box].astype(np.float32)
+    # the host's fine texture: its ratio to a 1.5 mm local mean, partly kept inside the lesion
+    smooth = ndimage.gaussian_filter(region, sigma=1.5 / host.spacing[::-1])
+    detail = np.clip(region / np.maximum(smooth, 1e-6 * max(wm, 1e-6)), 0.5, 1.5) ** _HOST_DETAIL_KEPT
+    shape = region.shape
+    coords = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
+    texture_field = _sample(texture, coords * rng.uniform(3.0, 5.0), 1.0)  # a few blobs across the box
+    painted = (1 - lesion) * region
+    for lab, fraction in fractions.items():
+        level = factors[lab] * wm
+        if lab == LABEL_NCR:
+            level = max(level, dark)  # necrosis is fluid: no darker than the host's CSF
+        painted += fraction * level * (1 + _TEXTURE_AMPLITUDE[lab] * texture_field) * detail
+
+    image = host.array.astype(np.float32)  # a copy: the host is never modified
+    image[box] = painted
+    label = np.zeros(host.shape, dtype=np.uint8)
+    label[box] = np.where(inside, weights.labels()[local], 0)
+    return _cast_like(image, host.array.dtype), label
+
+
+def _cast_like(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``image`` in the host's dtype: floats as they are; integers only if every rounded value fits."""
+    if np.issubdtype(dtype, np.floating):
+        return image.astype(dtype, copy=False)
+    if np.issubdtype(dtype, np.integer):
+        rounded = np.rint(image)
+        info = np.iinfo(dtype)
+        if rounded.min() >= info.min and rounded.max() <= info.max:
+            return rounded.astype(dtype)
+    return image

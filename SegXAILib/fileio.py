@@ -1,0 +1,79 @@
+"""Atomic file writing: a file appears under its final name complete, or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
+
+    ``suffix`` is appended to the temporary name so writers that choose the format by
+    extension (SimpleITK, torch) still see it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path``."""
+    with atomic_path(path, suffix) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+class OutputFolder:
+    """Collect a command's output files in a hidden staging folder; publish them all at the end.
+
+    Files are written under ``staging`` and moved into ``final`` (created if needed) only when
+    the ``with`` block succeeds, so a failed run leaves no partial results and an existing
+    folder keeps its previous files except those replaced.
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+        self.staging: Path | None = None
+
+    def __enter__(self) -> OutputFolder:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".part", dir=self.final.parent))
+        return self
+
+    def path(self, relative: str) -> Path:
+        """Where to write ``relative`` now (inside the staging folder)."""
+        assert self.staging is not None, "use OutputFolder in a with block"
+        target = self.staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        assert self.staging is not None
+        try:
+            if exc_type is None:
+                for source in sorted(p for p in self.staging.rglob("*") if p.is_file()):
+                    target = self.final / source.relative_to(self.staging)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, target)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""Segmenting a scan: preprocessing, sliding-window inference, and results on the scan's grid.
+
+Windows run on the chosen device; MONAI stitches them with Gaussian blending into a buffer on
+the CPU, so a whole CT never has to fit on the accelerator (nor, at once, through the
+network). Probabilities stay on the model grid; labels are brought back to the scan's grid
+one class at a time (a running argmax), which keeps a 512x512x300 CT within a few GB.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from .errors import SegXAIError
+from .models.loaders import LoadedModel
+from .preprocessing import preprocess, resample_to_grid
+from .progress import Progress
+from .volume import Volume
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple MPS, then CPU; or a torch device name (``cpu``, ``cuda:1``, ``mps``)."""
+    if name in ("auto", None, ""):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SegXAIError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegXAIError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SegXAIError("device 'mps' was asked for but Apple MPS is not available; use --device cpu or auto")
+    return device
+
+
+def window_count(image_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's sliding_window_inference visits (for progress reporting)."""
+    count = 1
+    for size, roi in zip(image_shape, patch_size):
+        interval = max(int(roi * (1 - overlap)), 1)
+        count *= 1 if size <= roi else math.ceil((size - roi) / interval) + 1
+    return count
+
+
+def sliding_window_predict(
+    network: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]],
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    device: torch.device,
+    overlap: float = 0.25,
+    progress: Progress | None = None,
+    stage: str = "inference",
+    with_coord: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Run ``network`` over (1, C, D, H, W) ``image`` in Gaussian-blended windows; results on the CPU.
+
+    ``network`` may return several tensors (e.g. logits plus an activation); each is stitched.
+    With ``with_coord`` it is called as ``network(window, coordinates)``, as MONAI does.
+    """
+    progress = progress or Progress()
+    total = window_count(image.shape[2:], patch_size, overlap)
+    done = 0
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+
+    def predictor(window: torch.Tensor, *coords):
+        nonlocal done
+        progress.update(stage, done / total, f"window {done + 1}/{total}")
+        with autocast:
+            out = network(window.to(device), *coords)
+        done += window.shape[0]
+        progress.update(stage, done / total, f"window {min(done, total)}/{total}")
+        return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+    return sliding_window_inference(
+        image, roi_size=tuple(patch_size), sw_batch_size=1, predictor=predictor, overlap=overlap,
+        mode="gaussian", sw_device=device, device=torch.device("cpu"), with_coord=with_coord)
+
+
+@dataclass
+class SegmentationResult:
+    """A segmentation on the scan's grid, with the model-grid probabilities it came from.
+
+    Attributes:
+        labels: label values of the model's classes on the scan's grid (uint8 or uint16).
+        probabilities: softmax, shape (n_classes, K, J, I) on ``model_grid``.
+        model_grid: the preprocessed scan (its geometry is the model grid).
+        scan: the input scan (read-only).
+        timings: seconds per stage.
+        device: the device the network ran on.
+    """
+
+    labels: Volume
+    probabilities: np.ndarray
+    model_grid: Volume
+    scan: Volume
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def probability_on_scan(self, channels: Sequence[int]) -> Volume:
+        """Summed probability of ``channels`` (e.g. the classes of a group) on the scan's grid."""
+        summed = self.probabilities[list(channels)].sum(axis=0)
+        return resample_to_grid(self.model_grid.with_array(summed), self.scan)
+
+
+def predict_probabilities(model: LoadedModel, image: np.ndarray, device: torch.device,
+                          progress: Progress | None = None, overlap: float = 0.25) -> np.ndarray:
+    """Softmax probabilities (n_classes, D, H, W) for a preprocessed (C, D, H, W) or (D, H, W) array."""
+    x = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 4 else image[None]))[None]
+    if x.shape[1] != model.card.input_channels:
+        raise SegXAIError(f"model {model.card.name!r} expects {model.card.input_channels} input channel(s) but "
+                          f"the scan has {x.shape[1]}; choose a model made for this kind of scan")
+    model.network.to(device).eval()
+    with torch.inference_mode():
+        logits = sliding_window_predict(model.network, x, model.card.patch_size, device, overlap, progress)
+        if logits.shape[1] != model.card.n_classes:
+            raise SegXAIError(f"model {model.card.name!r} returns {logits.shape[1]} channels but its card "
+                              f"lists {model.card.n_classes} classes; fix the card's classes")
+        return torch.softmax(logits, dim=1)[0].numpy()
+
+
+def labels_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume,
+                   label_values: Sequence[int]) -> Volume:
+    """Argmax of model-grid probabilities, taken on the scan's grid one class at a time."""
+    best = None
+    index = np.zeros(scan.shape, dtype=np.uint8)
+    for c in range(probabilities.shape[0]):
+        p = resample_to_grid(model_grid.with_array(probabilities[c]), scan).array
+        if best is None:
+            best = p.copy()
+        else:
+            better = p > best
+            index[better] = c
+            np.maximum(best, p, out=best)
+    dtype = np.uint8 if max(label_values) < 256 else np.uint16
+    return scan.with_array(np.asarray(label_values, dtype=dtype)[index])
+
+
+def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto",
+            progress: Progress | None = None, overlap: float = 0.25) -> SegmentationResult:
+    """Segment ``scan`` with ``model``: the labels on the scan's grid and the probabilities behind them."""
+    progress = progress or Progress()
+    device = device if isinstance(device, torch.device) else select_device(device)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    progress.update("preprocess", 0.0)
+    model_grid = preprocess(scan, model.card.preprocessing)
+    timings["preprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    probabilities = predict_probabilities(model, model_grid.array, device, progress, overlap)
+    timings["inference"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    progress.update("resample", 0.0)
+    labels = labels_on_grid(probabilities, model_grid, scan, [c.label for c in model.card.classes])
+    timings["resample"] = time.perf_counter() - start
+    progress.update("resample", 1.0)
+    return SegmentationResult(labels, probabilities, model_grid, scan, timings, str(device))
+
+
+def volumes_ml(labels: Volume, label_values: Sequence[int]) -> dict[int, tuple[int, float]]:
+    """Voxel count and volume in mL for each label value."""
+    voxel_ml = float(np.prod(labels.spacing)) / 1000.0
+    counts = np.bincount(labels.array.ravel(), minlength=max(label_values) + 1)
+    return {v: (int(counts[v]), int(counts[v]) * voxel_ml) for v in label_values}
+

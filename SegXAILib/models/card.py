@@ -1,0 +1,182 @@
+"""The model card: everything SegXAI needs to know about a model besides its weights.
+
+A card is a JSON file. Example (the bundled brain-lesion model)::
+
+    {
+      "name": "brain-lesion-unet",
+      "description": "Brain tumour sub-regions on T1 MRI (synthetic lesions)",
+      "architecture": {"name": "unet", "args": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}},
+      "input": {"channels": 1, "modality": "MRI-T1"},
+      "classes": [
+        {"name": "background", "label": 0, "color": [0, 0, 0]},
+        {"name": "necrotic core", "label": 1, "color": [255, 64, 64]},
+        ...
+      ],
+      "groups": {"whole tumour": [1, 2, 4], "tumour core": [1, 4]},
+      "default_target": "whole tumour",
+      "preprocessing": {
+        "orientation": "RAS",
+        "spacing": [2.0, 2.0, 2.0],
+        "intensity": {"kind": "zscore_foreground"}
+      },
+      "patch_size": [96, 96, 96],
+      "weights": "brain_lesion_unet.safetensors",
+      "validation": {"dice": {"whole tumour": 0.9}, "cases": 24, "command": "..."}
+    }
+
+Output channel ``n`` of the network is ``classes[n]``; the label value written to files is
+``classes[n].label``. ``groups`` name unions of labels that can be explained as one target.
+Intensity normalisation kinds: ``zscore_foreground`` (MRI; mean/std inside the Otsu
+foreground), ``percentile`` (``lower``/``upper`` percentiles to 0..1), ``ct_window``
+(``window: [low, high]`` in HU to 0..1, ``clip`` true/false).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SegXAIError
+
+INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output channel: its name, label value in files, and display colour (RGB 0..255)."""
+
+    name: str
+    label: int
+    color: tuple[int, int, int] = (128, 128, 128)
+
+
+@dataclass
+class ModelCard:
+    """A parsed model card. Paths inside it are relative to the card's folder (``root``)."""
+
+    name: str
+    architecture: dict[str, Any]
+    classes: list[ClassInfo]
+    preprocessing: dict[str, Any]
+    patch_size: tuple[int, int, int]
+    weights: str | list[str] | None = None
+    input_channels: int = 1
+    modality: str = "MRI"
+    description: str = ""
+    groups: dict[str, list[int]] = field(default_factory=dict)
+    default_target: str | None = None
+    validation: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    root: Path = Path(".")
+
+    # ------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], root: Path = Path("."), source: str = "model card") -> ModelCard:
+        try:
+            classes = [ClassInfo(c["name"], int(c["label"]), tuple(c.get("color", (128, 128, 128))))
+                       for c in data["classes"]]
+            card = cls(
+                name=str(data["name"]),
+                architecture=dict(data["architecture"]),
+                classes=classes,
+                preprocessing=dict(data.get("preprocessing", {})),
+                patch_size=tuple(int(p) for p in data["patch_size"]),
+                weights=data.get("weights"),
+                input_channels=int(data.get("input", {}).get("channels", 1)),
+                modality=str(data.get("input", {}).get("modality", "MRI")),
+                description=str(data.get("description", "")),
+                groups={k: [int(x) for x in v] for k, v in data.get("groups", {}).items()},
+                default_target=data.get("default_target"),
+                validation=dict(data.get("validation", {})),
+                extra=dict(data.get("extra", {})),
+                root=Path(root),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SegXAIError(f"{source} is missing or has an invalid field ({exc!r}); "
+                              "see the model card format in README.md") from None
+        card.validate(source)
+        return card
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SegXAIError(f"model card not found: {path}; check the path") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SegXAIError(f"model card {path} is not valid JSON ({exc}); fix or regenerate it") from None
+        return cls.from_dict(data, root=path.parent, source=f"model card {path}")
+
+    def validate(self, source: str = "model card") -> None:
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise SegXAIError(f"{source}: patch_size must be three positive integers, got {self.patch_size}")
+        if len({c.label for c in self.classes}) != len(self.classes) or len(self.classes) < 2:
+            raise SegXAIError(f"{source}: classes need at least two entries with distinct labels")
+        kind = self.preprocessing.get("intensity", {}).get("kind", "zscore_foreground")
+        if kind not in INTENSITY_KINDS:
+            raise SegXAIError(f"{source}: unknown intensity normalisation {kind!r}; use one of {INTENSITY_KINDS}")
+        for group, labels in self.groups.items():
+            unknown = set(labels) - {c.label for c in self.classes}
+            if unknown:
+                raise SegXAIError(f"{source}: group {group!r} names labels {sorted(unknown)} that no class has")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "architecture": self.architecture,
+            "input": {"channels": self.input_channels, "modality": self.modality},
+            "classes": [asdict(c) | {"color": list(c.color)} for c in self.classes],
+            "groups": self.groups,
+            "default_target": self.default_target,
+            "preprocessing": self.preprocessing,
+            "patch_size": list(self.patch_size),
+            "weights": self.weights,
+            "validation": self.validation,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        from ..fileio import atomic_write_text
+
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------ queries
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def weight_paths(self) -> list[Path]:
+        """Weights files (several for a deep ensemble), resolved against the card's folder."""
+        if self.weights is None:
+            return []
+        names = [self.weights] if isinstance(self.weights, str) else list(self.weights)
+        return [(self.root / n) for n in names]
+
+    def target_channels(self, target: str | None) -> tuple[str, list[int]]:
+        """Resolve a target (class name, group name, or label value) to output channel indices.
+
+        ``None`` means the card's ``default_target`` (else the first non-background class).
+
+        Raises:
+            SegXAIError: the name is neither a class nor a group of this model.
+        """
+        if target is None:
+            target = self.default_target or self.classes[1].name
+        by_label = {c.label: n for n, c in enumerate(self.classes)}
+        for n, c in enumerate(self.classes):
+            if target.lower() == c.name.lower() or target == str(c.label):
+                return c.name, [n]
+        for group, labels in self.groups.items():
+            if target.lower() == group.lower():
+                return group, [by_label[label] for label in labels]
+        known = self.class_names[1:] + list(self.groups)
+        raise SegXAIError(f"unknown class {target!r} for model {self.name!r}; choose one of: {', '.join(known)}")

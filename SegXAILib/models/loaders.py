@@ -1,0 +1,113 @@
+"""Loading a model by any of its routes: our card + weights, TorchScript, or a MONAI bundle.
+
+Weights are never unpickled: ``.safetensors`` files are read with safetensors, ``.pt``/``.pth``
+with ``torch.load(weights_only=True)``, which refuses any pickle that would construct
+arbitrary objects or run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SegXAIError
+from .card import ModelCard
+from .networks import build_network
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run network and its card.
+
+    Attributes:
+        card: the model card (classes, preprocessing, patch size).
+        network: the module in eval mode; maps (N, C_in, D, H, W) to logits (N, n_classes, D, H, W).
+        route: how it was loaded: "card", "torchscript" or "bundle".
+    """
+
+    card: ModelCard
+    network: nn.Module
+    route: str
+
+    @property
+    def supports_hooks(self) -> bool:
+        """Explanations that hook into layers (Grad-CAM, ProtoSeg, ...) need an eager module."""
+        return not isinstance(self.network, torch.jit.ScriptModule)
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        self.network.to(device)
+        return self
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without running code. Raises SegXAIError for pickles and corrupt files."""
+    if not path.is_file():
+        raise SegXAIError(f"weights file not found: {path}; check the model card's 'weights' entry")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise SegXAIError(f"weights file {path} is corrupt ({exc}); re-export it") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SegXAIError(
+            f"refusing to load {path}: it is a pickle that would construct objects or run code "
+            f"({str(exc).splitlines()[-1][:120]}); save plain weights with "
+            "safetensors.torch.save_file(model.state_dict(), ...) or torch.save(model.state_dict(), ...)") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise SegXAIError(f"weights file {path} is corrupt or not a torch file ({str(exc)[:120]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SegXAIError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(network: nn.Module, path: Path, architecture: str) -> nn.Module:
+    """Load a state dict into ``network``, naming the mismatch when it does not fit."""
+    state = read_state_dict(path)
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong_shape:
+        detail = "; ".join(part for part in (
+            f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
+            f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "",
+            f"shape mismatch in {len(wrong_shape)} (e.g. {sorted(wrong_shape)[0]}: file "
+            f"{tuple(state[sorted(wrong_shape)[0]].shape)} vs model {tuple(own[sorted(wrong_shape)[0]].shape)})"
+            if wrong_shape else "") if part)
+        raise SegXAIError(f"weights file {path} does not match architecture {architecture!r}: {detail}; "
+                          "use the weights trained for this card or fix the card's architecture arguments")
+    network.load_state_dict(state)
+    return network
+
+
+def load_from_card(card: ModelCard, weights_index: int = 0) -> LoadedModel:
+    """Build the card's network and load its weights (``weights_index`` picks an ensemble member)."""
+    paths = card.weight_paths
+    if not paths:
+        raise SegXAIError(f"model card {card.name!r} names no weights file; add a 'weights' entry")
+    path = paths[weights_index]
+    if card.architecture.get("name") == "torchscript":
+        return LoadedModel(card, load_torchscript(path), "torchscript")
+    network = build_network(card.architecture, card.input_channels, card.n_classes)
+    load_weights(network, path, card.architecture.get("name", "?"))
+    return LoadedModel(card, network.eval(), "card")
+
+
+def load_torchscript(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise SegXAIError(f"TorchScript file not found: {path}; check the model card's 'weights' entry")
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except RuntimeError as exc:
+        raise SegXAIError(f"{path} is not a valid TorchScript file ({str(exc).splitlines()[0][:120]})") from None

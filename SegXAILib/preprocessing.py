@@ -1,0 +1,152 @@
+"""From a scan to the model's grid and back: checks, orientation, spacing and intensity.
+
+The model grid keeps full physical geometry (it is a :class:`~SegXAILib.volume.Volume`),
+so going back to the scan's grid is one physical resampling, :func:`resample_to_grid`,
+whatever orientation flips or spacing changes happened on the way in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy.optimize import linear_sum_assignment
+
+from .errors import SegXAIError
+from .volume import Volume
+
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+
+
+def validate_scan(scan: Volume, name: str = "scan") -> None:
+    """Refuse what no model can segment: not 3D, a single slice, NaN/inf voxels, a constant volume."""
+    array = scan.array
+    if array.ndim != 3:
+        kind = {2: "2D", 4: "4D (a time series or multi-channel)"}.get(array.ndim, f"{array.ndim}D")
+        raise SegXAIError(f"{name} is {kind} with shape {array.shape}; SegXAI needs a 3D volume: "
+                          "give a 3D scan (for 4D data, extract one volume first)")
+    if min(array.shape) < 2:
+        raise SegXAIError(f"{name} has shape {array.shape}, a single slice (2D); give a 3D volume with "
+                          "several slices")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise SegXAIError(f"{name} has voxel type {array.dtype}; give a real-valued scalar image")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise SegXAIError(f"{name} contains {bad} NaN or infinite voxels; fix the scan (replace them "
+                              "with a valid intensity) before running SegXAI")
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise SegXAIError(f"{name} is empty: every voxel has the value {lo}; check that the right file was given")
+
+
+# ------------------------------------------------------------------ geometry
+def reorient_to_ras(volume: Volume) -> Volume:
+    """Permute and flip index axes (exactly, no interpolation) so I, J, K point to R, A, S.
+
+    Oblique scans keep their residual rotation: only the closest axis-aligned orientation is
+    reached, as Slicer's and MONAI's ``Orientation`` do.
+    """
+    direction = volume.direction
+    # world axis w is taken by the index axis n that is best aligned with it
+    _, index_for_world = linear_sum_assignment(-np.abs(direction))
+    signs = np.sign(direction[np.arange(3), index_for_world])
+    if np.array_equal(index_for_world, [0, 1, 2]) and np.all(signs > 0):
+        return volume
+    image = sitk.PermuteAxes(volume.to_sitk(), [int(n) for n in index_for_world])
+    image = sitk.Flip(image, [bool(s < 0) for s in signs], flipAboutOrigin=False)
+    return Volume.from_sitk(image)
+
+
+def resample_to_spacing(volume: Volume, spacing: Any, interpolation: str = "linear",
+                        antialias: bool = True) -> Volume:
+    """Resample to ``spacing`` (mm along I, J, K) over the same physical extent, as float32.
+
+    When a spacing grows, the image is first smoothed with a Gaussian whose FWHM makes up the
+    difference (sigma = sqrt(new^2 - old^2) / 2.355), so that thin-slice scans do not alias.
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if np.allclose(spacing, volume.spacing, rtol=1e-6, atol=0):
+        return volume.with_array(volume.array.astype(np.float32, copy=False))
+    size = np.maximum(1, np.round(np.array(volume.shape[::-1]) * volume.spacing / spacing)).astype(int)
+    # keep the outer corner of the field of view where it was
+    origin = volume.origin + volume.direction @ ((spacing - volume.spacing) / 2)
+    image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    if antialias and interpolation != "nearest":
+        sigma = np.sqrt(np.maximum(spacing**2 - volume.spacing**2, 0)) / 2.355
+        if np.any(sigma > 0):
+            image = sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
+    target = Volume(np.zeros((1, 1, 1)), spacing, origin, volume.direction)
+    return _resample(image, target, size, interpolation, sitk.sitkFloat32)
+
+
+def resample_to_grid(volume: Volume, reference: Volume, interpolation: str = "linear",
+                     default: float = 0.0, dtype: int | None = None) -> Volume:
+    """Resample ``volume`` onto ``reference``'s grid (shape, spacing, origin, direction).
+
+    The one function that brings model-grid results back onto the scan's grid. Points outside
+    ``volume`` get ``default``. Output type: float32 (``dtype``: a SimpleITK pixel type) .
+    """
+    if volume.same_grid(reference, atol=1e-9):
+        return volume
+    size = np.array(reference.shape[::-1])
+    image = volume.to_sitk()
+    if interpolation != "nearest" and image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    return _resample(image, reference, size, interpolation, dtype if dtype is not None else image.GetPixelID(),
+                     default)
+
+
+def _resample(image: sitk.Image, target: Volume, size: np.ndarray, interpolation: str, pixel_type: int,
+              default: float = 0.0) -> Volume:
+    # a 1-voxel image carries the target geometry through Volume's single LPS/RAS conversion
+    probe = Volume(np.zeros((1, 1, 1), np.uint8), target.spacing, target.origin, target.direction).to_sitk()
+    out = sitk.Resample(image, [int(s) for s in size], sitk.Transform(), _INTERPOLATORS[interpolation],
+                        probe.GetOrigin(), probe.GetSpacing(), probe.GetDirection(), float(default), pixel_type)
+    return Volume.from_sitk(out)
+
+
+# ----------------------------------------------------------------- intensity
+def foreground_mask(array: np.ndarray) -> np.ndarray:
+    """Voxels above Otsu's threshold (computed on a subsample for speed): the body or head."""
+    from skimage.filters import threshold_otsu
+
+    step = max(1, int(round((array.size / 2_000_000) ** (1 / 3))))
+    threshold = threshold_otsu(array[::step, ::step, ::step].astype(np.float32).ravel())
+    return array > threshold
+
+
+def normalise_intensity(array: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Intensity normalisation named by a card's ``preprocessing.intensity`` entry; float32 out."""
+    kind = spec.get("kind", "zscore_foreground")
+    x = array.astype(np.float32, copy=True)
+    if kind == "zscore_foreground":
+        values = x[foreground_mask(x)]
+        std = float(values.std())
+        x -= float(values.mean())
+        x /= std if std > 0 else 1.0
+    elif kind == "percentile":
+        lo, hi = np.percentile(x, [spec.get("lower", 0.5), spec.get("upper", 99.5)])
+        x -= lo
+        x /= (hi - lo) if hi > lo else 1.0
+        if spec.get("clip", False):
+            np.clip(x, 0, 1, out=x)
+    elif kind == "ct_window":
+        low, high = spec["window"]
+        x -= low
+        x /= high - low
+        if spec.get("clip", True):
+            np.clip(x, 0, 1, out=x)
+    else:
+        raise SegXAIError(f"unknown intensity normalisation {kind!r}")
+    return x
+
+
+def preprocess(scan: Volume, preprocessing: dict[str, Any]) -> Volume:
+    """Scan -> model grid: RAS orientation, target spacing (``None``: keep), intensity normalisation."""
+    validate_scan(scan)
+    volume = reorient_to_ras(scan) if preprocessing.get("orientation", "RAS") == "RAS" else scan
+    if preprocessing.get("spacing") is not None:
+        volume = resample_to_spacing(volume, preprocessing["spacing"])
+    return volume.with_array(normalise_intensity(volume.array, preprocessing.get("intensity", {})))

@@ -1,0 +1,253 @@
+"""Training a segmentation model from image/label pairs and writing its model card.
+
+Data: a folder of case folders, each holding ``image.<ext>`` and ``label.<ext>`` (label values
+as listed in the card's classes). Every case goes through exactly the preprocessing that
+inference uses (:func:`~SegXAILib.preprocessing.preprocess`), so what the network sees at
+training and at inference time cannot drift apart.
+
+The configuration is a JSON file; the bundled model was trained with::
+
+    segxai synth-dataset --hosts colin27,colin27-brain,mni152 --seeds 0:240 --out data/lesions/train
+    segxai synth-dataset --hosts colin27,colin27-brain,mni152 --seeds 10000:10024 --out data/lesions/val
+    segxai train --config Resources/Training/brain_lesion_unet.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SegXAIError
+from .models.card import ModelCard
+from .preprocessing import preprocess, resample_to_grid
+from .progress import Progress
+from .volume import Volume, read_volume
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; paths are relative to the current directory."""
+
+    name: str
+    architecture: dict[str, Any]
+    classes: list[dict[str, Any]]
+    preprocessing: dict[str, Any]
+    patch_size: list[int]
+    train_dir: str
+    val_dir: str
+    out: str
+    description: str = ""
+    modality: str = "MRI"
+    input_channels: int = 1
+    groups: dict[str, list[int]] = field(default_factory=dict)
+    default_target: str | None = None
+    train_patch: list[int] = field(default_factory=lambda: [64, 64, 64])
+    iterations: int = 3000
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    validate_every: int = 500
+    seed: int = 0
+    threads: int | None = None
+    command: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise SegXAIError(f"training configuration not found: {path}") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SegXAIError(f"invalid training configuration {path}: {exc}") from None
+
+    def card(self, validation: dict[str, Any] | None = None) -> ModelCard:
+        out = Path(self.out)
+        return ModelCard.from_dict({
+            "name": self.name, "description": self.description, "architecture": self.architecture,
+            "input": {"channels": self.input_channels, "modality": self.modality}, "classes": self.classes,
+            "groups": self.groups, "default_target": self.default_target, "preprocessing": self.preprocessing,
+            "patch_size": self.patch_size, "weights": out.stem + ".safetensors", "validation": validation or {},
+        }, root=out.parent)
+
+
+# --------------------------------------------------------------------- data
+def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path,
+                       progress: Progress | None = None) -> list[Path]:
+    """Write one lesion case per seed, cycling through the sample ``hosts``; returns the case folders."""
+    from .data.brain_mask import estimate_brain_mask
+    from .data.lesion import synthesize_lesion, write_case
+    from .data.samples import load_host
+
+    progress = progress or Progress()
+    volumes = {name: load_host(name) for name in hosts}
+    masks = {name: estimate_brain_mask(v) for name, v in volumes.items()}
+    seeds = list(seeds)
+    written = []
+    for n, seed in enumerate(seeds):
+        host = hosts[seed % len(hosts)]
+        folder = Path(out) / f"{host}_{seed:05d}"
+        if not (folder / "label.nii.gz").exists():
+            write_case(synthesize_lesion(volumes[host], seed=seed, brain_mask=masks[host]), folder)
+        written.append(folder)
+        progress.update("synthesize", (n + 1) / len(seeds), folder.name)
+    return written
+
+
+def case_folders(root: str | Path) -> list[Path]:
+    folders = sorted(p.parent for p in Path(root).glob("*/label.*"))
+    if not folders:
+        raise SegXAIError(f"no cases found in {root}: expected sub-folders holding image.<ext> and label.<ext>")
+    return folders
+
+
+def _case_file(folder: Path, stem: str) -> Path:
+    found = sorted(folder.glob(f"{stem}.*"))
+    if not found:
+        raise SegXAIError(f"case {folder} has no {stem} file")
+    return found[0]
+
+
+def load_case(folder: Path, card: ModelCard) -> tuple[Volume, Volume, np.ndarray]:
+    """(scan, true labels on the scan grid, channel-index labels on the model grid) of one case."""
+    scan = read_volume(_case_file(folder, "image"))
+    label = read_volume(_case_file(folder, "label"))
+    grid = preprocess(scan, card.preprocessing)
+    on_grid = resample_to_grid(label, grid, interpolation="nearest").array
+    lookup = np.zeros(int(max(c.label for c in card.classes)) + 1, dtype=np.int64)
+    for channel, c in enumerate(card.classes):
+        lookup[c.label] = channel
+    unknown = set(np.unique(label.array).tolist()) - {c.label for c in card.classes}
+    if unknown:
+        raise SegXAIError(f"case {folder} has label values {sorted(unknown)} that the card's classes do not list")
+    return scan, label, np.stack([grid.array, lookup[on_grid].astype(np.float32)])
+
+
+def augmentations(patch: Sequence[int]):
+    """MONAI augmentations for one {"image", "label"} dict: crops around lesions, geometry, intensity."""
+    from monai import transforms as T
+
+    keys = ["image", "label"]
+    return T.Compose([
+        T.SpatialPadd(keys, spatial_size=patch),
+        T.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch, pos=2, neg=1, num_samples=1),
+        T.RandFlipd(keys, prob=0.5, spatial_axis=0), T.RandFlipd(keys, prob=0.5, spatial_axis=1),
+        T.RandFlipd(keys, prob=0.5, spatial_axis=2),
+        T.RandAffined(keys, prob=0.35, rotate_range=(0.3, 0.3, 0.3), scale_range=(0.2, 0.2, 0.2),
+                      mode=("bilinear", "nearest"), padding_mode="border"),
+        T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.3)),
+        T.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        T.RandScaleIntensityd("image", factors=0.2, prob=0.5),
+        T.RandShiftIntensityd("image", offsets=0.3, prob=0.5),
+        T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0)),
+        T.RandGaussianNoised("image", prob=0.3, std=0.15),
+    ])
+
+
+# ----------------------------------------------------------------- training
+def validation_dice(network: torch.nn.Module, cases: list[np.ndarray], card: ModelCard) -> float:
+    """Mean over cases and foreground classes of Dice on the model grid (for choosing checkpoints)."""
+    from .inference import sliding_window_predict
+    from .metrics import dice
+
+    network.eval()
+    scores = []
+    with torch.inference_mode():
+        for case in cases:
+            logits = sliding_window_predict(network, torch.from_numpy(case[:1])[None], card.patch_size,
+                                            torch.device("cpu"))
+            predicted = logits.argmax(1)[0].numpy()
+            scores += [dice(predicted == c, case[1] == c) for c in range(1, card.n_classes)]
+    network.train()
+    return float(np.mean(scores))
+
+
+def train(config: TrainConfig, progress: Progress | None = None) -> Path:
+    """Train, keep the best validation checkpoint, evaluate it on the scans' grids, write weights + card."""
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_write
+    from .models.loaders import LoadedModel
+    from .models.networks import build_network
+
+    progress = progress or Progress()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    set_determinism(config.seed)
+    card = config.card()
+    train_folders, val_folders = case_folders(config.train_dir), case_folders(config.val_dir)
+
+    train_cases = []
+    for n, folder in enumerate(train_folders):
+        train_cases.append(load_case(folder, card)[2])
+        progress.update("load training cases", (n + 1) / len(train_folders), folder.name)
+    val_cases = [load_case(folder, card)[2] for folder in val_folders]
+
+    network = build_network(card.architecture, card.input_channels, card.n_classes)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+                                                   total_steps=config.iterations, pct_start=0.05)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    augment = augmentations(config.train_patch)
+    augment.set_random_state(config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    best_score, best_state, history = -1.0, None, []
+    start = time.perf_counter()
+    network.train()
+    for iteration in range(1, config.iterations + 1):
+        batch = [augment({"image": c[:1], "label": c[1:]})[0]
+                 for c in (train_cases[i] for i in rng.integers(len(train_cases), size=config.batch_size))]
+        x = torch.stack([torch.as_tensor(np.asarray(b["image"])) for b in batch]).float()
+        y = torch.stack([torch.as_tensor(np.asarray(b["label"])) for b in batch]).round()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(network(x), y)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        progress.update("train", iteration / config.iterations, f"loss {loss.item():.3f}")
+        if iteration % config.validate_every == 0 or iteration == config.iterations:
+            score = validation_dice(network, val_cases, card)
+            history.append({"iteration": iteration, "loss": round(loss.item(), 4), "val_dice": round(score, 4)})
+            if score > best_score:
+                best_score = score
+                best_state = {k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}
+    seconds = time.perf_counter() - start
+
+    weights = card.weight_paths[0]
+    atomic_write(weights, lambda tmp: save_file(best_state, str(tmp)), suffix=".safetensors")
+    network.load_state_dict(best_state)
+    model = LoadedModel(card, network.eval(), "card")
+    per_case = []
+    for n, folder in enumerate(val_folders):
+        per_case.append(evaluate_case(model, folder))
+        progress.update("evaluate", (n + 1) / len(val_folders), folder.name)
+    card.validation = {
+        "dice": {k: round(float(np.mean([c[k] for c in per_case])), 4) for k in per_case[0]},
+        "dice_std": {k: round(float(np.std([c[k] for c in per_case])), 4) for k in per_case[0]},
+        "cases": len(val_folders),
+        "val_dir": str(config.val_dir),
+        "evaluated_on": "the scans' own grids, full inference pipeline",
+        "training": {"cases": len(train_folders), "iterations": config.iterations,
+                     "batch_size": config.batch_size, "train_patch": config.train_patch,
+                     "seconds": round(seconds), "threads": torch.get_num_threads(), "seed": config.seed,
+                     "history": history, "command": config.command},
+    }
+    return card.save(config.out)
+
+
+def evaluate_case(model, folder: Path) -> dict[str, float]:
+    """Dice per class and group of ``model`` on one case, on the scan's own grid."""
+    from .inference import segment
+    from .metrics import dice_per_target
+
+    scan, label, _ = load_case(folder, model.card)
+    result = segment(scan, model, device="cpu")
+    return dice_per_target(result.labels.array, label.array, model.card)
