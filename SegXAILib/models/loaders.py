@@ -58,9 +58,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if not ln.startswith("Check the documentation")), "")
         raise SegXAIError(
-            f"refusing to load {path}: it is a pickle that would construct objects or run code "
-            f"({str(exc).splitlines()[-1][:120]}); save plain weights with "
+            f"refusing to load {path}: it is a pickle that would construct objects or run code, or not a "
+            f"weights file at all ({detail[:120]}); save plain weights with "
             "safetensors.torch.save_file(model.state_dict(), ...) or torch.save(model.state_dict(), ...)") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise SegXAIError(f"weights file {path} is corrupt or not a torch file ({str(exc)[:120]})") from None
