@@ -39,7 +39,9 @@ INTENSITY_FACTORS = {
     LABEL_ED: (0.75, 0.85),  # water-logged white matter: mildly hypointense
     LABEL_ET: (1.15, 1.35),  # contrast-enhanced: brighter than white matter
 }
-"""Per label, the range of (mean intensity / host white-matter level) a case draws from."""
+"""Per label, the range of (mean intensity / host white-matter level) a case draws from.
+
+Intensities are counted from the host's no-signal level (see :class:`HostLevels`), 0 for MRI."""
 
 CORE_RADIUS_MM = (8.0, 20.0)
 """Range of the tumour core's (necrosis + rim) mean radius."""
@@ -49,13 +51,14 @@ RIM_THICKNESS_MM = (2.0, 4.0)
 """Range of the enhancing rim's thickness."""
 
 _AXIS_RATIO = (0.75, 1.25)  # ellipsoid semi-axes, relative to the core radius
-_SURFACE_AMPLITUDE = (0.05, 0.12)  # relative radial displacement per unit of noise
+_SURFACE_AMPLITUDE = (0.08, 0.18)  # relative radial displacement per unit of noise
 _NOISE_CLIP = 2.0  # noise in standard deviations: bounds how far a surface can be pushed out
 _TEXTURE_AMPLITUDE = {LABEL_NCR: 0.08, LABEL_ED: 0.05, LABEL_ET: 0.08}  # relative std of the texture
 _HOST_DETAIL_KEPT = 0.5  # exponent on the host's fine-texture ratio: keep half of its contrast
 _WM_PERCENTILE = 85.0  # of intensities in the brain: white matter, the brightest large tissue
-_DARK_PERCENTILE = 5.0  # of intensities in the brain: CSF
+_DARK_PERCENTILE = 1.0  # of intensities in the brain: the darkest CSF
 _MIN_VOXELS = 1.5  # thinnest rim and smallest necrosis radius, in voxels, so every label shows
+_MIN_FRACTION = 1e-3  # smaller partial-volume fractions are dropped: the lesion ends somewhere
 
 
 @dataclass
@@ -79,13 +82,35 @@ class LesionCase:
     params: dict = field(default_factory=dict)
 
 
-def host_levels(host: Volume, brain_mask: np.ndarray) -> tuple[float, float]:
-    """White-matter and CSF intensity levels of a T1 host, from percentiles inside the brain."""
+@dataclass(frozen=True)
+class HostLevels:
+    """Reference intensities of a T1 host.
+
+    Attributes:
+        wm: white matter, the brightest large tissue: a high percentile inside the brain.
+        dark: the darkest CSF: a low percentile inside the brain.
+        zero: no signal: 0 for magnitude MRI, the minimum for a shifted (e.g. z-scored) image.
+    """
+
+    wm: float
+    dark: float
+    zero: float
+
+    def level(self, factor: float) -> float:
+        """The intensity ``factor`` times the white matter's, counted from :attr:`zero`."""
+        return self.zero + factor * (self.wm - self.zero)
+
+
+def host_levels(host: Volume, brain_mask: np.ndarray) -> HostLevels:
+    """Estimate the reference intensities of a T1 host inside its brain mask (bool, K, J, I)."""
     values = host.array[brain_mask]
     if values.size == 0:
         raise SegXAIError("the brain mask is empty; give a T1 MRI of a head or a brain mask with brain in it")
     wm, dark = np.percentile(values, [_WM_PERCENTILE, _DARK_PERCENTILE])
-    return float(wm), float(dark)
+    levels = HostLevels(wm=float(wm), dark=float(dark), zero=min(0.0, float(host.array.min())))
+    if not levels.wm > levels.zero:
+        raise SegXAIError("the host has no brain signal above its background; give a T1 MRI with a visible brain")
+    return levels
 
 
 def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = None) -> LesionCase:
@@ -105,26 +130,26 @@ def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = N
         raise ValueError(f"brain mask shape {mask.shape} does not match the host {host.shape}")
     rng = np.random.default_rng(seed)
     spacing = host.spacing[::-1]  # mm per (K, J, I) index step
-    wm, dark = host_levels(host, mask)
+    levels = host_levels(host, mask)
     factors = {lab: float(rng.uniform(*INTENSITY_FACTORS[lab])) for lab in BRATS_LABELS}
     shape = _LesionShape.draw(rng)
 
-    depth = ndimage.distance_transform_edt(mask, sampling=spacing)  # mm to the nearest non-brain voxel
+    depth, offset = _depth_mm(mask, spacing)
     scale, weights = shape.fit(depth.max(), spacing)
     candidates = np.flatnonzero(depth.ravel() > weights.extent_mm)
-    center = np.array(np.unravel_index(rng.choice(candidates), host.shape))  # (k, j, i)
+    center = offset + np.unravel_index(rng.choice(candidates), depth.shape)  # (k, j, i)
 
-    image, label = _paint(host, mask, center, weights, factors, wm, dark, shape.texture, rng)
+    image, label = _paint(host, mask, center, weights, factors, levels)
     center_ras = (host.ijk_to_ras @ np.append(center[::-1], 1.0))[:3]
     params = {
-        "intensity_factors": factors, "wm_level": wm, "dark_level": dark, "scale": scale,
-        "core_radius_mm": shape.core_radius * scale, "edema_margin_mm": shape.edema_margin * scale,
-        "rim_thickness_mm": weights.rim_mm, "surface_amplitude": shape.amplitude,
+        "intensity_factors": factors, "wm_level": levels.wm, "dark_level": levels.dark, "zero_level": levels.zero,
+        "scale": scale, "core_radius_mm": weights.core_mm, "rim_thickness_mm": weights.rim_mm,
+        "edema_margin_mm": weights.edema_mm - weights.core_mm, "surface_amplitude": shape.amplitude,
         "center_ijk": center[::-1].tolist(),
     }
     return LesionCase(
         image=host.with_array(image), label=host.with_array(label), center_ras=center_ras,
-        radii_mm=shape.core_radius * scale * shape.axis_ratios, seed=seed, params=params)
+        radii_mm=weights.core_mm * shape.axis_ratios, seed=seed, params=params)
 
 
 def write_case(case: LesionCase, out_dir: str | Path, fmt: str = "nii.gz") -> tuple[Path, Path]:
@@ -135,6 +160,20 @@ def write_case(case: LesionCase, out_dir: str | Path, fmt: str = "nii.gz") -> tu
             write_volume(case.label, out_dir / f"label.{fmt}"))
 
 
+def _depth_mm(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance in mm from each brain voxel to the nearest non-brain one, in the mask's bounding box.
+
+    Returns (distances over the box, the box's first (k, j, i) index). The box is padded with
+    non-brain voxels, so the grid's edge counts as non-brain too.
+    """
+    (box,) = ndimage.find_objects(mask.astype(np.uint8)) or [None]
+    if box is None:
+        raise SegXAIError("the brain mask is empty; give a T1 MRI of a head or a brain mask with brain in it")
+    padded = np.pad(mask[box], 1)
+    depth = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1]
+    return depth, np.array([s.start for s in box])
+
+
 # ------------------------------------------------------------------------ shape
 @dataclass
 class _Weights:
@@ -143,8 +182,11 @@ class _Weights:
     ncr: np.ndarray
     core: np.ndarray  # necrosis + rim
     lesion: np.ndarray  # necrosis + rim + edema
+    texture: np.ndarray  # smooth N(0, 1) field: intensity texture inside the lesion
     extent_mm: float  # farthest voxel with any lesion fraction, from the centre voxel
+    core_mm: float  # mean radius of the tumour core (necrosis + rim)
     rim_mm: float
+    edema_mm: float  # mean outer radius of the edema
 
     def labels(self) -> np.ndarray:
         """Hard labels: the tissue with the larger fraction, i.e. the surfaces at fraction 0.5."""
@@ -170,7 +212,8 @@ class _LesionShape:
     texture: np.ndarray
 
     _NODE_SPACING = 0.5  # core radii: a few bumps around the surface, not a rough one
-    _NODES = 24  # per axis: covers the farthest edema (see draw) with room to spare
+    _TEXTURE_NODE_SPACING = 0.25  # core radii: blotchy texture, finer than the shape
+    _NODES = 24  # per axis: the lattices span +-6 core radii, beyond the farthest edema (~ 4.5)
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> _LesionShape:
@@ -189,13 +232,15 @@ class _LesionShape:
 
     def fit(self, max_depth_mm: float, spacing: np.ndarray) -> tuple[float, _Weights]:
         """Largest scale <= 1 at which the lesion fits in a brain ``max_depth_mm`` deep; its weights."""
-        scale = 1.0
+        # a first guess on a coarse grid: a full-size lesion on a fine grid would be a huge box
+        probe = self.weights(1.0, np.full(3, max(spacing.max(), 2.0)))
+        scale = float(min(1.0, 0.95 * max_depth_mm / probe.extent_mm))
         for _ in range(8):
             weights = self.weights(scale, spacing)
             if weights.extent_mm < max_depth_mm:
                 return scale, weights
             # the extent is nearly proportional to the scale; aim a little inside
-            scale *= 0.95 * max_depth_mm / weights.extent_mm
+            scale *= float(0.95 * max_depth_mm / weights.extent_mm)
         raise SegXAIError(
             f"the brain mask is too thin ({max_depth_mm:.1f} mm deep at most) to hold a lesion; "
             "give a brain T1 with more than a few voxels of brain, or a larger brain mask")
@@ -208,41 +253,50 @@ class _LesionShape:
         ncr = max(core - rim, min_mm)
         core = ncr + rim
         edema = core + self.edema_margin * scale
-        # farthest a surface can be pushed: longest semi-axis, noise clipped at _NOISE_CLIP
-        reach = edema * self.axis_ratios.max() / (1 - _NOISE_CLIP * self.amplitude) + 3 * spacing.max()
-        half = np.ceil(reach / spacing).astype(int)
+        # partial volume: a voxel averages a box, whose profile is ~ Gaussian with std 0.29 voxel
+        blur = 0.29 * spacing.mean()
+        # farthest reach of any lesion fraction (> ndtr(-4)), in radial units: noise clipped at _NOISE_CLIP
+        reach = (edema + 4 * blur) * (1 + _NOISE_CLIP * self.amplitude)
+        half = np.ceil(reach * self.axis_ratios.max() / spacing).astype(int) + 1
         offsets = [np.arange(-h, h + 1) * s for h, s in zip(half, spacing)]
         xyz = np.stack(np.meshgrid(*offsets, indexing="ij"), axis=-1)  # (k, j, i, 3) mm from the centre
         u = xyz @ self.rotation / (core * self.axis_ratios)  # lesion frame, in core semi-axes
-        radial = core * np.linalg.norm(u, axis=-1)  # ~ mm from the centre along the lesion's radius
-        core_level = radial * (1 + self.amplitude * _sample(self.core_noise, u, self._NODE_SPACING))
-        edema_level = radial * (1 + self.amplitude * _sample(self.edema_noise, u, self._NODE_SPACING))
-        # partial volume: a voxel averages a box, whose profile is ~ Gaussian with std 0.29 voxel
-        blur = 0.29 * spacing.mean()
-        weights = _Weights(
-            ncr=ndtr((ncr - core_level) / blur).astype(np.float32),
-            core=ndtr((core - core_level) / blur).astype(np.float32),
-            lesion=ndtr((edema - np.minimum(edema_level, core_level)) / blur).astype(np.float32),
-            extent_mm=0.0, rim_mm=rim)
-        weights.extent_mm = float(np.linalg.norm(xyz[weights.lesion > 1e-3], axis=-1).max())
-        return weights
+        norm = np.linalg.norm(u, axis=-1)
+        radial = core * norm  # ~ mm from the centre along the lesion's radius
+        near = radial < reach  # the noise is sampled only here: the box's corners are far outside
+        # surfaces are bent by noise on the unit sphere (a function of direction only): each ray
+        # crosses each surface once, so the lesion is one star-shaped blob, with no islands
+        unit = u[near] / np.maximum(norm[near], 1e-9)[:, None]
+        core_level = np.full(radial.shape, np.inf)
+        edema_level = np.full(radial.shape, np.inf)
+        core_level[near] = radial[near] / (1 + self.amplitude * _sample(self.core_noise, unit, self._NODE_SPACING))
+        edema_level[near] = radial[near] / (1 + self.amplitude * _sample(self.edema_noise, unit, self._NODE_SPACING))
+        lesion = ndtr((edema - np.minimum(edema_level, core_level)) / blur)
+        inside = lesion >= _MIN_FRACTION  # the lesion's support: nothing changes outside it
+        texture = np.zeros(radial.shape, dtype=np.float32)
+        texture[inside] = _sample(self.texture, u[inside], self._TEXTURE_NODE_SPACING)
+        return _Weights(
+            ncr=np.where(inside, ndtr((ncr - core_level) / blur), 0).astype(np.float32),
+            core=np.where(inside, ndtr((core - core_level) / blur), 0).astype(np.float32),
+            lesion=np.where(inside, lesion, 0).astype(np.float32), texture=texture,
+            extent_mm=float(np.linalg.norm(xyz[inside], axis=-1).max()), core_mm=core, rim_mm=rim, edema_mm=edema)
 
 
 def _sample(lattice: np.ndarray, u: np.ndarray, node_spacing: float) -> np.ndarray:
-    """Smooth noise at points ``u`` (..., 3) from a lattice of iid N(0, 1) centred on u = 0.
+    """Smooth noise at points ``u`` (n, 3) from a lattice of iid N(0, 1) centred on u = 0; shape (n,).
 
     Cubic B-spline interpolation without prefiltering smooths the lattice; the result is
     rescaled to unit std and clipped at :data:`_NOISE_CLIP`.
     """
-    coords = u.reshape(-1, 3).T / node_spacing + (np.array(lattice.shape)[:, None] - 1) / 2
+    coords = u.T / node_spacing + (np.array(lattice.shape)[:, None] - 1) / 2
     values = ndimage.map_coordinates(lattice, coords, order=3, mode="mirror", prefilter=False)
     values = values / max(float(values.std()), 1e-6)
-    return np.clip(values, -_NOISE_CLIP, _NOISE_CLIP).reshape(u.shape[:-1])
+    return np.clip(values, -_NOISE_CLIP, _NOISE_CLIP)
 
 
 # ---------------------------------------------------------------------- painting
 def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights, factors: dict[int, float],
-           wm: float, dark: float, texture: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+           levels: HostLevels) -> tuple[np.ndarray, np.ndarray]:
     """Blend the lesion into a copy of the host; returns (image, label), shape (K, J, I)."""
     half = (np.array(weights.lesion.shape) - 1) // 2
     lo, hi = center - half, center + half + 1
@@ -251,23 +305,24 @@ def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights
 
     inside = mask[box]
     ncr, core, lesion = (w[local] * inside for w in (weights.ncr, weights.core, weights.lesion))
+    texture = weights.texture[local]
     fractions = {LABEL_NCR: ncr, LABEL_ET: core - ncr, LABEL_ED: lesion - core}
 
-    region = host.array[box].astype(np.float32)
+    work_dtype = host.array.dtype if np.issubdtype(host.array.dtype, np.floating) else np.float32
+    region = host.array[box].astype(work_dtype)
     # the host's fine texture: its ratio to a 1.5 mm local mean, partly kept inside the lesion
-    smooth = ndimage.gaussian_filter(region, sigma=1.5 / host.spacing[::-1])
-    detail = np.clip(region / np.maximum(smooth, 1e-6 * max(wm, 1e-6)), 0.5, 1.5) ** _HOST_DETAIL_KEPT
-    shape = region.shape
-    coords = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
-    texture_field = _sample(texture, coords * rng.uniform(3.0, 5.0), 1.0)  # a few blobs across the box
+    signal = region - levels.zero
+    smooth = ndimage.gaussian_filter(signal, sigma=1.5 / host.spacing[::-1])
+    detail = np.clip(signal / np.maximum(smooth, 1e-6 * (levels.wm - levels.zero)), 0.5, 1.5) ** _HOST_DETAIL_KEPT
     painted = (1 - lesion) * region
     for lab, fraction in fractions.items():
-        level = factors[lab] * wm
+        level = levels.level(factors[lab])
         if lab == LABEL_NCR:
-            level = max(level, dark)  # necrosis is fluid: no darker than the host's CSF
-        painted += fraction * level * (1 + _TEXTURE_AMPLITUDE[lab] * texture_field) * detail
+            level = max(level, levels.dark)  # necrosis is fluid: no darker than the host's CSF
+        texture_factor = (1 + _TEXTURE_AMPLITUDE[lab] * texture) * detail
+        painted += fraction * (levels.zero + (level - levels.zero) * texture_factor)
 
-    image = host.array.astype(np.float32)  # a copy: the host is never modified
+    image = host.array.astype(work_dtype)  # a copy: the host is never modified
     image[box] = painted
     label = np.zeros(host.shape, dtype=np.uint8)
     label[box] = np.where(inside, weights.labels()[local], 0)

@@ -63,6 +63,7 @@ def colin27_aal() -> Volume:
 SAMPLE_HOSTS: dict[str, Callable[[], Volume]] = {
     "mni152": mni152_t1,
     "colin27": colin27_t1,
+    "colin27-brain": colin27_brain,
 }
 """Host T1 volumes for lesion synthesis, by the name given on the command line (``--host``)."""
 
@@ -75,3 +76,8 @@ def load_host(name: str) -> Volume:
         raise SegXAIError(
             f"unknown sample host {name!r}; use one of {', '.join(sorted(SAMPLE_HOSTS))}") from None
     return loader()
+
+
+def default_demo_host() -> str:
+    """Colin27 when mricron-data is installed (a single real subject, with skull), else MNI152."""
+    return "colin27" if (MRICRON_TEMPLATES / "ch2.nii.gz").is_file() else "mni152"
