@@ -1,0 +1,1 @@
+"""Explanation methods: one interface (:mod:`.base`), one file per method, one registry."""

@@ -1,0 +1,1 @@
+"""Uncertainty from several predictions (MC dropout, TTA, ensembles) and from MHEX+ heads."""
