@@ -86,6 +86,59 @@ def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt
     return summary
 
 
+def parse_options(pairs: Sequence[str]) -> dict[str, dict]:
+    """``["gradcam.layer=bottleneck", "tta.transforms=4"]`` -> ``{"gradcam": {"layer": "bottleneck"}, ...}``."""
+    options: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SegXAIError(f"bad --option {pair!r}; write METHOD.NAME=VALUE, e.g. gradcam.layer=bottleneck")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        options.setdefault(method, {})[name] = parsed
+    return options
+
+
+def run_explain(scan_path: str, model_spec: str, methods: str, target: str | None, out_dir: Path, device: str,
+                fmt: str, progress: Progress, label_path: str | None = None,
+                options: dict | None = None) -> dict:
+    """Read, segment, explain and write; the same function serves ``explain``, ``demo`` and Slicer."""
+    from .explain.pipeline import explain_scan, write_explain_outputs
+    from .explain.registry import parse_methods
+    from .fileio import OutputFolder
+    from .models.registry import load_model
+    from .volume import read_volume
+
+    start = time.perf_counter()
+    names = parse_methods(methods)
+    scan = read_volume(scan_path)
+    label = read_volume(label_path) if label_path else None
+    model = load_model(model_spec)
+    model.card.target_channels(target)  # an unknown class fails before any work
+    load_seconds = time.perf_counter() - start
+    run = explain_scan(scan, model, names, target, device, progress, label, options)
+    with OutputFolder(out_dir) as out:
+        summary = write_explain_outputs(out, run, model, scan_path, fmt,
+                                        {"read_and_load": load_seconds, **run.segmentation.timings})
+    return summary
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    summary = run_explain(args.scan, args.model, args.methods, args.target, Path(args.out), args.device,
+                          _format(args.format), _progress(args), args.label, parse_options(args.option))
+    for item in summary["maps"]:
+        print(f"{item['file']:48s} {item['description']}")
+    for method, reason in summary["not_applicable"].items():
+        print(f"{method}: not applicable: {reason}")
+    for key, value in summary["scores"].items():
+        print(f"{key:32s} {value}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     summary = run_segment(args.scan, args.model, Path(args.out), args.device, _format(args.format),
                           _progress(args))
@@ -188,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress(p)
     p.set_defaults(func=cmd_segment)
 
+    p = sub.add_parser("explain", help="segment a scan and explain one class with several methods")
+    p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="name from 'segxai models', card .json or MONAI bundle folder")
+    p.add_argument("--methods", default="gradcam", help="comma-separated methods, or 'all'")
+    p.add_argument("--target", default=None, help="class or group name (default: the card's default target)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--label", default=None, help="ground-truth label file on the scan's grid (optional)")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="method option, e.g. gradcam.layer=bottleneck (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
+    add_progress(p)
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("demo", help="place a lesion in a packaged brain MRI, segment it, print Dice")
     p.add_argument("--out", default="segxai-demo", help="output folder (default ./segxai-demo)")
     p.add_argument("--host", default=None, help="mni152, colin27 (default when installed) or a T1 path")
@@ -205,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth_lesion)
 
     p = sub.add_parser("synth-dataset", help="many lesion cases for training (one folder per case)")
-    p.add_argument("--hosts", default="colin27,mni152")
+    p.add_argument("--hosts", default="colin27,colin27-brain,mni152")
     p.add_argument("--seeds", required=True, help="FIRST:STOP (stop excluded), e.g. 0:200")
     p.add_argument("--out", required=True)
     add_progress(p)

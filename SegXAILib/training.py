@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     validate_every: int = 500
     seed: int = 0
+    ensemble_seeds: list[int] | None = None
     threads: int | None = None
     command: str = ""
 
@@ -66,13 +67,19 @@ class TrainConfig:
         except (json.JSONDecodeError, TypeError) as exc:
             raise SegXAIError(f"invalid training configuration {path}: {exc}") from None
 
+    @property
+    def seeds(self) -> list[int]:
+        """One network per seed; several seeds make a deep ensemble (the first is the default member)."""
+        return list(self.ensemble_seeds) if self.ensemble_seeds else [self.seed]
+
     def card(self, validation: dict[str, Any] | None = None) -> ModelCard:
         out = Path(self.out)
+        weights = [out.stem + ".safetensors"] + [f"{out.stem}-seed{s}.safetensors" for s in self.seeds[1:]]
         return ModelCard.from_dict({
             "name": self.name, "description": self.description, "architecture": self.architecture,
             "input": {"channels": self.input_channels, "modality": self.modality}, "classes": self.classes,
             "groups": self.groups, "default_target": self.default_target, "preprocessing": self.preprocessing,
-            "patch_size": self.patch_size, "weights": out.stem + ".safetensors", "validation": validation or {},
+            "patch_size": self.patch_size, "weights": weights[0] if len(weights) == 1 else weights, "validation": validation or {},
         }, root=out.parent)
 
 
@@ -167,40 +174,25 @@ def validation_dice(network: torch.nn.Module, cases: list[np.ndarray], card: Mod
     return float(np.mean(scores))
 
 
-def train(config: TrainConfig, progress: Progress | None = None) -> Path:
-    """Train, keep the best validation checkpoint, evaluate it on the scans' grids, write weights + card."""
+def train_network(config: TrainConfig, card: ModelCard, train_cases: list[np.ndarray],
+                  val_cases: list[np.ndarray], seed: int, progress: Progress) -> tuple[dict, list[dict]]:
+    """Train one network; returns the state dict of the best validation checkpoint and the history."""
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
-    from safetensors.torch import save_file
 
-    from .fileio import atomic_write
-    from .models.loaders import LoadedModel
     from .models.networks import build_network
 
-    progress = progress or Progress()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    set_determinism(config.seed)
-    card = config.card()
-    train_folders, val_folders = case_folders(config.train_dir), case_folders(config.val_dir)
-
-    train_cases = []
-    for n, folder in enumerate(train_folders):
-        train_cases.append(load_case(folder, card)[2])
-        progress.update("load training cases", (n + 1) / len(train_folders), folder.name)
-    val_cases = [load_case(folder, card)[2] for folder in val_folders]
-
+    set_determinism(seed)
     network = build_network(card.architecture, card.input_channels, card.n_classes)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
                                                    total_steps=config.iterations, pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     augment = augmentations(config.train_patch)
-    augment.set_random_state(config.seed)
-    rng = np.random.default_rng(config.seed)
+    augment.set_random_state(seed)
+    rng = np.random.default_rng(seed)
 
     best_score, best_state, history = -1.0, None, []
-    start = time.perf_counter()
     network.train()
     for iteration in range(1, config.iterations + 1):
         batch = [augment({"image": c[:1], "label": c[1:]})[0]
@@ -208,23 +200,52 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
         x = torch.stack([torch.as_tensor(np.asarray(b["image"])) for b in batch]).float()
         y = torch.stack([torch.as_tensor(np.asarray(b["label"])) for b in batch]).round()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(x), y)
+        outputs = network(x)
+        if isinstance(outputs, tuple):  # deep supervision (EU-Nets): (final, per-stage predictions)
+            from .models.eunet import deep_supervision_loss
+
+            loss = deep_supervision_loss(outputs, y, loss_fn)
+        else:
+            loss = loss_fn(outputs, y)
         loss.backward()
         optimizer.step()
         schedule.step()
-        progress.update("train", iteration / config.iterations, f"loss {loss.item():.3f}")
+        progress.update(f"train seed {seed}", iteration / config.iterations, f"loss {loss.item():.3f}")
         if iteration % config.validate_every == 0 or iteration == config.iterations:
             score = validation_dice(network, val_cases, card)
             history.append({"iteration": iteration, "loss": round(loss.item(), 4), "val_dice": round(score, 4)})
             if score > best_score:
                 best_score = score
                 best_state = {k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}
+    return best_state, history
+
+
+def train(config: TrainConfig, progress: Progress | None = None) -> Path:
+    """Train one network per seed, evaluate the first on the scans' grids, write weights + card."""
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_write
+    from .models.loaders import load_from_card
+
+    progress = progress or Progress()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    card = config.card()
+    train_folders, val_folders = case_folders(config.train_dir), case_folders(config.val_dir)
+    train_cases = []
+    for n, folder in enumerate(train_folders):
+        train_cases.append(load_case(folder, card)[2])
+        progress.update("load training cases", (n + 1) / len(train_folders), folder.name)
+    val_cases = [load_case(folder, card)[2] for folder in val_folders]
+
+    start = time.perf_counter()
+    histories = {}
+    for seed, weights in zip(config.seeds, card.weight_paths):
+        state, histories[seed] = train_network(config, card, train_cases, val_cases, seed, progress)
+        atomic_write(weights, lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
     seconds = time.perf_counter() - start
 
-    weights = card.weight_paths[0]
-    atomic_write(weights, lambda tmp: save_file(best_state, str(tmp)), suffix=".safetensors")
-    network.load_state_dict(best_state)
-    model = LoadedModel(card, network.eval(), "card")
+    model = load_from_card(card)
     per_case = []
     for n, folder in enumerate(val_folders):
         per_case.append(evaluate_case(model, folder))
@@ -234,11 +255,11 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
         "dice_std": {k: round(float(np.std([c[k] for c in per_case])), 4) for k in per_case[0]},
         "cases": len(val_folders),
         "val_dir": str(config.val_dir),
-        "evaluated_on": "the scans' own grids, full inference pipeline",
-        "training": {"cases": len(train_folders), "iterations": config.iterations,
+        "evaluated_on": "first ensemble member; the scans' own grids, full inference pipeline",
+        "training": {"cases": len(train_folders), "iterations": config.iterations, "seeds": config.seeds,
                      "batch_size": config.batch_size, "train_patch": config.train_patch,
-                     "seconds": round(seconds), "threads": torch.get_num_threads(), "seed": config.seed,
-                     "history": history, "command": config.command},
+                     "seconds": round(seconds), "threads": torch.get_num_threads(),
+                     "history": histories, "command": config.command},
     }
     return card.save(config.out)
 

@@ -130,7 +130,28 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise SegXAIError(
             f"cannot read {path}: the file is corrupt or not a supported image "
             f"(NIfTI, NRRD, MHA, or a DICOM series folder) [{reason}]") from None
-    return Volume.from_sitk(image)
+    volume = Volume.from_sitk(image)
+    if path.name.lower().endswith((".nii", ".nii.gz")) and np.issubdtype(volume.array.dtype, np.floating):
+        _restore_non_finite_nifti(path, volume.array)
+    return volume
+
+
+def _restore_non_finite_nifti(path: Path, array: np.ndarray) -> None:
+    """Put back the NaN/inf voxels that ITK's NIfTI reader silently turns into 0.
+
+    A scan with NaNs must be refused with a clear message, not segmented as if they were 0; only
+    NIfTI is affected, so its voxels are re-read with nibabel, one slice at a time to bound memory.
+    """
+    import nibabel
+
+    data = nibabel.load(str(path)).dataobj
+    if array.ndim != 3 or len(data.shape) != 3:
+        return
+    for k in range(data.shape[2]):
+        slab = np.asarray(data[:, :, k])
+        bad = ~np.isfinite(slab)
+        if bad.any():
+            array[k][bad.T] = slab[bad].astype(array.dtype)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -1,0 +1,307 @@
+"""Seg-Grad-CAM and Grad-CAM++ for 3D segmentation networks (METHODS.md section 1).
+
+The target score is the sum of the target's logits (all its output channels) over a region R:
+
+    score = sum_{c in channels} sum_{p in R} logits[c, p]
+
+R is the model's predicted mask of the target (default, Vinogradova et al.; when that mask is
+empty the whole volume is used and the metadata says so), a box (option ``box``:
+``[k0, k1, j0, j1, i0, i1]``, half-open index ranges on the model grid), a mask (option ``mask``: bool
+array on the model grid) or the whole volume (option ``region: "all"``). With A_k the k-th channel of
+the chosen layer's output and G_k = d score / d A_k:
+
+    Grad-CAM:   alpha_k = mean_p G_k(p)
+    Grad-CAM++: alpha_k = sum_p a_k(p) ReLU(G_k(p)),
+                a_k(p) = G_k(p)^2 / (2 G_k(p)^2 + sum_q A_k(q) G_k(p)^3)   (0 where G_k(p) = 0)
+    CAM = ReLU(sum_k alpha_k A_k)
+
+Grad-CAM++ uses Chattopadhay et al.'s closed form (their eq. 19) for an exponential of the score
+(the exponential cancels; second and third derivatives become powers of the first), as
+pytorch-grad-cam does. The two classes differ only in :meth:`SegGradCAM.channel_weights`.
+
+Resolution convention: a CAM at a coarser layer is brought to the model grid with
+``F.interpolate(mode="trilinear", align_corners=False)`` (voxel centres, as PyTorch and captum do;
+``scipy.ndimage.zoom`` uses a different grid), *after* the ReLU.
+
+Layers (option ``layer``, a spec or a comma-separated list; see :mod:`.layers`): ``last_decoder``
+(default), ``bottleneck``, ``decoder_all`` (each decoder stage's CAM min-max normalised to [0, 1], then
+averaged: Mullan & Sonka) or module names. One map per spec; the default's variant is ``None``.
+
+Memory: parameters are frozen and the first hooked activation is replaced by a detached leaf, so autograd
+keeps only the graph from that layer to the output (:class:`.layers.LayerCapture`).
+
+Scans larger than the card's patch size run window by window in MONAI's sliding window
+(``with_coord=True``): each window returns its logits, activations and the gradient of its part of
+the score (target logits summed over R inside the window); coarser activations and gradients are
+trilinearly upsampled to the window before MONAI stitches them with its Gaussian weights, which costs
+(channels x scan size) memory per layer. The stitched gradient is the blend of per-window gradients, an
+approximation of the gradient of the global score (exact for networks without spatial context); the
+channel weights are computed once from the stitched tensors, so the CAM is one global map, not a
+mosaic of window CAMs. Because the stitched activations are already on the model grid, the ReLU acts
+after the upsampling there, not before it as in the single-window case: the two agree exactly for
+full-resolution layers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SegXAIError
+from ..inference import sliding_window_predict
+from .base import ExplainContext, Explainer, Explanation, ExplanationMap
+from .layers import LayerCapture, frozen_parameters, resolve_layers
+
+DEFAULT_LAYER = "last_decoder"
+REGIONS = ("predicted", "all", "box", "mask")
+_REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
+UPSAMPLING = "trilinear, align_corners=False (voxel centres), after the ReLU"
+
+
+def upsample(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(N, C, *s) -> (N, C, *size), (bi/tri)linear with ``align_corners=False``; unchanged if already that size."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+
+
+def padding_to(shape: tuple[int, ...], patch: tuple[int, ...]) -> list[int]:
+    """``F.pad`` widths that centre a (..., *shape) tensor in ``patch`` where it is smaller, as MONAI's sliding window does."""
+    pad: list[int] = []
+    for size, roi in zip(reversed(shape), reversed(patch)):
+        diff = max(roi - size, 0)
+        pad += [diff // 2, diff - diff // 2]
+    return pad
+
+
+@dataclass
+class TargetRegion:
+    """The region R whose target logits form the score.
+
+    Attributes:
+        mask: bool, (D, H, W) on the model grid.
+        kind: ``predicted``, ``all``, ``box`` or ``mask``.
+        note: why R differs from what was asked (empty predicted mask), or ``""``.
+    """
+
+    mask: np.ndarray
+    kind: str
+    note: str = ""
+
+
+def target_region(context: ExplainContext, options: dict[str, Any]) -> TargetRegion:
+    """R from the options ``region``, ``box``, ``mask`` (see the module docstring); user errors as SegXAIError."""
+    shape = tuple(context.image.shape[2:])
+    given = [k for k in ("box", "mask") if options.get(k) is not None]
+    if len(given) > 1:
+        raise SegXAIError("give either a box or a mask as the Grad-CAM region, not both")
+    kind = given[0] if given else options.get("region") or "predicted"
+    if kind not in REGIONS or (given and options.get("region") not in (None, kind)):
+        raise SegXAIError(f"unknown or conflicting Grad-CAM region {options.get('region')!r}; use one of "
+                          f"{', '.join(REGIONS)} (box and mask also need the option of that name)")
+    if kind == "all":
+        return TargetRegion(np.ones(shape, bool), kind)
+    if kind == "predicted":
+        mask = context.predicted_mask
+        if mask.any():
+            return TargetRegion(mask, kind)
+        return TargetRegion(np.ones(shape, bool), "all",
+                            f"the predicted mask of {context.target!r} is empty; the whole volume was used")
+    if kind == "box":
+        box = options["box"]
+        try:
+            bounds = [int(v) for v in box]
+        except (TypeError, ValueError):
+            bounds = []
+        if len(bounds) != 6 or any(not 0 <= lo < hi <= n for lo, hi, n in zip(bounds[::2], bounds[1::2], shape)):
+            raise SegXAIError(f"Grad-CAM box {box!r} must be [k0, k1, j0, j1, i0, i1] with 0 <= start < stop <= "
+                              f"size on the model grid {shape}")
+        mask = np.zeros(shape, bool)
+        mask[bounds[0]:bounds[1], bounds[2]:bounds[3], bounds[4]:bounds[5]] = True
+        return TargetRegion(mask, kind)
+    mask = np.asarray(options["mask"], dtype=bool)
+    if mask.shape != shape or not mask.any():
+        raise SegXAIError(f"Grad-CAM mask must be a non-empty bool array of the model grid's shape {shape}, "
+                          f"got shape {mask.shape}{' (empty)' if mask.shape == shape else ''}")
+    return TargetRegion(mask, kind)
+
+
+def layer_gradients(network: nn.Module, window: torch.Tensor, weight: torch.Tensor, channels: list[int],
+                    modules: list[nn.Module]) -> tuple[torch.Tensor, float, list[torch.Tensor], list[torch.Tensor]]:
+    """One forward and backward pass of ``score = sum(weight * logits[:, channels])``.
+
+    Args:
+        window: (1, C, *s) input.
+        weight: (1, 1, *s) indicator of R on the window.
+        modules: layers whose outputs A and gradients d score / d A are wanted.
+
+    Returns:
+        logits (1, n_classes, *s), score, activations and gradients (each (1, C_l, *s_l)), all detached.
+    """
+    with torch.inference_mode(False), torch.enable_grad(), frozen_parameters(network), \
+            LayerCapture(modules, leaf=True) as capture:
+        logits = network(window.clone())
+        score = (logits[:, channels] * weight).sum()
+        activations = capture.outputs
+        grads = torch.autograd.grad(score, activations, allow_unused=True) if score.requires_grad else \
+            [None] * len(activations)
+    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(activations, grads)]
+    return logits.detach(), float(score.detach()), [a.detach() for a in activations], grads
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Scale to [0, 1]; a constant map becomes zeros (never NaN)."""
+    low, high = x.min(), x.max()
+    return (x - low) / (high - low) if high > low else torch.zeros_like(x)
+
+
+class SegGradCAM(Explainer):
+    """Seg-Grad-CAM: channel weights = spatial mean of the score's gradient (Selvaraju et al.; Vinogradova et al.)."""
+
+    name: ClassVar[str] = "gradcam"
+    title: ClassVar[str] = "Grad-CAM"
+    summary: ClassVar[str] = ("Seg-Grad-CAM: where the chosen layer's features raise the target's logits over "
+                              "its predicted region (options: layer, region, box, mask)")
+
+    @staticmethod
+    def channel_weights(activation: torch.Tensor, gradient: torch.Tensor, voxels: int) -> torch.Tensor:
+        """alpha_k = mean over space of G_k.
+
+        Args:
+            activation, gradient: (1, C, *s).
+            voxels: number of voxels of the layer's own grid over the scan (sums over space are
+                ``mean * voxels``, so they do not depend on ``s`` being upsampled; unused here).
+
+        Returns:
+            (1, C, 1, ..., 1).
+        """
+        return gradient.mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
+
+    def cam(self, activation: torch.Tensor, gradient: torch.Tensor, voxels: int) -> torch.Tensor:
+        """ReLU(sum_k alpha_k A_k): (1, C, *s) -> (1, 1, *s)."""
+        weights = self.channel_weights(activation, gradient, voxels)
+        return F.relu((weights * activation).sum(dim=1, keepdim=True))
+
+    # ------------------------------------------------------------ passes
+    def _single_window(self, context: ExplainContext, weight: torch.Tensor, modules: list[nn.Module]
+                       ) -> tuple[float, list[torch.Tensor]]:
+        """Image no larger than the patch: pad to the patch as inference did, one pass, CAMs upsampled, cropped."""
+        shape = tuple(context.image.shape[2:])
+        pad = padding_to(shape, context.model.card.patch_size)
+        image = F.pad(context.image, pad).to(context.device)
+        _, score, activations, grads = layer_gradients(context.model.network, image,
+                                                       F.pad(weight, pad).to(context.device), context.channels,
+                                                       modules)
+        crop = tuple(slice(before, before + n) for before, n in zip(pad[-2::-2], shape))
+        cams = [upsample(self.cam(a, g, math.prod(a.shape[2:])), tuple(image.shape[2:]))[(..., *crop)].cpu()
+                for a, g in zip(activations, grads)]
+        return score, cams
+
+    def _sliding_window(self, context: ExplainContext, weight: torch.Tensor, modules: list[nn.Module],
+                        overlap: float) -> tuple[float, list[torch.Tensor]]:
+        """Windows return (logits, A..., G...) upsampled to the window; one CAM from the stitched tensors."""
+        patch = context.model.card.patch_size
+        padded_weight = F.pad(weight, padding_to(tuple(weight.shape[2:]), patch))  # window slices index the padded scan
+        scale: list[float] = []  # layer voxels per window voxel, for Grad-CAM++'s sums over the layer grid
+
+        def predictor(window: torch.Tensor, coords: list[list[slice]]):
+            window_weight = padded_weight[tuple(coords[0])].to(window.device)
+            logits, _, activations, grads = layer_gradients(context.model.network, window, window_weight,
+                                                            context.channels, modules)
+            if not scale:
+                scale.extend(math.prod(a.shape[2:]) / math.prod(window.shape[2:]) for a in activations)
+            size = tuple(window.shape[2:])
+            return (logits, *(upsample(a, size) for a in activations), *(upsample(g, size) for g in grads))
+
+        logits, *stitched = sliding_window_predict(predictor, context.image, patch, context.device, overlap,
+                                                   context.progress, self.name, with_coord=True)
+        score = float((logits[:, context.channels] * weight).sum())
+        n = len(modules)
+        voxels = math.prod(weight.shape[2:])
+        cams = [self.cam(a, g, round(voxels * s)) for a, g, s in zip(stitched[:n], stitched[n:], scale)]
+        return score, cams
+
+    # ------------------------------------------------------------ explainer
+    def explain(self, context: ExplainContext) -> Explanation:
+        start = time.perf_counter()
+        options = context.method_options(self.name)
+        specs = _layer_specs(options.get("layer", DEFAULT_LAYER))
+        network = context.model.network
+        layers = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in specs}
+        names = list(dict.fromkeys(name for spec in specs for name in layers[spec]))
+        all_modules = dict(network.named_modules())
+        modules = [all_modules[name] for name in names]
+        region = target_region(context, options)
+        weight = torch.from_numpy(region.mask).float()[None, None]
+        overlap = float(options.get("overlap", 0.25))
+
+        sliding = any(s > p for s, p in zip(context.image.shape[2:], context.model.card.patch_size))
+        context.progress.update(self.name, 0.0, "gradients")
+        if sliding:
+            score, cams = self._sliding_window(context, weight, modules, overlap)
+        else:
+            score, cams = self._single_window(context, weight, modules)
+        context.progress.update(self.name, 1.0, "done")
+        by_name = dict(zip(names, cams))
+
+        maps = []
+        for spec in specs:
+            stage_cams = [by_name[name] for name in layers[spec]]
+            # decoder stages have different scales: each normalised before averaging (Mullan & Sonka)
+            cam = torch.stack([minmax(c) for c in stage_cams]).mean(0) if spec == "decoder_all" else stage_cams[0]
+            maps.append(ExplanationMap(
+                method=self.name, variant=None if spec == DEFAULT_LAYER else re.sub(r"[^A-Za-z0-9_-]+", "_", spec),
+                array=cam[0, 0].numpy().astype(np.float32),
+                description=(f"{self.title} at {spec} ({', '.join(layers[spec])}): where the layer's features raise "
+                             f"the {context.target} logits over the {_REGION_WORDS[region.kind]} (relative)")))
+        metadata: dict[str, Any] = {
+            "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING,
+            "seconds": time.perf_counter() - start,
+            "parameters": {"layer": specs, "patch_size": list(context.model.card.patch_size), "overlap": overlap,
+                           **{k: options[k] for k in ("region", "box") if options.get(k) is not None}}}
+        if region.note:
+            metadata["note"] = region.note
+        return Explanation(self.name, maps, scalars={"score": score, "region_voxels": float(region.mask.sum())},
+                           metadata=metadata)
+
+
+class SegGradCAMPlusPlus(SegGradCAM):
+    """Grad-CAM++ (Chattopadhay et al.): positive gradients weighted by the closed-form a_k(p)."""
+
+    name: ClassVar[str] = "gradcampp"
+    title: ClassVar[str] = "Grad-CAM++"
+    summary: ClassVar[str] = ("Grad-CAM++: like Grad-CAM with higher-order channel weights that spread credit over "
+                              "several regions (options: layer, region, box, mask)")
+
+    @staticmethod
+    def channel_weights(activation: torch.Tensor, gradient: torch.Tensor, voxels: int) -> torch.Tensor:
+        """alpha_k = sum_p a_k(p) ReLU(G_k(p)), sums over the layer's grid of ``voxels`` voxels.
+
+        a_k(p) is set to 0 where its denominator is 0 (G_k(p) = 0) instead of adding an epsilon as
+        pytorch-grad-cam does: the gradients of a summed segmentation score are small per voxel, and a fixed
+        epsilon would dominate G^2.
+        """
+        dims = tuple(range(2, gradient.ndim))
+        sum_activation = activation.mean(dim=dims, keepdim=True) * voxels
+        g2 = gradient.pow(2)
+        denominator = 2 * g2 + sum_activation * g2 * gradient
+        a = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1), 0)
+        return (a * F.relu(gradient)).mean(dim=dims, keepdim=True) * voxels
+
+
+def _layer_specs(value: str | list[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (module names have dots, never commas)."""
+    specs = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if str(s).strip()]
+    if not specs:
+        raise SegXAIError("the Grad-CAM option 'layer' is empty; use last_decoder, bottleneck, decoder_all or a "
+                          "module name")
+    return list(dict.fromkeys(specs))

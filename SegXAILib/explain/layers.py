@@ -1,0 +1,268 @@
+"""Finding a network's layers by role, and capturing what they output.
+
+Explainers name layers by role or by module name:
+
+- ``last_decoder`` (default of Grad-CAM, as in paper 001): the last feature block before the
+  output layer, i.e. the last decoder conv block of a U-Net;
+- ``bottleneck``: the last block at the coarsest resolution;
+- ``decoder_all``: the last block of every decoder resolution level, coarse to fine;
+- any name from ``network.named_modules()``.
+
+Roles are found the same way for every network, with one probe forward pass (no gradients,
+eval mode, a 16^3 input unless an example is given) that records which modules ran, in which
+order, and what they returned:
+
+1. *conv leaves* are the ``Conv``/``ConvTranspose`` modules (1D/2D/3D) that ran; the last one to
+   run is the *output layer*.
+2. every other conv leaf is lifted to its *block*: its outermost ancestor that returns a tensor of
+   the conv's output shape (so the norm and activation after the conv, and a residual addition,
+   are included, but a skip concatenation is not), whose conv leaves all output that resolution
+   (so a whole encoder level is not taken as one block) and which does not contain the output
+   layer.
+3. blocks in the order they finished are the network's feature layers (:func:`conv_layers`);
+   ``last_decoder`` is the last of them, ``bottleneck`` the last one at the smallest spatial size,
+   and ``decoder_all`` the last block of each run of equal resolution after the bottleneck. A
+   network without a decoder (nothing after the bottleneck) gets ``[last_decoder]``.
+
+On MONAI's ``UNet`` this gives ``model.1.submodule.2`` as last decoder with
+``num_res_units=0`` (the top ``up`` layer is the output conv itself; it reads the skip
+concatenation of ``model.0`` and that block) and ``model.2.0`` with ``num_res_units>0`` (the
+transposed-conv block before the final one-subunit residual conv); on ``AttentionUnet`` the
+top merge conv ``model.1.merge``. Networks whose output layer is not the last conv to run (heads
+after the final conv, e.g. deep-supervision outputs computed last) should name their layer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from ..errors import SegXAIError
+
+LAYER_ROLES = ("last_decoder", "bottleneck", "decoder_all")
+PROBE_SIZES = (16, 32, 64, 128)
+"""Edge lengths tried for the automatic probe input (the first one the network accepts is used)."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One module call seen by the probe: its name and output shape, in the order calls finished."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+def _is_within(name: str, ancestor: str) -> bool:
+    """``name`` is ``ancestor`` or one of its descendants (``""`` is the root)."""
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
+
+
+def _ancestors(name: str) -> list[str]:
+    """Proper ancestors of a module name below the root, outermost first: ``a.b.c`` -> ``[a, a.b]``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+@contextmanager
+def _eval_mode(network: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (a probe must not update batch-norm statistics), then restore."""
+    modes = {m: m.training for m in network.modules()}
+    network.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _probe_input(network: nn.Module) -> Iterator[torch.Tensor]:
+    """Candidate probe inputs: channels and dimensionality of the first conv, edge lengths :data:`PROBE_SIZES`."""
+    first = next((m for m in network.modules() if isinstance(m, _ConvNd)), None)
+    if first is None:
+        raise SegXAIError("the network has no convolution layers; name the layer to explain explicitly")
+    parameter = next(network.parameters())
+    spatial_dims = len(first.kernel_size)
+    for size in PROBE_SIZES:
+        yield torch.zeros((1, first.in_channels, *(size,) * spatial_dims), dtype=parameter.dtype,
+                          device=parameter.device)
+
+
+def _trace(network: nn.Module, example: torch.Tensor | None) -> list[_Call]:
+    """Run one forward pass and list the module calls that returned a tensor, in the order they finished."""
+    calls: list[_Call] = []
+    names = {module: name for name, module in network.named_modules()}
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and module in names:
+            calls.append(_Call(names[module], tuple(output.shape)))
+
+    examples = [example] if example is not None else _probe_input(network)
+    handles = [m.register_forward_hook(record) for m in names]
+    error: Exception | None = None
+    try:
+        with torch.no_grad(), _eval_mode(network):
+            for x in examples:
+                calls.clear()
+                try:
+                    network(x)
+                    return calls
+                except (RuntimeError, ValueError) as exc:  # a size the network cannot take: try the next
+                    error = exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    raise SegXAIError(f"could not run the network on a probe input to find its layers ({str(error)[:200]}); "
+                      "name the layer to explain explicitly") from None
+
+
+def _blocks(network: nn.Module, example: torch.Tensor | None) -> list[_Call]:
+    """Feature blocks (see the module docstring) in the order they finished; the output layer excluded."""
+    calls = _trace(network, example)
+    modules = dict(network.named_modules())
+    convs = [c for c in calls if isinstance(modules[c.name], _ConvNd) and len(c.shape) > 2]
+    if len(convs) < 2:
+        raise SegXAIError("the network has fewer than two convolution layers; name the layer to explain explicitly")
+    output = convs[-1].name
+    finished = {c.name: (i, c) for i, c in enumerate(calls)}  # last call of each module
+    blocks: dict[str, int] = {}
+    for conv in convs[:-1]:
+        block = conv.name
+        for ancestor in _ancestors(conv.name):
+            if ancestor not in finished or _is_within(output, ancestor):
+                continue
+            same_resolution = all(c.shape[2:] == conv.shape[2:] for c in convs if _is_within(c.name, ancestor))
+            if finished[ancestor][1].shape == conv.shape and same_resolution:
+                block = ancestor
+                break
+        blocks[block] = finished[block][0]
+    return [finished[name][1] for name in sorted(blocks, key=blocks.get)]
+
+
+def _size(call: _Call) -> int:
+    return math.prod(call.shape[2:])
+
+
+def _role(blocks: list[_Call], role: str) -> list[_Call]:
+    """The blocks playing ``role`` (one of :data:`LAYER_ROLES`)."""
+    if role == "last_decoder":
+        return [blocks[-1]]
+    smallest = min(_size(b) for b in blocks)
+    bottleneck = max(i for i, b in enumerate(blocks) if _size(b) == smallest)
+    if role == "bottleneck":
+        return [blocks[bottleneck]]
+    decoder = blocks[bottleneck + 1:]
+    # the last block of each run of equal resolution is what the next level (or the output) reads
+    stages = [b for b, after in zip(decoder, decoder[1:] + [None]) if after is None or after.shape[2:] != b.shape[2:]]
+    return stages or [blocks[-1]]
+
+
+def conv_layers(network: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
+    """Every conv block of ``network`` in forward order, the output layer excluded.
+
+    Args:
+        network: an eager module mapping (N, C, *spatial) to logits.
+        example: an input the network accepts, (1, C, *spatial); ``None``: zeros of 16^3, 32^3, ... (the
+            first size that runs), with the channels of the first conv.
+
+    Returns:
+        ``(name, module)`` pairs; a block's output is post-normalisation/activation (see the module docstring).
+    """
+    modules = dict(network.named_modules())
+    return [(b.name, modules[b.name]) for b in _blocks(network, example)]
+
+
+def resolve_layers(network: nn.Module, spec: str,
+                   example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
+    """The module(s) a layer spec names: a role from :data:`LAYER_ROLES` or a name from ``named_modules()``.
+
+    Raises:
+        SegXAIError: unknown name (the message lists close matches and the network's conv blocks).
+    """
+    modules = dict(network.named_modules())
+    if spec in LAYER_ROLES:
+        return [(b.name, modules[b.name]) for b in _role(_blocks(network, example), spec)]
+    if spec in modules and spec != "":
+        return [(spec, modules[spec])]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(spec, names, n=5)
+    try:
+        blocks = [name for name, _ in conv_layers(network, example)]
+    except SegXAIError:
+        blocks = names
+    suggestions = close or blocks[-5:]
+    raise SegXAIError(f"the network has no layer {spec!r}; use one of {', '.join(LAYER_ROLES)} or a module name, "
+                      f"e.g. {', '.join(suggestions)} ({len(names)} modules in network.named_modules())")
+
+
+class LayerCapture:
+    """Context manager recording the outputs of ``modules`` in forward passes; hooks removed on exit.
+
+    With ``leaf=True``, an output that does not already require grad (the first hooked layer to run, when the
+    parameters and the input do not require grad) is replaced in the forward pass by a detached copy that does
+    (``act.detach().requires_grad_()``); later hooked layers computed from it stay in its graph. Then
+    ``torch.autograd.grad(score, capture.outputs)`` gives every layer's gradient while autograd keeps only the
+    graph from the first hooked layer to the output. Only a module's first call per forward pass is recorded.
+
+    Attributes:
+        outputs: the recorded tensors, in the order of ``modules``, after a forward pass.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], leaf: bool = False) -> None:
+        self.modules = list(modules)
+        self.leaf = leaf
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, _inputs, output):
+            if index in self._outputs:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise SegXAIError(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor; "
+                                  "choose a module that returns a feature map")
+            if self.leaf and not output.requires_grad:
+                output = output.detach().requires_grad_()
+            self._outputs[index] = output
+            return output
+        return hook
+
+    def __enter__(self) -> LayerCapture:
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        """Forget recorded outputs (call between forward passes, e.g. sliding windows)."""
+        self._outputs = {}
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        missing = [i for i in range(len(self.modules)) if i not in self._outputs]
+        if missing:
+            raise SegXAIError(f"layer {type(self.modules[missing[0]]).__name__} did not run in the forward pass; "
+                              "choose a layer on the path from input to output")
+        return [self._outputs[i] for i in range(len(self.modules))]
+
+
+@contextmanager
+def frozen_parameters(network: nn.Module) -> Iterator[None]:
+    """Parameters do not require grad for the duration (no weight gradients, no graph through them); restored."""
+    flags = [(p, p.requires_grad) for p in network.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -1,0 +1,130 @@
+"""The command line: outputs on the scan's grid, and one clear error line for each bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SegXAILib.cli import main
+from SegXAILib.volume import Volume, read_volume, write_volume
+
+from .conftest import TINY_ARCH, make_card, oblique_scan
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_segment_writes_labels_on_the_scan_grid_and_a_summary(tmp_path, tiny_card, scan_file):
+    before = scan_file.read_bytes()
+    out = tmp_path / "out"
+    assert run_cli("segment", scan_file, "--model", tiny_card, "--out", out, "--format", "nrrd", "--progress", "none") == 0
+    labels = read_volume(out / "segmentation.nrrd")
+    scan = read_volume(scan_file)
+    assert labels.same_grid(scan, atol=1e-9)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["name"] == "tiny"
+    assert [c["name"] for c in summary["classes"]] == ["background", "core", "rim"]
+    counts = {c["label"]: c["voxels"] for c in summary["classes"]}
+    assert counts == {v: int((labels.array == v).sum()) for v in (0, 1, 4)}
+    voxel_ml = np.prod(scan.spacing) / 1000
+    assert summary["classes"][1]["volume_ml"] == pytest.approx(counts[1] * voxel_ml, abs=1e-3)
+    assert set(summary["seconds"]) >= {"preprocess", "inference", "resample"}
+    assert scan_file.read_bytes() == before  # the input is never modified
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_segment_reads_a_dicom_series_folder(tmp_path, tiny_card):
+    from SegXAILib.volume import write_dicom_series
+
+    scan = oblique_scan()
+    write_dicom_series(scan.with_array((scan.array * 10).astype(np.int16)), tmp_path / "dicom")
+    assert run_cli("segment", tmp_path / "dicom", "--model", tiny_card, "--out", tmp_path / "out", "--progress", "none") == 0
+    assert read_volume(tmp_path / "out" / "segmentation.nii.gz").same_grid(read_volume(tmp_path / "dicom"), atol=1e-6)
+
+
+def _bad_scans(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Bad inputs -> (file, words the error line must contain)."""
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really a nifti" * 10)
+    nan = oblique_scan()
+    nan.array[3, 4, 5] = np.nan
+    flat = Volume(np.zeros((8, 8, 1), np.float32) + 1)
+    return {
+        "missing": (tmp_path / "nope.nii.gz", "not found"),
+        "corrupt": (corrupt, "corrupt"),
+        "2D": (write_volume(Volume(np.random.rand(1, 9, 9).astype(np.float32)), tmp_path / "slice.nii.gz"), "single slice"),
+        "nan": (write_volume(nan, tmp_path / "nan.nii.gz"), "NaN"),
+        "constant": (write_volume(Volume(np.full((6, 7, 8), 5, np.int16)), tmp_path / "flat.nrrd"), "empty"),
+        "one-slice": (write_volume(flat, tmp_path / "flat1.nii.gz"), "single slice"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "2D", "nan", "constant", "one-slice"])
+def test_bad_scans_give_one_error_line_exit_2_and_no_output(tmp_path, tiny_card, capsys, case):
+    scan, words = _bad_scans(tmp_path)[case]
+    out = tmp_path / "out"
+    assert run_cli("segment", scan, "--model", tiny_card, "--out", out, "--progress", "none") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert not out.exists()
+
+
+def test_4d_input_is_refused(tmp_path, tiny_card, capsys):
+    import SimpleITK as sitk
+
+    image = sitk.JoinSeries([sitk.GetImageFromArray(np.random.rand(5, 6, 7).astype(np.float32))] * 3)
+    sitk.WriteImage(image, str(tmp_path / "series.nii.gz"))
+    assert run_cli("segment", tmp_path / "series.nii.gz", "--model", tiny_card, "--out", tmp_path / "o", "--progress", "none") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "4D" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("problem", ["channels", "unknown-model", "weights", "unknown-class"])
+def test_bad_models_give_one_error_line(tmp_path, scan_file, capsys, problem):
+    out = tmp_path / "out"
+    if problem == "channels":
+        args = ["segment", scan_file, "--model", make_card(tmp_path, "two", input_channels=2)]
+        words = "input channel"
+    elif problem == "unknown-model":
+        args = ["segment", scan_file, "--model", "no-such-model"]
+        words = "unknown model"
+    elif problem == "weights":
+        wider = {"name": "unet", "args": {"channels": [8, 16, 32], "strides": [2, 2]}}
+        args = ["segment", scan_file, "--model", make_card(tmp_path, "bad", weights_from=wider)]
+        words = "does not match"
+    else:
+        args = ["explain", scan_file, "--model", make_card(tmp_path), "--target", "spleen", "--methods", "gradcam"]
+        words = "unknown class"
+    assert run_cli(*args, "--out", out, "--progress", "none") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not out.exists()
+
+
+def test_console_script_exit_code_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "SegXAILib.cli", "segment", str(tmp_path / "missing.nii.gz"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: file not found")
+
+
+def test_synth_lesion_and_ct_phantom_commands(tmp_path):
+    from SegXAILib.data.samples import mni152_t1
+
+    assert run_cli("synth-lesion", "mni152", "--seed", 3, "--out", tmp_path / "case") == 0
+    image, label = read_volume(tmp_path / "case" / "image.nii.gz"), read_volume(tmp_path / "case" / "label.nii.gz")
+    assert image.same_grid(mni152_t1()) and label.same_grid(image)
+    assert set(np.unique(label.array)) == {0, 1, 2, 4}
+    assert run_cli("ct-phantom", "--out", tmp_path / "ct", "--shape", 16, 32, 32) == 0
+    ct = read_volume(tmp_path / "ct" / "image.nii.gz")
+    assert ct.shape == (16, 32, 32) and ct.array.dtype == np.int16 and ct.array.min() <= -900

@@ -1,0 +1,336 @@
+"""Uncertainty from several predictions of one scan: MC dropout, test-time augmentation, ensembles.
+
+The three explainers share :class:`SampledUncertainty`, which draws T probability maps, feeds them
+one at a time into an :class:`~.measures.UncertaintyAccumulator` (T samples of a large scan are
+never held together) and returns the entropy, variance and mutual-information maps with their
+means inside and far from the predicted object. A subclass only says how many samples there are
+and how the t-th one is produced:
+
+- :class:`MCDropoutUncertainty`: the model's dropout layers stay on (and nothing else changes),
+  one seeded draw of dropout masks per sample;
+- :class:`TTAUncertainty`: the scan flipped and rotated by 90 degrees (:func:`augment`), predicted,
+  and mapped back exactly (:func:`invert`);
+- :class:`EnsembleUncertainty`: one sample per weights file listed in the model card.
+
+Every sample is a full sliding-window prediction over the scan with the card's patch size,
+exactly as the segmentation itself is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from ..errors import SegXAIError
+from ..explain.base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable
+from ..inference import sliding_window_predict
+from ..models.loaders import LoadedModel, load_from_card
+from ..progress import Progress
+from .measures import UncertaintyAccumulator
+
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def predict_softmax(network: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
+                    device: torch.device, progress: Progress, stage: str) -> torch.Tensor:
+    """Sliding-window softmax of (1, C, D, H, W) ``image``: (n_classes, D, H, W) float32 on the CPU."""
+    with torch.inference_mode():
+        logits = sliding_window_predict(network, image, patch_size, device, progress=progress, stage=stage)
+        return torch.softmax(logits, dim=1)[0]
+
+
+def int_option(options: dict[str, Any], key: str, default: int, minimum: int) -> int:
+    """``options[key]`` as an integer >= ``minimum`` (given as a number or as text on the command line)."""
+    value = options.get(key, default)
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise SegXAIError(f"option {key!r} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+class SampledUncertainty(Explainer):
+    """Uncertainty maps from T probability samples; subclasses define the samples.
+
+    Options shared by all (``context.options[name]``):
+        margin: voxels (model grid) by which the predicted object is dilated before "far from the
+            object" begins, for the ``*_outside`` scalars; default 3.
+
+    Subclasses implement :meth:`sample_count` and :meth:`sample`, and may wrap the sampling loop
+    in :meth:`sampling` (set-up and guaranteed tear-down, e.g. switching dropout on and off).
+    """
+
+    needs_hooks: ClassVar[bool] = False
+    source: ClassVar[str] = "samples"
+    """What the samples are, in words for the map descriptions ("dropout samples")."""
+
+    def sample_count(self, context: ExplainContext, options: dict[str, Any]) -> int:
+        """Number of samples T (>= 2: a variance needs two)."""
+        return int_option(options, "samples", 8, minimum=2)
+
+    @contextlib.contextmanager
+    def sampling(self, context: ExplainContext, options: dict[str, Any]) -> Iterator[None]:
+        """Context around the whole sampling loop; nothing by default."""
+        yield
+
+    @abstractmethod
+    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
+        """The t-th probability sample, (n_classes, D, H, W) float32 on the model grid."""
+
+    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+        """Method-specific facts for the report (seed, transforms, members)."""
+        return {}
+
+    def explain(self, context: ExplainContext) -> Explanation:
+        self.check_applicable(context.model)
+        options = context.method_options(self.name)
+        count = self.sample_count(context, options)
+        margin = int_option(options, "margin", 3, minimum=0)
+        accumulator = UncertaintyAccumulator(context.channels)
+        with self.sampling(context, options):
+            for t in range(count):
+                # window progress of sample t, rescaled into the method's overall bar (and its cancel flag)
+                sub = Progress(lambda stage, fraction, message, t=t: context.progress.update(
+                    self.name, (t + fraction) / count, f"sample {t + 1}/{count}: {message}"),
+                    context.progress.cancel_event)
+                accumulator.add(self.sample(t, context, options, sub).numpy())
+        context.progress.update(self.name, 1.0, f"{count} samples")
+        maps = accumulator.maps()
+
+        inside = context.predicted_mask
+        # 6-connected dilation, `margin` times: a voxel is "far" when more than `margin` steps away
+        far = ~ndimage.binary_dilation(inside, iterations=margin) if margin and inside.any() else ~inside
+        scalars: dict[str, float] = {"samples": float(count)}
+        for key, array in maps.items():
+            if inside.any():
+                scalars[f"{key}_inside"] = float(array[inside].mean())
+            if far.any():
+                scalars[f"{key}_outside"] = float(array[far].mean())
+
+        n_classes = context.probabilities.shape[0]
+        descriptions = {
+            "entropy": f"Predictive entropy of the mean of {count} {self.source}, over all classes, in nats: "
+                       f"0 = certain, {np.log(n_classes):.2f} (= log {n_classes}) = no idea which class",
+            "variance": f"Variance of the probability of {context.target} across {count} {self.source}: "
+                        "0 = they agree, 0.25 = half say certainly yes, half certainly no",
+            "mutual_information": f"Mutual information (BALD) in nats: the part of the entropy that comes from "
+                                  f"the {count} {self.source} disagreeing (model uncertainty); 0 = they agree",
+        }
+        return Explanation(
+            method=self.name,
+            maps=[ExplanationMap(self.name, maps[key], key, descriptions[key], colormap="viridis", normalise=False)
+                  for key in ("entropy", "variance", "mutual_information")],
+            scalars=scalars,
+            metadata={"samples": count, "margin_voxels": margin, "source": self.source,
+                      **self.metadata(context, options)})
+
+
+# --------------------------------------------------------------------------- MC dropout
+class MCDropoutUncertainty(SampledUncertainty):
+    """Monte Carlo dropout: T predictions with the dropout layers switched on.
+
+    Only dropout modules go to train mode; normalisation layers stay in eval mode (train-mode batch
+    norm would use the statistics of each window and update its running statistics). Sample t
+    draws its masks from ``torch.manual_seed(seed + t)`` inside a forked RNG, so runs are
+    reproducible on one device and the caller's random state is left untouched.
+
+    Options: ``samples`` (T, default 8), ``seed`` (default 0).
+    """
+
+    name = "mcdropout"
+    needs_hooks = True
+    summary = "MC dropout: entropy, variance and mutual information over T predictions with dropout on"
+    source = "dropout samples"
+
+    @staticmethod
+    def dropout_modules(network: nn.Module) -> list[nn.Module]:
+        return [m for m in network.modules() if isinstance(m, DROPOUT_TYPES)]
+
+    def check_applicable(self, model: LoadedModel) -> None:
+        super().check_applicable(model)
+        layers = self.dropout_modules(model.network)
+        if not any(m.p > 0 for m in layers):
+            found = f"its {len(layers)} dropout layers all have p=0" if layers else "it has no dropout layers"
+            raise NotApplicable(f"MC dropout needs a model trained with dropout, and {model.card.name!r} is not "
+                                f"({found}); use a dropout-trained model (architecture argument 'dropout' > 0, "
+                                "e.g. 0.1) or the 'tta' or 'ensemble' methods")
+
+    @contextlib.contextmanager
+    def sampling(self, context: ExplainContext, options: dict[str, Any]) -> Iterator[None]:
+        network = context.model.network
+        modes = [(m, m.training) for m in network.modules()]
+        try:
+            network.eval()
+            for m in self.dropout_modules(network):
+                m.train()
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
+        seed = int(options.get("seed", 0))
+        device = context.device
+        fork = torch.random.fork_rng(devices=[]) if device.type == "cpu" else torch.random.fork_rng(
+            device_type=device.type)
+        with fork:
+            torch.manual_seed(seed + t)
+            return predict_softmax(context.model.network, context.image, context.model.card.patch_size,
+                                   device, progress, self.name)
+
+    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+        rates = sorted({m.p for m in self.dropout_modules(context.model.network) if m.p > 0})
+        return {"seed": int(options.get("seed", 0)), "dropout_rates": rates}
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+AXIAL = (1, 2)
+"""The axial plane of a RAS model grid: array axes (D, H, W) are (k, j, i) = (S, A, R), so axial = (H, W)."""
+
+
+@dataclass(frozen=True)
+class FlipRotate:
+    """Flip the spatial axes ``flips``, then rotate by ``k`` x 90 degrees in ``plane``.
+
+    Axes are spatial: 0, 1, 2 = D, H, W, i.e. the last three dimensions of a tensor. Both steps
+    permute voxels, so :func:`invert` undoes :func:`augment` exactly.
+    """
+
+    flips: tuple[int, ...] = ()
+    k: int = 0
+    plane: tuple[int, int] = AXIAL
+
+    @property
+    def name(self) -> str:
+        parts = [f"flip{a}" for a in self.flips] + ([f"rot{90 * self.k}({self.plane[0]},{self.plane[1]})"]
+                                                    if self.k else [])
+        return "+".join(parts) or "identity"
+
+
+def augment(x: torch.Tensor, t: FlipRotate) -> torch.Tensor:
+    """Apply ``t`` to a (..., D, H, W) tensor."""
+    if t.flips:
+        x = torch.flip(x, [a - 3 for a in t.flips])
+    return torch.rot90(x, t.k, [a - 3 for a in t.plane]) if t.k else x
+
+
+def invert(y: torch.Tensor, t: FlipRotate) -> torch.Tensor:
+    """Undo ``t`` on a (..., D, H, W) tensor computed on ``augment(x, t)``: ``invert(augment(x, t), t) == x``."""
+    if t.k:
+        y = torch.rot90(y, -t.k, [a - 3 for a in t.plane])
+    return torch.flip(y, [a - 3 for a in t.flips]) if t.flips else y
+
+
+def flip_rotate_transforms(count: int = 8, plane: tuple[int, int] = AXIAL) -> list[FlipRotate]:
+    """The first ``count`` (1..16) of the 16 distinct flips and in-plane 90-degree rotations.
+
+    With ``a, b`` the plane's axes and ``n`` the third axis, in this order:
+
+    ====  ======================  =========================================
+    0     identity
+    1-3   flip n; flip a; flip b   single flips
+    4-6   rot 90, 180, 270         in-plane rotations
+    7-8   flip a + rot 90, 270     the two diagonal reflections of the plane
+    9-15  flip n combined with: flip a, flip b, rot 90, 180, 270, and the two diagonal reflections
+    ====  ======================  =========================================
+
+    0-8 are the 8 symmetries of the square in the plane plus the flip across it; all 16 form the
+    group generated by the three flips and the in-plane rotation. The default 8 are 0-7: every
+    single flip and rotation plus one diagonal reflection.
+    """
+    if len(set(plane)) != 2 or not set(plane) <= {0, 1, 2}:
+        raise SegXAIError(f"the rotation plane must be two different spatial axes among 0, 1, 2; got {plane}")
+    a, b = plane
+    n = ({0, 1, 2} - {a, b}).pop()
+    table = [((), 0), ((n,), 0), ((a,), 0), ((b,), 0), ((), 1), ((), 2), ((), 3), ((a,), 1), ((a,), 3),
+             ((n, a), 0), ((n, b), 0), ((n,), 1), ((n,), 2), ((n,), 3), ((n, a), 1), ((n, a), 3)]
+    if not 1 <= count <= len(table):
+        raise SegXAIError(f"test-time augmentation offers 1 to {len(table)} transforms; {count} were asked for")
+    return [FlipRotate(flips, k, (a, b)) for flips, k in table[:count]]
+
+
+class TTAUncertainty(SampledUncertainty):
+    """Test-time augmentation: predictions on flipped and rotated copies, mapped back exactly.
+
+    Options: ``transforms`` (T, 2..16, default 8; see :func:`flip_rotate_transforms`) and ``plane``
+    (the rotation plane as two spatial axes, default ``(1, 2)``, the axial plane of a RAS grid).
+    The patch size turns with the scan, so windows keep their extent along each anatomical axis.
+    Only exact symmetries (no interpolation): a network that is equivariant to them gives zero
+    uncertainty.
+    """
+
+    name = "tta"
+    summary = "Test-time augmentation (flips, 90-degree rotations): entropy, variance, mutual information"
+    source = "augmented predictions"
+
+    def transforms(self, options: dict[str, Any]) -> list[FlipRotate]:
+        count = int_option(options, "transforms", 8, minimum=2)
+        plane = options.get("plane", AXIAL)
+        if isinstance(plane, str):
+            plane = [p for p in plane.replace(",", " ").split()]
+        try:
+            plane = tuple(int(p) for p in plane)
+        except (TypeError, ValueError):
+            raise SegXAIError(f"option 'plane' must be two spatial axes, e.g. 1,2; got {plane!r}") from None
+        return flip_rotate_transforms(count, plane)
+
+    def sample_count(self, context: ExplainContext, options: dict[str, Any]) -> int:
+        return len(self.transforms(options))
+
+    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
+        transform = self.transforms(options)[t]
+        patch = list(context.model.card.patch_size)
+        if transform.k % 2:
+            a, b = transform.plane
+            patch[a], patch[b] = patch[b], patch[a]
+        probs = predict_softmax(context.model.network, augment(context.image, transform), patch,
+                                context.device, progress, self.name)
+        return invert(probs, transform)
+
+    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+        return {"transforms": [t.name for t in self.transforms(options)]}
+
+
+# --------------------------------------------------------------------------- deep ensemble
+class EnsembleUncertainty(SampledUncertainty):
+    """Deep ensemble: one prediction per weights file listed in the model card (same architecture).
+
+    Members are loaded one at a time (:func:`~SegXAILib.models.loaders.load_from_card`) and freed
+    after their prediction, so memory holds one network besides the model itself.
+    """
+
+    name = "ensemble"
+    summary = "Deep ensemble (several weights files of one architecture): entropy, variance, mutual information"
+    source = "ensemble members"
+
+    def check_applicable(self, model: LoadedModel) -> None:
+        super().check_applicable(model)
+        if model.route == "bundle":
+            raise NotApplicable("deep ensembles are loaded from a model card; write a card for the bundle's "
+                                "architecture whose 'weights' entry lists every member's weights file")
+        if len(model.card.weight_paths) < 2:
+            raise NotApplicable(f"model card {model.card.name!r} lists a single weights file, and a deep ensemble "
+                                "needs several trained copies of the same architecture: list them all in the "
+                                "card's 'weights' entry, e.g. \"weights\": [\"member1.safetensors\", "
+                                "\"member2.safetensors\", \"member3.safetensors\"]")
+
+    def sample_count(self, context: ExplainContext, options: dict[str, Any]) -> int:
+        return len(context.model.card.weight_paths)
+
+    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
+        member = load_from_card(context.model.card, 0).network.to(context.device).eval()
+        return predict_softmax(member, context.image, context.model.card.patch_size, context.device,
+                               progress, self.name)
+
+    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+        return {"members": [p.name for p in context.model.card.weight_paths]}
