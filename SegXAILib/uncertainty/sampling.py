@@ -108,8 +108,9 @@ class SampledUncertainty(Explainer):
         maps = accumulator.maps()
 
         inside = context.predicted_mask
-        # 6-connected dilation, `margin` times: a voxel is "far" when more than `margin` steps away
-        far = ~ndimage.binary_dilation(inside, iterations=margin) if margin and inside.any() else ~inside
+        # 6-connected dilation, `margin` times: "far" = more than `margin` face steps from the object
+        # (scipy reads iterations=0 as "dilate until nothing changes", hence the guard)
+        far = ~ndimage.binary_dilation(inside, iterations=margin) if margin else ~inside
         scalars: dict[str, float] = {"samples": float(count)}
         for key, array in maps.items():
             if inside.any():
@@ -179,7 +180,7 @@ class MCDropoutUncertainty(SampledUncertainty):
                 m.training = mode
 
     def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
-        seed = int(options.get("seed", 0))
+        seed = int_option(options, "seed", 0, minimum=0)
         device = context.device
         fork = torch.random.fork_rng(devices=[]) if device.type == "cpu" else torch.random.fork_rng(
             device_type=device.type)
@@ -190,7 +191,7 @@ class MCDropoutUncertainty(SampledUncertainty):
 
     def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
         rates = sorted({m.p for m in self.dropout_modules(context.model.network) if m.p > 0})
-        return {"seed": int(options.get("seed", 0)), "dropout_rates": rates}
+        return {"seed": int_option(options, "seed", 0, minimum=0), "dropout_rates": rates}
 
 
 # --------------------------------------------------------------------------- test-time augmentation
@@ -328,7 +329,7 @@ class EnsembleUncertainty(SampledUncertainty):
         return len(context.model.card.weight_paths)
 
     def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
-        member = load_from_card(context.model.card, 0).network.to(context.device).eval()
+        member = load_from_card(context.model.card, t).network.to(context.device).eval()
         return predict_softmax(member, context.image, context.model.card.patch_size, context.device,
                                progress, self.name)
 

@@ -1,0 +1,263 @@
+"""Collaboration-gradient uncertainty of an EU-Net (paper 000 section 3.5, METHODS.md section 2).
+
+For every voxel p and adjacent heads (s, s+1), with pseudo-label y(p) = argmax of the final output::
+
+    g_t(p) = d CE(up(P_t)(p), y(p)) / d theta,   t in {s, s+1},   theta = W1_s (Conv1 weight of head s)
+    consistency(p) = mean over pairs of cos(g_s(p), g_s+1(p));   map = 1 - consistency in [0, 2]
+
+``up`` is trilinear with ``align_corners=False`` (as for the deep-supervision loss). theta is shared by
+both losses only with ``feed="decoder"``: with ``feed="head"`` head s+1 does not depend on W1_s, every
+g_s+1 is zero, and the method does not apply. Voxels where a gradient is zero (the ReLU of head s is
+dead at every coarse voxel that p interpolates from) have no direction: they get the maximum, 2, and
+are counted. The ground truth is not used for y: the context carries only the target's binary mask,
+not a label for every class.
+
+Which pairs admit the closed form ``g(p) = delta(p) (outer) X(p)``, hence
+``cos(g1, g2) = cos(delta1, delta2) * cos(X1, X2)``? It needs both losses to reach theta through the
+1x1x1 conv at p alone. In an EU-Net only head s's own loss does, and only on its own grid: there
+``g_s(q) = [1(Y_s(q) > 0) * W2_s^T delta_s(q)] (outer) X_s(q)``; at full resolution the trilinear
+upsampling makes g_s(p) a sum of up to 8 such outer products. Head s+1's loss reaches W1_s through
+``X_s + Proj(sigmoid(Y_s) Y_s)``, the next stage's (transposed) convolutions and its normalisation, which
+mix neighbouring voxels (instance norm: all of them). So no adjacent pair has the closed form; the
+closed form is used where it holds, for the pointwise part:
+
+- tangent of ``Y_s = ReLU(W1_s X_s)`` along a direction R of theta: ``1(Y_s > 0) * (R X_s)``, every
+  direction at once, and head s's own tangent ``W2_s`` of that (no autodiff);
+- forward-mode AD (``torch.func.jvp``, vmapped over directions) only through the sub-network from
+  Y_s to P_s+1 (gate, projection, stage s+1, head s+1), reusing the cached X_s, Y_s and skip.
+
+Then ``g_t(p) . R = delta_t(p) . up(dP_t)(p)`` for all voxels at once. Two routes:
+
+- ``sketch`` (default): k Gaussian directions R; the cosine of the two k-vectors estimates
+  cos(g_s, g_s+1) (random projections approximately keep angles; error ~ 1/sqrt(k)).
+- ``exact``: the canonical basis of theta (k = H_s * C_s directions): the sums become the exact dot
+  products and norms, without ever storing a per-voxel gradient.
+
+:func:`collaboration_reference` is the brute-force reference (one autograd call per voxel and head).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import jvp, vmap
+
+from ..errors import SegXAIError
+from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
+from ..inference import sliding_window_predict
+from ..metrics import dice
+from ..models.eunet import EUNet, StageOutput, upsample_to
+from ..models.loaders import LoadedModel
+from ..progress import Progress
+from .sampling import int_option
+
+ROUTES = ("sketch", "exact")
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _residual(prediction: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """delta = softmax(up(P)) - onehot(y): d CE / d logits, (N, n_classes, *grid) on ``label``'s grid."""
+    probabilities = torch.softmax(upsample_to(prediction, label.shape[1:]), dim=1)
+    return probabilities - F.one_hot(label, probabilities.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+
+
+def _directions(route: str, k: int, shape: tuple[int, int], chunk: int, seed: int) -> Iterator[torch.Tensor]:
+    """Chunks (m, H, C) of directions in theta: k Gaussian ones, or the canonical basis (``exact``)."""
+    if route == "exact":
+        yield from torch.eye(shape[0] * shape[1]).view(-1, *shape).split(chunk)
+        return
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, k, chunk):
+        yield torch.randn(min(chunk, k - start), *shape, generator=generator)
+
+
+def pair_projections(network: EUNet, stages: Sequence[StageOutput], s: int, directions: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tangents of the deep predictions P_s and P_s+1 along directions R of W1_s, on their own grids.
+
+    Args:
+        network: the EU-Net (``feed="decoder"``), eval mode.
+        stages: ``network.forward_with_heads(x)[1]`` (the cached activations).
+        s: the pair (s, s+1).
+        directions: (m, H_s, C_s).
+
+    Returns:
+        dP_s (m, N, n_classes, *grid_s) and dP_s+1 (m, N, n_classes, *grid_s+1).
+    """
+    head, here, below = network.heads[s], stages[s], stages[s + 1]
+    directions = directions.to(here.features)
+    # closed form of the pointwise part: d ReLU(W1 X) = 1(Y > 0) * (R X), every direction at once
+    d_hidden = (here.hidden > 0) * torch.einsum("mhc,nc...->mnh...", directions, here.features)
+    d_own = torch.einsum("kh,mnh...->mnk...", head.conv2.weight.flatten(1), d_hidden)
+
+    def next_prediction(hidden: torch.Tensor) -> torch.Tensor:
+        stream = head.stream(here.features, hidden)
+        return network.heads[s + 1](network.backbone.decode(s + 1, stream, below.skip))[1]
+
+    d_next = vmap(lambda tangent: jvp(next_prediction, (here.hidden,), (tangent,))[1])(d_hidden)
+    return d_own, d_next
+
+
+def collaboration_map(network: EUNet, image: torch.Tensor, label: torch.Tensor, k: int = 16,
+                      route: str = "sketch", chunk: int = 8, seed: int = 0, progress: Progress | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 - consistency of (N, C, *grid) ``image`` with pseudo-label ``label`` (N, *grid) (one window).
+
+    Returns:
+        uncertainty (N, 1, *grid) in [0, 2] (2 at zero-gradient voxels) and the zero-gradient mask
+        (N, 1, *grid) bool (a gradient of some pair is zero there).
+    """
+    if route not in ROUTES:
+        raise SegXAIError(f"unknown route {route!r} for mhex-uncertainty; use one of {', '.join(ROUTES)}")
+    grid = tuple(image.shape[2:])
+    with torch.no_grad():  # forward-mode AD below ignores no_grad; this only stops a backward graph
+        _, stages = network.forward_with_heads(image)
+        cosines, zero = [], torch.zeros(image.shape[0], 1, *grid, dtype=torch.bool, device=image.device)
+        for s in range(len(stages) - 1):
+            residual_own, residual_next = (_residual(stages[t].prediction, label) for t in (s, s + 1))
+            dot, norm_own, norm_next = (torch.zeros(image.shape[0], 1, *grid, device=image.device) for _ in range(3))
+            for directions in _directions(route, k, tuple(network.heads[s].conv1.weight.shape[:2]), chunk, seed + s):
+                if progress is not None:
+                    progress.check()
+                d_own, d_next = pair_projections(network, stages, s, directions)
+                m = d_own.shape[0]
+                # g . R = delta . up(dP) at every voxel, one value per direction
+                a = (residual_own * upsample_to(d_own.flatten(0, 1), grid).unflatten(0, (m, -1))).sum(2, keepdim=True)
+                b = (residual_next * upsample_to(d_next.flatten(0, 1), grid).unflatten(0, (m, -1))).sum(2, keepdim=True)
+                dot += (a * b).sum(0)
+                norm_own += (a * a).sum(0)
+                norm_next += (b * b).sum(0)
+            dead = (norm_own <= _TINY) | (norm_next <= _TINY)
+            cosine = dot / (norm_own.sqrt() * norm_next.sqrt()).clamp_min(_TINY)
+            cosines.append(torch.where(dead, 0.0, cosine).clamp(-1, 1))
+            zero |= dead
+        uncertainty = 1.0 - torch.stack(cosines).mean(0)
+        return uncertainty.masked_fill(zero, 2.0), zero
+
+
+def collaboration_reference(network: EUNet, image: torch.Tensor, label: torch.Tensor,
+                            voxels: Sequence[tuple[int, ...]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force: the exact per-voxel gradients by one autograd call per voxel, head and pair.
+
+    For tiny volumes (tests). ``image`` (1, C, *grid), ``label`` (1, *grid); ``voxels`` defaults to all.
+    Returns the uncertainty (n,) at ``voxels`` (2 where a gradient is zero) and the zero flags (n,).
+    """
+    grid = tuple(image.shape[2:])
+    voxels = list(np.ndindex(grid)) if voxels is None else [tuple(v) for v in voxels]
+    with torch.enable_grad():
+        _, stages = network.forward_with_heads(image)
+        cosines = np.zeros((len(stages) - 1, len(voxels)))
+        zero = np.zeros(len(voxels), dtype=bool)
+        for s in range(len(stages) - 1):
+            weight = network.heads[s].conv1.weight
+            log_probabilities = [torch.log_softmax(upsample_to(stages[t].prediction, grid), dim=1) for t in (s, s + 1)]
+            for i, p in enumerate(voxels):
+                gradients = []
+                for log_p in log_probabilities:
+                    (gradient,) = torch.autograd.grad(-log_p[(0, int(label[(0, *p)])) + p], weight,
+                                                      retain_graph=True, allow_unused=True)
+                    gradients.append(torch.zeros_like(weight) if gradient is None else gradient)
+                norms = [float(g.norm()) for g in gradients]
+                if min(norms) == 0.0:
+                    zero[i] = True
+                else:
+                    cosines[s, i] = float((gradients[0] * gradients[1]).sum()) / (norms[0] * norms[1])
+    return np.where(zero, 2.0, 1.0 - cosines.mean(0)), zero
+
+
+def agreement(uncertainty: np.ndarray, other: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """How well two uncertainty maps agree inside ``mask`` (paper 000, Table 1).
+
+    Returns ``pearson`` (of the values; NaN if either map is constant there), ``iou_top10`` and
+    ``dice_top10`` (overlap of the 10 % highest voxels of each map; ties broken by position).
+    """
+    a = np.asarray(uncertainty, np.float64)
+    b = np.asarray(other, np.float64)
+    if a.shape != b.shape:
+        raise SegXAIError(f"cannot compare uncertainty maps of shapes {a.shape} and {b.shape}")
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    a, b = a.ravel(), b.ravel()
+    if a.size == 0:
+        raise SegXAIError("the mask for comparing uncertainty maps is empty")
+    pearson = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    top = max(1, math.ceil(0.1 * a.size))
+    top_a = np.zeros(a.size, bool)
+    top_b = np.zeros(a.size, bool)
+    top_a[np.argsort(-a, kind="stable")[:top]] = True
+    top_b[np.argsort(-b, kind="stable")[:top]] = True
+    union = int((top_a | top_b).sum())
+    return {"pearson": pearson, "iou_top10": int((top_a & top_b).sum()) / union, "dice_top10": dice(top_a, top_b)}
+
+
+class CollaborationUncertainty(Explainer):
+    """Collaboration-gradient uncertainty of an EU-Net's adjacent MHEX+ heads (one model, no sampling).
+
+    Options (``context.options["mhex-uncertainty"]``):
+        route: ``sketch`` (default) or ``exact`` (H_s * C_s directions per pair: small volumes).
+        k: number of random directions of the sketch, default 16.
+        chunk: directions per forward-mode pass (memory: chunk x n_classes x window voxels), default 8.
+        seed: of the random directions, default 0.
+    """
+
+    name: ClassVar[str] = "mhex-uncertainty"
+    summary: ClassVar[str] = ("Collaboration-gradient uncertainty of an EU-Net: where adjacent MHEX+ heads' "
+                              "gradients disagree (options: k, route=sketch|exact, chunk, seed)")
+
+    def check_applicable(self, model: LoadedModel) -> None:
+        super().check_applicable(model)
+        network = model.network
+        if not isinstance(network, EUNet):
+            raise NotApplicable("mhex-uncertainty needs a network with MHEX+ heads (an EU-Net, architecture "
+                                f"'eunet'); {model.card.name!r} has none")
+        if network.feed != "decoder":
+            raise NotApplicable("mhex-uncertainty needs an EU-Net with feed='decoder': with feed='head' the next "
+                                "head does not depend on this head's weights, so there is nothing to compare")
+        if len(network.heads) < 2:
+            raise NotApplicable("mhex-uncertainty needs two or more MHEX+ heads; this EU-Net has one")
+
+    def explain(self, context: ExplainContext) -> Explanation:
+        self.check_applicable(context.model)
+        options: dict[str, Any] = context.method_options(self.name)
+        route = str(options.get("route", "sketch"))
+        if route not in ROUTES:
+            raise SegXAIError(f"option 'route' of mhex-uncertainty must be one of {', '.join(ROUTES)}, got {route!r}")
+        k = int_option(options, "k", 16, minimum=1)
+        chunk = int_option(options, "chunk", 8, minimum=1)
+        seed = int_option(options, "seed", 0, minimum=0)
+        network: EUNet = context.model.network
+        channels = context.image.shape[1]
+        label = torch.from_numpy(context.probabilities.argmax(0))
+        # the pseudo-label travels as an extra input channel, so the sliding window cuts (and pads) it alike
+        stacked = torch.cat([context.image, label[None, None].to(context.image.dtype)], dim=1)
+
+        def window_map(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(window.device.type, enabled=False):  # gradients' angles in float32
+                window = window.float()
+                uncertainty, zero = collaboration_map(network, window[:, :channels], window[:, channels].round().long(),
+                                                      k, route, chunk, seed, context.progress)
+            return uncertainty, zero.to(uncertainty.dtype)
+
+        uncertainty, zero = sliding_window_predict(window_map, stacked, context.model.card.patch_size, context.device,
+                                                   progress=context.progress, stage=self.name)
+        zero = zero[0, 0].numpy() >= 0.5  # zero in the windows that weigh most
+        array = uncertainty[0, 0].numpy().astype(np.float32)
+        array[zero] = 2.0
+
+        scalars = {"zero_gradient_voxels": float(zero.sum())}
+        inside = context.predicted_mask
+        if inside.any():
+            scalars["uncertainty_inside"] = float(array[inside].mean())
+        directions = "exact (every direction)" if route == "exact" else f"{k} random directions"
+        return Explanation(self.name, [ExplanationMap(
+            self.name, array, None,
+            "Collaboration-gradient uncertainty: 1 - mean cosine between adjacent MHEX+ heads' gradients for the "
+            "predicted class; 0 = the heads agree, 1 = unrelated, 2 = opposed or no gradient",
+            colormap="viridis", normalise=False)], scalars,
+            metadata={"route": route, "directions": directions, "pairs": len(network.heads) - 1,
+                      "pseudo_label": "argmax of the model's output", "zero_gradient_value": 2.0})
