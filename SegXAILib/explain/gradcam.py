@@ -63,7 +63,10 @@ from .layers import LayerCapture, frozen_parameters, resolve_layers
 DEFAULT_LAYER = "last_decoder"
 REGIONS = ("predicted", "all", "box", "mask")
 _REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
-UPSAMPLING = "trilinear, align_corners=False (voxel centres), after the ReLU"
+UPSAMPLING = {False: "trilinear, align_corners=False (voxel centres), of the layer's CAM (after the ReLU)",
+              True: "trilinear, align_corners=False (voxel centres), of each window's activations and gradients "
+                    "(before the ReLU)"}
+"""How a coarse layer reaches the model grid, in one window (key False) or in sliding windows (True)."""
 
 
 def upsample(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -75,7 +78,7 @@ def upsample(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def padding_to(shape: tuple[int, ...], patch: tuple[int, ...]) -> list[int]:
-    """``F.pad`` widths that centre a (..., *shape) tensor in ``patch`` where it is smaller, as MONAI's sliding window does."""
+    """``F.pad`` widths centring a (..., *shape) tensor in ``patch`` where smaller, as MONAI's sliding window does."""
     pad: list[int] = []
     for size, roi in zip(reversed(shape), reversed(patch)):
         diff = max(roi - size, 0)
@@ -105,7 +108,7 @@ def target_region(context: ExplainContext, options: dict[str, Any]) -> TargetReg
     if len(given) > 1:
         raise SegXAIError("give either a box or a mask as the Grad-CAM region, not both")
     kind = given[0] if given else options.get("region") or "predicted"
-    if kind not in REGIONS or (given and options.get("region") not in (None, kind)):
+    if kind not in REGIONS or options.get("region") not in (None, kind) or (kind in ("box", "mask") and not given):
         raise SegXAIError(f"unknown or conflicting Grad-CAM region {options.get('region')!r}; use one of "
                           f"{', '.join(REGIONS)} (box and mask also need the option of that name)")
     if kind == "all":
@@ -192,29 +195,32 @@ class SegGradCAM(Explainer):
         return F.relu((weights * activation).sum(dim=1, keepdim=True))
 
     # ------------------------------------------------------------ passes
-    def _single_window(self, context: ExplainContext, weight: torch.Tensor, modules: list[nn.Module]
+    def _single_window(self, context: ExplainContext, region: np.ndarray, modules: list[nn.Module]
                        ) -> tuple[float, list[torch.Tensor]]:
         """Image no larger than the patch: pad to the patch as inference did, one pass, CAMs upsampled, cropped."""
         shape = tuple(context.image.shape[2:])
         pad = padding_to(shape, context.model.card.patch_size)
         image = F.pad(context.image, pad).to(context.device)
-        _, score, activations, grads = layer_gradients(context.model.network, image,
-                                                       F.pad(weight, pad).to(context.device), context.channels,
+        weight = F.pad(torch.from_numpy(region).float()[None, None], pad).to(context.device)
+        _, score, activations, grads = layer_gradients(context.model.network, image, weight, context.channels,
                                                        modules)
         crop = tuple(slice(before, before + n) for before, n in zip(pad[-2::-2], shape))
         cams = [upsample(self.cam(a, g, math.prod(a.shape[2:])), tuple(image.shape[2:]))[(..., *crop)].cpu()
                 for a, g in zip(activations, grads)]
         return score, cams
 
-    def _sliding_window(self, context: ExplainContext, weight: torch.Tensor, modules: list[nn.Module],
+    def _sliding_window(self, context: ExplainContext, region: np.ndarray, modules: list[nn.Module],
                         overlap: float) -> tuple[float, list[torch.Tensor]]:
         """Windows return (logits, A..., G...) upsampled to the window; one CAM from the stitched tensors."""
         patch = context.model.card.patch_size
-        padded_weight = F.pad(weight, padding_to(tuple(weight.shape[2:]), patch))  # window slices index the padded scan
+        # MONAI pads a scan smaller than the patch along some axis; the window slices index the padded scan
+        pad = padding_to(region.shape, patch)
+        padded = np.pad(region, list(zip(pad[-2::-2], pad[::-2])))
         scale: list[float] = []  # layer voxels per window voxel, for Grad-CAM++'s sums over the layer grid
 
         def predictor(window: torch.Tensor, coords: list[list[slice]]):
-            window_weight = padded_weight[tuple(coords[0])].to(window.device)
+            window_region = torch.from_numpy(padded[tuple(coords[0][2:])]).to(window.device)
+            window_weight = window_region.float()[None, None]
             logits, _, activations, grads = layer_gradients(context.model.network, window, window_weight,
                                                             context.channels, modules)
             if not scale:
@@ -224,9 +230,9 @@ class SegGradCAM(Explainer):
 
         logits, *stitched = sliding_window_predict(predictor, context.image, patch, context.device, overlap,
                                                    context.progress, self.name, with_coord=True)
-        score = float((logits[:, context.channels] * weight).sum())
+        score = float(logits[0, context.channels][:, torch.from_numpy(region)].sum())
         n = len(modules)
-        voxels = math.prod(weight.shape[2:])
+        voxels = region.size
         cams = [self.cam(a, g, round(voxels * s)) for a, g, s in zip(stitched[:n], stitched[n:], scale)]
         return score, cams
 
@@ -235,21 +241,26 @@ class SegGradCAM(Explainer):
         start = time.perf_counter()
         options = context.method_options(self.name)
         specs = _layer_specs(options.get("layer", DEFAULT_LAYER))
+        region = target_region(context, options)
+        overlap = float(options.get("overlap", 0.25))
+        if not 0 <= overlap < 1:
+            raise SegXAIError(f"Grad-CAM overlap must be in [0, 1), got {overlap}")
         network = context.model.network
-        layers = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in specs}
+        patch = context.model.card.patch_size
+        # probe the layers on an input of window shape: the one size every network here is known to accept
+        corner = context.image[(..., *(slice(0, p) for p in patch))]
+        window = F.pad(corner, padding_to(tuple(corner.shape[2:]), patch)).to(context.device)
+        layers = {spec: [name for name, _ in resolve_layers(network, spec, window)] for spec in specs}
         names = list(dict.fromkeys(name for spec in specs for name in layers[spec]))
         all_modules = dict(network.named_modules())
         modules = [all_modules[name] for name in names]
-        region = target_region(context, options)
-        weight = torch.from_numpy(region.mask).float()[None, None]
-        overlap = float(options.get("overlap", 0.25))
 
-        sliding = any(s > p for s, p in zip(context.image.shape[2:], context.model.card.patch_size))
+        sliding = any(s > p for s, p in zip(context.image.shape[2:], patch))
         context.progress.update(self.name, 0.0, "gradients")
         if sliding:
-            score, cams = self._sliding_window(context, weight, modules, overlap)
+            score, cams = self._sliding_window(context, region.mask, modules, overlap)
         else:
-            score, cams = self._single_window(context, weight, modules)
+            score, cams = self._single_window(context, region.mask, modules)
         context.progress.update(self.name, 1.0, "done")
         by_name = dict(zip(names, cams))
 
@@ -264,9 +275,9 @@ class SegGradCAM(Explainer):
                 description=(f"{self.title} at {spec} ({', '.join(layers[spec])}): where the layer's features raise "
                              f"the {context.target} logits over the {_REGION_WORDS[region.kind]} (relative)")))
         metadata: dict[str, Any] = {
-            "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING,
+            "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING[sliding],
             "seconds": time.perf_counter() - start,
-            "parameters": {"layer": specs, "patch_size": list(context.model.card.patch_size), "overlap": overlap,
+            "parameters": {"layer": specs, "patch_size": list(patch), "overlap": overlap,
                            **{k: options[k] for k in ("region", "box") if options.get(k) is not None}}}
         if region.note:
             metadata["note"] = region.note
@@ -275,7 +286,12 @@ class SegGradCAM(Explainer):
 
 
 class SegGradCAMPlusPlus(SegGradCAM):
-    """Grad-CAM++ (Chattopadhay et al.): positive gradients weighted by the closed-form a_k(p)."""
+    """Grad-CAM++ (Chattopadhay et al.): positive gradients weighted by the closed-form a_k(p).
+
+    The closed form assumes non-negative activations (ReLU). After PReLU or a normalisation (MONAI's
+    blocks), a channel's sum can be negative and ``2 + sum_q A_k(q) G_k(p)`` can approach zero, which makes
+    the weights unstable; prefer Grad-CAM or a post-ReLU layer there.
+    """
 
     name: ClassVar[str] = "gradcampp"
     title: ClassVar[str] = "Grad-CAM++"

@@ -9,8 +9,8 @@ Explainers name layers by role or by module name:
 - any name from ``network.named_modules()``.
 
 Roles are found the same way for every network, with one probe forward pass (no gradients,
-eval mode, a 16^3 input unless an example is given) that records which modules ran, in which
-order, and what they returned:
+eval mode; on an example input, e.g. a window of the scan, or else zeros of 16^3, 32^3, ... with
+the first conv's channels) that records which modules ran, in which order, and what they returned:
 
 1. *conv leaves* are the ``Conv``/``ConvTranspose`` modules (1D/2D/3D) that ran; the last one to
    run is the *output layer*.

@@ -11,6 +11,15 @@ from SegXAILib.models.card import ModelCard
 from SegXAILib.models.networks import build_network
 from SegXAILib.volume import Volume, write_volume
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests use tiny tensors: one thread avoids oversubscribing small CI machines (10x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 TINY_ARCH = {"name": "unet", "args": {"channels": [4, 8, 16], "strides": [2, 2]}}
 
 

@@ -173,4 +173,7 @@ def test_sample_hosts_errors(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(samples, "MRICRON_TEMPLATES", tmp_path)
     with pytest.raises(SegXAIError, match="mricron-data"):
         samples.load_host("colin27")
-    assert set(samples.SAMPLE_HOSTS) == {"mni152", "colin27"}
+    assert set(samples.SAMPLE_HOSTS) == {"mni152", "colin27", "colin27-brain"}
+    with pytest.raises(SegXAIError, match="mricron-data"):
+        samples.load_host("colin27-brain")
+    assert samples.default_demo_host() == "mni152"

@@ -1,0 +1,354 @@
+"""Seg-Grad-CAM and Grad-CAM++ against references computed another way, and layer resolution."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import AttentionUnet, UNet
+from torch import nn
+
+from SegXAILib.errors import SegXAIError
+from SegXAILib.explain.base import ExplainContext, NotApplicable
+from SegXAILib.explain.gradcam import SegGradCAM, SegGradCAMPlusPlus
+from SegXAILib.explain.layers import LayerCapture, conv_layers, frozen_parameters, resolve_layers
+from SegXAILib.explain.registry import get_explainer
+from SegXAILib.models.card import ModelCard
+from SegXAILib.models.loaders import LoadedModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared, loaded CPU: one thread is ~20x faster than two fighting for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(seed=0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2), **kwargs).eval()
+
+
+def blob_image(shape=(16, 16, 16), seed=0) -> torch.Tensor:
+    """A bright off-centre ball in noise, (1, 1, *shape)."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    ball = (grids[0] - 0.2) ** 2 + grids[1] ** 2 + (grids[2] + 0.3) ** 2 < 0.3
+    noise = np.random.default_rng(seed).standard_normal(shape)
+    return torch.from_numpy((2.0 * ball + 0.3 * noise).astype(np.float32))[None, None]
+
+
+def make_context(network, image, channels=(1,), patch=None, options=None) -> ExplainContext:
+    """A context whose card has ``patch`` (default: the image, i.e. one window) and the network's softmax."""
+    with torch.no_grad():
+        logits = network(image)
+    card = ModelCard.from_dict({
+        "name": "test", "architecture": {"name": "unet"},
+        "classes": [{"name": f"class{c}", "label": c} for c in range(logits.shape[1])],
+        "patch_size": list(patch or image.shape[2:])})
+    return ExplainContext(LoadedModel(card, network, "card"), image, "target", list(channels),
+                          torch.softmax(logits, 1)[0].numpy(), options=options or {})
+
+
+def brute_force(network, image, layer, channels, region):
+    """Activation and gradient of the score at ``layer`` by a plain full backward pass on a copy (retain_grad)."""
+    network = copy.deepcopy(network)
+    store = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        store["a"] = output
+
+    handle = dict(network.named_modules())[layer].register_forward_hook(keep)
+    logits = network(image)
+    handle.remove()
+    (logits[:, channels] * torch.from_numpy(region).float()).sum().backward()
+    return store["a"].detach()[0].double().numpy(), store["a"].grad[0].double().numpy(), logits.detach()
+
+
+def trilinear(cam: np.ndarray, shape) -> np.ndarray:
+    """(d, h, w) -> shape, the documented convention (align_corners=False)."""
+    return F.interpolate(torch.from_numpy(cam)[None, None], size=tuple(shape), mode="trilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
+def assert_close(actual, expected, tol=1e-5):
+    scale = float(np.abs(expected).max())
+    assert scale > 0, "reference is all zero: the test would not check anything"
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("res_units, layer, region_options", [
+    (0, "last_decoder", {}),  # half-resolution layer, predicted mask of a two-channel target
+    (2, "model.2.0", {"box": [2, 11, 4, 16, 0, 9]}),  # full-resolution layer named explicitly, box region
+])
+def test_gradcam_equals_brute_force(res_units, layer, region_options):
+    network = tiny_unet(num_res_units=res_units)
+    image = blob_image()
+    context = make_context(network, image, channels=(1, 2), options={"gradcam": {"layer": layer, **region_options}})
+    if "box" in region_options:
+        region = np.zeros(image.shape[2:], bool)
+        region[2:11, 4:16, 0:9] = True
+    else:
+        region = np.isin(context.probabilities.argmax(0), [1, 2])
+    name = resolve_layers(network, layer)[0][0]
+    activation, gradient, logits = brute_force(network, image, name, [1, 2], region)
+
+    alpha = gradient.mean(axis=(1, 2, 3))
+    expected = trilinear(np.maximum(np.tensordot(alpha, activation, axes=1), 0), image.shape[2:])
+    explanation = SegGradCAM().explain(context)
+
+    (cam,) = explanation.maps
+    assert cam.array.dtype == np.float32 and cam.array.shape == tuple(image.shape[2:])
+    assert_close(cam.array, expected)
+    assert cam.variant == (None if layer == "last_decoder" else "model_2_0")
+    assert explanation.metadata["layers"] == {layer: [name]}
+    assert explanation.scalars["score"] == pytest.approx(float(logits[0, [1, 2]][:, region].sum()), rel=1e-5)
+    assert explanation.scalars["region_voxels"] == region.sum()
+
+
+@pytest.mark.parametrize("layer", ["last_decoder", "bottleneck"])
+def test_gradcam_equals_captum_layer_gradcam(layer):
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    torch.manual_seed(1)
+    network = AttentionUnet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2)).eval()
+    image = blob_image(seed=1)
+    context = make_context(network, image, options={"gradcam": {"layer": layer}})
+    region = torch.from_numpy(context.predicted_mask).float()
+
+    class MaskedScore(nn.Module):
+        """Captum needs one scalar per example: the target logits summed over the predicted mask."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return (self.net(x)[:, [1]] * region).sum(dim=(1, 2, 3, 4))
+
+    _, module = resolve_layers(network, layer)[0]
+    attribution = LayerGradCam(MaskedScore(network), module).attribute(image, relu_attributions=True)
+    expected = LayerAttribution.interpolate(attribution, tuple(image.shape[2:]), "trilinear")[0, 0].detach().numpy()
+    assert attribution.shape[2:] != image.shape[2:] or layer == "last_decoder"
+
+    assert_close(SegGradCAM().explain(context).maps[0].array, expected)
+
+
+def test_gradcampp_equals_numpy_formula():
+    network = tiny_unet(seed=2, norm="BATCH")
+    image = blob_image(seed=2)
+    context = make_context(network, image, options={"gradcampp": {"region": "all"}})
+    region = np.ones(image.shape[2:], bool)
+    activation, gradient, _ = brute_force(network, image, "model.1.submodule.2", [1], region)
+
+    weights = np.zeros(len(activation))
+    for k in range(len(activation)):  # Chattopadhay et al. eq. 19, one channel at a time
+        a, g = activation[k], gradient[k]
+        numerator, denominator = g**2, 2 * g**2 + a.sum() * g**3
+        alpha = np.divide(numerator, denominator, out=np.zeros_like(g), where=denominator != 0)
+        weights[k] = (alpha * np.maximum(g, 0)).sum()
+    expected = trilinear(np.maximum(np.tensordot(weights, activation, axes=1), 0), image.shape[2:])
+    plain = trilinear(np.maximum(np.tensordot(gradient.mean(axis=(1, 2, 3)), activation, axes=1), 0),
+                      image.shape[2:])
+
+    actual = SegGradCAMPlusPlus().explain(context).maps[0].array
+    assert_close(actual, expected)
+    assert np.corrcoef(expected.ravel(), plain.ravel())[0, 1] < 0.999  # the weights differ from Grad-CAM's
+
+
+class MaskedBlock(nn.Module):
+    """Conv + ReLU whose channels 0-1 are zeroed outside a box; channels 2-3 are left everywhere."""
+
+    def __init__(self, box: tuple[slice, ...], shape: tuple[int, ...]):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+        self.register_buffer("mask", torch.ones(1, 4, *shape))
+        self.mask[:, :2] = 0
+        self.mask[(slice(None), slice(0, 2), *box)] = 1
+
+    def forward(self, x):
+        return F.relu(self.conv(x)) * self.mask
+
+
+class BoxOnlyNet(nn.Module):
+    """Class 1's logits depend on the input only through channels 0-1 of ``middle`` inside one box.
+
+    Channels 2-3 are active everywhere (and strongly on a bright distractor) but feed class 0 only, so a
+    map that ignored the gradients, or put the layer's grid in the wrong place, would fail the test.
+    """
+
+    def __init__(self, box: tuple[slice, ...]):
+        super().__init__()
+        torch.manual_seed(3)
+        self.encoder = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AvgPool3d(2)
+        self.middle = MaskedBlock(box, (8, 10, 12))
+        self.head = nn.Conv3d(4, 2, 1)
+        with torch.no_grad():
+            self.head.weight[1].abs_()  # class 1 rises with channels 0-1 ...
+            self.head.weight[1, 2:] = 0  # ... and ignores channels 2-3
+
+    def forward(self, x):
+        return self.head(F.interpolate(self.middle(self.pool(self.encoder(x))), scale_factor=2.0, mode="nearest"))
+
+
+def test_gradcam_maximum_lies_in_the_only_region_that_matters():
+    box = (slice(1, 4), slice(5, 9), slice(2, 5))  # on the 8x10x12 grid -> k 2:8, j 10:18, i 4:10 on the input
+    network = BoxOnlyNet(box).eval()
+    image = blob_image((16, 20, 24), seed=3)
+    image[0, 0, 12:15, 2:6, 15:20] += 5.0  # a brighter object outside the box must not attract the map
+    context = make_context(network, image, options={"gradcam": {"region": "all"}, "gradcampp": {"region": "all"}})
+
+    for explainer in (SegGradCAM(), SegGradCAMPlusPlus()):
+        explanation = explainer.explain(context)
+        cam = explanation.maps[0].array
+        assert explanation.metadata["layers"] == {"last_decoder": ["middle"]}  # generic heuristics
+        inside = np.zeros(cam.shape, bool)
+        inside[2:8, 10:18, 4:10] = True
+        assert inside[np.unravel_index(cam.argmax(), cam.shape)]
+        near = np.zeros(cam.shape, bool)  # trilinear upsampling of the half-resolution map blurs by one voxel
+        near[1:9, 9:19, 3:11] = True
+        assert cam[~near].max() == 0 and cam[inside].max() > 0
+
+
+class PointwiseNet(nn.Module):
+    """1x1x1 convolutions only: every window sees exactly what the whole volume sees, so stitching is exact."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.encoder = nn.Sequential(nn.Conv3d(1, 6, 1), nn.ReLU())
+        self.middle = nn.Sequential(nn.Conv3d(6, 6, 1), nn.ReLU())
+        self.head = nn.Conv3d(6, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.middle(self.encoder(x)))
+
+
+@pytest.mark.parametrize("explainer", [SegGradCAM(), SegGradCAMPlusPlus()], ids=["gradcam", "gradcampp"])
+def test_sliding_window_equals_whole_volume_when_stitching_is_exact(explainer):
+    network = PointwiseNet().eval()
+    image = blob_image((24, 12, 28), seed=4)  # larger than the patch in k and i, smaller (padded) in j
+    options = {explainer.name: {}}
+    whole = explainer.explain(make_context(network, image, options=options))
+    windows = explainer.explain(make_context(network, image, patch=(16, 16, 16), options=options))
+
+    assert not whole.metadata["sliding_window"] and windows.metadata["sliding_window"]
+    assert_close(windows.maps[0].array, whole.maps[0].array)
+    assert windows.scalars["score"] == pytest.approx(whole.scalars["score"], rel=1e-5)
+
+
+def test_sliding_window_close_to_whole_volume_on_a_unet():
+    # batch norm in eval mode: windows are not renormalised (instance norm would change the network per window)
+    network = tiny_unet(seed=5, num_res_units=2, norm="BATCH")
+    image = blob_image((32, 32, 32), seed=5)
+    whole = SegGradCAM().explain(make_context(network, image))
+    windows = SegGradCAM().explain(make_context(network, image, patch=(16, 16, 16)))
+
+    assert windows.metadata["sliding_window"] and windows.metadata["layers"] == {"last_decoder": ["model.2.0"]}
+    assert np.corrcoef(whole.maps[0].array.ravel(), windows.maps[0].array.ravel())[0, 1] > 0.95
+
+
+def test_no_parameter_gradients_no_graph_before_the_layer_and_network_unchanged():
+    network = tiny_unet(seed=6)
+    image = blob_image(seed=6)
+    with torch.no_grad():
+        before = network(image)
+    flags = [p.requires_grad for p in network.parameters()]
+    encoder_needs_grad = []
+    probe = network.model[0].register_forward_hook(lambda m, i, o: encoder_needs_grad.append(o.requires_grad))
+    options = {"gradcam": {"layer": "decoder_all,bottleneck"}}
+    SegGradCAM().explain(make_context(network, image, options=options))
+    SegGradCAMPlusPlus().explain(make_context(network, blob_image((24, 16, 16)), patch=(16, 16, 16)))
+    probe.remove()
+
+    assert encoder_needs_grad and not any(encoder_needs_grad)  # the graph starts at the hooked layer
+    assert all(p.grad is None for p in network.parameters())
+    assert [p.requires_grad for p in network.parameters()] == flags
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in network.modules())
+    with torch.no_grad():
+        assert torch.equal(network(image), before)
+
+
+def test_decoder_all_is_the_mean_of_normalised_stage_maps():
+    network = tiny_unet(seed=7, num_res_units=2)
+    context = make_context(network, blob_image(seed=7),
+                           options={"gradcam": {"layer": "decoder_all,model.1.submodule.2,model.2.0"}})
+    explanation = SegGradCAM().explain(context)
+    maps = {m.variant: m.array for m in explanation.maps}
+
+    stages = [maps["model_1_submodule_2"], maps["model_2_0"]]
+    expected = np.mean([(s - s.min()) / (s.max() - s.min()) for s in stages], axis=0)
+    assert explanation.metadata["layers"]["decoder_all"] == ["model.1.submodule.2", "model.2.0"]
+    np.testing.assert_allclose(maps["decoder_all"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("network, expected", [
+    (UNet(3, 1, 3, (4, 8, 16, 32), (2, 2, 2)),
+     {"last_decoder": ["model.1.submodule.2"], "bottleneck": ["model.1.submodule.1.submodule.1.submodule"],
+      "decoder_all": ["model.1.submodule.1.submodule.2", "model.1.submodule.2"]}),
+    (UNet(3, 1, 3, (4, 8, 16), (2, 2), num_res_units=2),
+     {"last_decoder": ["model.2.0"], "bottleneck": ["model.1.submodule.1.submodule"],
+      "decoder_all": ["model.1.submodule.2", "model.2.0"]}),
+    (AttentionUnet(3, 1, 3, (4, 8, 16), (2, 2)),
+     {"last_decoder": ["model.1.merge"], "bottleneck": ["model.1.submodule.1.submodule"],
+      "decoder_all": ["model.1.submodule.1.merge", "model.1.merge"]}),
+], ids=["unet", "residual_unet", "attention_unet"])
+def test_layer_roles_on_monai_networks(network, expected):
+    found = {role: [name for name, _ in resolve_layers(network, role)] for role in expected}
+    assert found == expected
+    assert all(not m._forward_hooks for m in network.modules())  # the probe's hooks are gone
+
+
+def test_conv_layers_in_forward_order():
+    names = [name for name, _ in conv_layers(AttentionUnet(3, 1, 3, (4, 8, 16), (2, 2)))]
+    # AttentionLayer registers attention, upconv, merge, submodule but runs the submodule first
+    assert names[:3] == ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule"]
+    assert names.index("model.1.submodule.1.merge") < names.index("model.1.upconv") < names.index("model.1.merge")
+    assert names[-1] == "model.1.merge" and "model.2" not in names  # the output layer is not a feature block
+
+
+def test_layer_capture_substitutes_a_leaf_and_removes_its_hooks():
+    network = tiny_unet(seed=8)
+    module = dict(network.named_modules())["model.1.submodule.2"]
+    with frozen_parameters(network), LayerCapture([module], leaf=True) as capture:
+        assert not any(p.requires_grad for p in network.parameters())
+        network(blob_image())
+    (activation,) = capture.outputs
+    assert activation.is_leaf and activation.requires_grad and not module._forward_hooks
+    assert all(p.requires_grad for p in network.parameters())
+
+
+def test_user_errors_and_torchscript():
+    network = tiny_unet(seed=9)
+    image = blob_image(seed=9)
+    with pytest.raises(SegXAIError, match="no layer 'model.1.submodul.2'.*model.1.submodule.2"):
+        SegGradCAM().explain(make_context(network, image, options={"gradcam": {"layer": "model.1.submodul.2"}}))
+    with pytest.raises(SegXAIError, match="box"):
+        SegGradCAM().explain(make_context(network, image, options={"gradcam": {"box": [0, 20, 0, 4, 0, 4]}}))
+    assert all(not m._forward_hooks for m in network.modules())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated, but models still arrive as TorchScript
+        scripted = torch.jit.trace(PointwiseNet(), image)
+    model = LoadedModel(make_context(network, image).model.card, scripted, "torchscript")
+    for name in ("gradcam", "gradcampp"):
+        with pytest.raises(NotApplicable, match="TorchScript"):
+            get_explainer(name).check_applicable(model)
+    SegGradCAM().check_applicable(make_context(network, image).model)
+
+
+def test_empty_predicted_mask_falls_back_to_the_whole_volume():
+    network = tiny_unet(seed=10)
+    context = make_context(network, blob_image(seed=10))
+    context.probabilities = np.zeros_like(context.probabilities)
+    context.probabilities[0] = 1  # background everywhere
+    explanation = SegGradCAM().explain(context)
+    assert explanation.metadata["region"] == "all" and "empty" in explanation.metadata["note"]
+    assert explanation.scalars["region_voxels"] == 16**3
