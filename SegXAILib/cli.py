@@ -104,7 +104,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, dict]:
 
 def run_explain(scan_path: str, model_spec: str, methods: str, target: str | None, out_dir: Path, device: str,
                 fmt: str, progress: Progress, label_path: str | None = None,
-                options: dict | None = None) -> dict:
+                options: dict | None = None, report: bool = True) -> dict:
     """Read, segment, explain and write; the same function serves ``explain``, ``demo`` and Slicer."""
     from .explain.pipeline import explain_scan, write_explain_outputs
     from .explain.registry import parse_methods
@@ -123,12 +123,19 @@ def run_explain(scan_path: str, model_spec: str, methods: str, target: str | Non
     with OutputFolder(out_dir) as out:
         summary = write_explain_outputs(out, run, model, scan_path, fmt,
                                         {"read_and_load": load_seconds, **run.segmentation.timings})
+    if report:
+        from .report import write_report
+
+        progress.update("report", 0.0)
+        write_report(out_dir)  # reads the published summary.json and the files it names
+        progress.update("report", 1.0)
     return summary
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     summary = run_explain(args.scan, args.model, args.methods, args.target, Path(args.out), args.device,
-                          _format(args.format), _progress(args), args.label, parse_options(args.option))
+                          _format(args.format), _progress(args), args.label, parse_options(args.option),
+                          report=not args.no_report)
     for item in summary["maps"]:
         print(f"{item['file']:48s} {item['description']}")
     for method, reason in summary["not_applicable"].items():
@@ -136,6 +143,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for key, value in summary["scores"].items():
         print(f"{key:32s} {value}")
     print(f"wrote {Path(args.out) / 'summary.json'}")
+    if not args.no_report:
+        print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -207,7 +216,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     host_name = args.host or default_demo_host()
     case = synthesize_lesion(_read_host(host_name), seed=args.seed)
     image_path, label_path = write_case(case, out / "case", fmt="nii.gz")
-    summary = run_segment(str(image_path), args.model, out, args.device, "nii.gz", _progress(args))
+    summary = run_explain(str(image_path), args.model, args.methods, None, out, args.device, "nii.gz",
+                          _progress(args), label_path=str(label_path))
     predicted = read_volume(out / summary["files"]["segmentation"])
     card = resolve_card(args.model)
     scores = dice_per_target(predicted.array, case.label.array, card)
@@ -215,8 +225,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"segmented by {card.name} on {summary['device']}")
     for name, value in scores.items():
         print(f"  Dice {name:20s} {value:.3f}")
+    print(f"  explained '{summary['target']['name']}' with {len(summary['maps'])} maps from "
+          f"{len(summary['explanations'])} methods ({', '.join(e['method'] for e in summary['explanations'])})")
+    for key, value in summary["scores"].items():
+        print(f"  {key:32s} {value:.4g}")
     print(f"scan:          {image_path}\ntrue label:    {label_path}\n"
-          f"segmentation:  {out / summary['files']['segmentation']}\nsummary:       {out / 'summary.json'}")
+          f"segmentation:  {out / summary['files']['segmentation']}\nsummary:       {out / 'summary.json'}\n"
+          f"report:        {out / 'report.html'}")
     return 0
 
 
@@ -252,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option, e.g. gradcam.layer=bottleneck (repeatable)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
+    p.add_argument("--no-report", action="store_true", help="skip report.html and its pictures")
     add_progress(p)
     p.set_defaults(func=cmd_explain)
 
@@ -260,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="mni152, colin27 (default when installed) or a T1 path")
     p.add_argument("--seed", type=int, default=20001, help="lesion seed (training used 0-9999)")
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--methods", default="all", help="methods to explain with (default: all that apply)")
     p.add_argument("--device", default="auto")
     add_progress(p)
     p.set_defaults(func=cmd_demo)

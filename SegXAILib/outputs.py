@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -55,6 +54,3 @@ def write_segmentation(out: OutputFolder, result: SegmentationResult, card: Mode
     out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
-
-def read_summary(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "summary.json").read_text())

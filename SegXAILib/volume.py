@@ -144,7 +144,7 @@ def _restore_non_finite_nifti(path: Path, array: np.ndarray) -> None:
     """
     import nibabel
 
-    data = nibabel.load(str(path)).dataobj
+    data = nibabel.load(str(path), keep_file_open=True).dataobj  # one gzip stream, read once in order
     if array.ndim != 3 or len(data.shape) != 3:
         return
     for k in range(data.shape[2]):

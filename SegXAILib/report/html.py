@@ -1,0 +1,388 @@
+"""The explanation report: one self-contained HTML page that a radiologist reads without the code.
+
+:func:`write_report` reads only ``summary.json`` of an output folder, the files it names and the
+scan at ``summary["input"]``; it never recomputes an explanation. It writes the pictures to
+``report/`` (``segmentation.png``, ``montage_<map file stem>.png``, ``sa_curve.png``) and
+``report.html``, which embeds the same pictures as data URIs and its CSS inline, so the page can
+be mailed or archived on its own.
+
+A case is flagged "review this case" when any case-level score crosses its threshold below. The
+thresholds are deliberately simple, fixed numbers (not fitted on a cohort): they say "look at this
+case more closely", never "this segmentation is right".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import to_hex
+
+from ..errors import SegXAIError
+from ..fileio import atomic_write_text
+from ..volume import Volume, read_volume, volume_suffix
+from .montage import (CONTOUR_COLOUR, class_colours, object_center, render_map_montage, render_sa_curve,
+                      render_segmentation_montage, scan_window)
+
+SA_REVIEW_BELOW = 0.5
+"""Mean SA score mu below this: the last layers' features barely separate the object from the rest
+(paper 003, Sec. 4.6: low mu goes with low Dice; 0.5 is the midpoint of the score's [0, 1] range)."""
+
+ENTROPY_REVIEW_ABOVE = 0.5
+"""Mean predictive entropy inside the object above this fraction of its maximum, log(number of
+classes): for three classes a voxel predicted 90% / 5% / 5% has 0.36 of the maximum, 80% / 10% / 10%
+has 0.58. The Slicer panel (SegXAI/SegXAILogic/scores.py) uses the same fraction."""
+
+MUTUAL_INFORMATION_REVIEW_ABOVE = 0.2
+"""Mean mutual information inside the object above this fraction of log(number of classes): the
+repeated predictions themselves disagree, not just each one being unsure."""
+
+VARIANCE_REVIEW_ABOVE = 0.05
+"""Mean variance of the target probability inside the object above this (the maximum is 0.25): a
+typical spread of about +-0.22 in the probability between repeated predictions."""
+
+OBJECT_REVIEW_BELOW_ML = 0.1
+"""Segmented object smaller than this (0.1 mL = 100 cubic mm): nothing, or a few stray voxels, was found."""
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """How one case-level score is named, explained and flagged.
+
+    Attributes:
+        label: short name shown in the table.
+        meaning: plain-language explanation; may use ``{target}`` and ``{max_entropy}``.
+        review: ``"below"`` or ``"above"``: which side of ``limit`` asks for review.
+        limit: the review threshold.
+        of_max_entropy: ``limit`` is a fraction of log(number of classes), the largest entropy possible.
+    """
+
+    label: str
+    meaning: str
+    review: str
+    limit: float
+    of_max_entropy: bool = False
+
+    def threshold(self, n_classes: int) -> float:
+        return self.limit * math.log(n_classes) if self.of_max_entropy else self.limit
+
+    def needs_review(self, value: float, n_classes: int) -> bool:
+        limit = self.threshold(n_classes)
+        return value < limit if self.review == "below" else value > limit
+
+
+SCORE_RULES: dict[str, ScoreRule] = {
+    "object_volume_ml": ScoreRule(
+        "Volume of the segmented object (mL)",
+        "How much the model segmented as {target}, in millilitres.", "below", OBJECT_REVIEW_BELOW_ML),
+    "mean_sa": ScoreRule(
+        "Mean segmentation-ability score \u03bc",
+        "How cleanly the features of the network's last two layers separate the segmented {target} from "
+        "everything else, from 0 (not at all) to 1 (perfectly). It needs no ground truth; low values go with "
+        "poor segmentations, typically of small or blurred objects.", "below", SA_REVIEW_BELOW),
+    "entropy_inside": ScoreRule(
+        "Uncertainty inside the object (entropy, nats)",
+        "Mean uncertainty of repeated predictions inside the segmented {target}: 0 = all certain and in "
+        "agreement, {max_entropy:.2f} = no idea which class.", "above", ENTROPY_REVIEW_ABOVE, True),
+    "variance_inside": ScoreRule(
+        "Disagreement inside the object (variance)",
+        "Mean variance of the {target} probability between repeated predictions, inside the segmented "
+        "{target}: 0 = they agree, 0.25 = half say certainly yes and half certainly no.", "above",
+        VARIANCE_REVIEW_ABOVE),
+    "mutual_information_inside": ScoreRule(
+        "Model uncertainty inside the object (mutual information, nats)",
+        "The part of the uncertainty inside the segmented {target} that comes from the repeated predictions "
+        "disagreeing with each other (the model is unsure, not the image): 0 = they agree.", "above",
+        MUTUAL_INFORMATION_REVIEW_ABOVE, True),
+}
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One line of the scores table."""
+
+    key: str
+    label: str
+    value: Any
+    meaning: str
+    rule: str
+    review: bool
+
+
+def score_rows(summary: dict[str, Any]) -> list[ScoreRow]:
+    """The case-level scores of ``summary["scores"]`` ("<method>.<name>" or "<name>"), explained and flagged."""
+    target = (summary.get("target") or {}).get("name", "object")
+    n_classes = max(2, len(summary.get("classes", [])))
+    rows = []
+    for key, value in (summary.get("scores") or {}).items():
+        method, _, name = key.rpartition(".")
+        rule = SCORE_RULES.get(name)
+        numeric = isinstance(value, (int, float)) and math.isfinite(value)
+        by = f" ({method})" if method else ""
+        if rule is None:
+            rows.append(ScoreRow(key, name.replace("_", " ") + by, value, _unknown_score_meaning(summary, method, name),
+                                 "", False))
+            continue
+        sign = "<" if rule.review == "below" else ">"
+        rows.append(ScoreRow(
+            key, rule.label + by, value,
+            rule.meaning.format(target=target, max_entropy=math.log(n_classes)),
+            f"review if {sign} {rule.threshold(n_classes):.3g}",
+            numeric and rule.needs_review(float(value), n_classes)))
+    return rows
+
+
+def _unknown_score_meaning(summary: dict[str, Any], method: str, name: str) -> str:
+    """A score without a rule: a ``*_inside`` mean explained by its map's own description."""
+    if name.endswith("_inside"):
+        variant = name[: -len("_inside")]
+        for item in summary.get("maps", []):
+            if item.get("method") == method and item.get("variant") == variant:
+                return f"Mean inside the segmented object of: {item.get('description', variant)}."
+    return f"Reported by {method or 'the pipeline'}."
+
+
+# ------------------------------------------------------------------ the page
+def write_report(folder: Path) -> Path:
+    """Draw the pictures and write ``folder/report.html`` from ``folder/summary.json``; return its path."""
+    start = time.perf_counter()
+    folder = Path(folder)
+    if not (folder / "summary.json").is_file():
+        raise SegXAIError(f"no summary.json in {folder}; run 'segxai explain' with --out {folder} first")
+    # json directly: SegXAILib.outputs imports torch and MONAI, which drawing never needs
+    summary = json.loads((folder / "summary.json").read_text())
+    scan = read_volume(_scan_path(summary["input"], folder))
+    segmentation = read_volume(folder / summary["files"]["segmentation"])
+    target = summary.get("target") or {"name": "segmented object",
+                                       "labels": [c["label"] for c in summary["classes"] if c["label"] != 0]}
+    labels = [int(v) for v in target["labels"]]
+    center = object_center(segmentation.array, labels)
+    window = scan_window(scan.array)
+    pictures = folder / "report"
+
+    segmentation_png = render_segmentation_montage(scan, segmentation, summary["classes"], center,
+                                                   pictures / "segmentation.png", labels, window)
+    target_mask = segmentation.with_array(np.isin(segmentation.array, labels))
+    montages = []
+    for item in summary.get("maps", []):
+        map_volume = read_volume(folder / item["file"])
+        montages.append(render_map_montage(scan, target_mask, map_volume, item, center,
+                                           pictures / f"montage_{_stem(item['file'])}.png", window))
+        del map_volume  # one scan-sized map in memory at a time
+    sa = next((e for e in summary.get("explanations", []) if (e.get("curves") or {}).get("sa_per_layer")), None)
+    sa_png = None if sa is None else render_sa_curve(
+        sa["curves"]["sa_per_layer"], pictures / "sa_curve.png", (sa.get("metadata") or {}).get("reference", "model"),
+        SA_REVIEW_BELOW)
+
+    page = _page(summary, target, scan, center, segmentation_png, montages, sa, sa_png, time.perf_counter() - start)
+    return atomic_write_text(folder / "report.html", page)
+
+
+def _scan_path(text: str, folder: Path) -> Path:
+    """The scan named in the summary: as written (absolute, or relative to here), else relative to the folder."""
+    path = Path(text)
+    for candidate in (path, folder / path):
+        if candidate.exists():
+            return candidate
+    raise SegXAIError(f"the scan {text} named in {folder / 'summary.json'} is not found; the report draws every map "
+                      "over it: put the scan back, or run 'segxai explain' again")
+
+
+def _stem(relative: str) -> str:
+    name = Path(relative).name
+    return name[: -len(volume_suffix(name))]
+
+
+def _page(summary: dict[str, Any], target: dict[str, Any], scan: Volume, center: np.ndarray, segmentation_png: Path,
+          montages: Sequence[Path], sa: dict[str, Any] | None, sa_png: Path | None, seconds: float) -> str:
+    rows = score_rows(summary)
+    name = html.escape(str(target["name"]))
+    sections = [
+        _header(summary, target),
+        _how_to_read(name),
+        _scores(rows, name),
+        _volumes(summary, segmentation_png, scan, center),
+        _maps(summary.get("maps", []), montages),
+    ]
+    if sa is not None and sa_png is not None:
+        sections.append(_sa_section(sa, sa_png))
+    sections += [_not_applicable(summary.get("not_applicable") or {}), _timings(summary, seconds)]
+    versions = ", ".join(f"{k} {v}" for k, v in (summary.get("versions") or {}).items())
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>SegXAI report: {name}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(s for s in sections if s)
+            + f"\n<footer>Made by SegXAI from summary.json and the files it names; nothing was recomputed. "
+              f"{html.escape(versions)}</footer>\n</body>\n</html>\n")
+
+
+def _header(summary: dict[str, Any], target: dict[str, Any]) -> str:
+    model = summary.get("model") or {}
+    facts = {
+        "Model": f"{model.get('name', '?')} ({model.get('architecture', '?')})",
+        "Target": f"{target['name']} (label values {', '.join(str(v) for v in target['labels'])})",
+        "Input scan": summary.get("input", "?"),
+        "Device": summary.get("device", "?"),
+        "Report date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+    return ("<header><h1>SegXAI explanation report</h1>\n<dl>"
+            + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items())
+            + "</dl></header>")
+
+
+def _how_to_read(target: str) -> str:
+    return f"""<section><h2>How to read this</h2>
+<p>A computer model outlined the <b>{target}</b> in this scan. The pictures show three slices through the
+middle of what it outlined: <b>axial</b> (seen from the feet), <b>coronal</b> (seen from the front) and
+<b>sagittal</b> (seen from the patient's left). The patient's right is on the left of the axial and
+coronal pictures, as on a radiology workstation; the letters at the edges give the directions
+(R right, L left, A front, P back, S head, I feet). The <span style="color:{CONTOUR_COLOUR};
+background:#333;padding:0 .2em">cyan line</span> is the model's outline of the {target}.</p>
+<p>Each <b>map</b> is a coloured layer over the scan. Explanation maps (black-red-yellow) show which
+parts of the image the model relied on: the brighter, the more. Uncertainty maps (blue-green-yellow)
+show where repeated predictions disagree or are unsure: the yellower, the less sure. Values below a
+display threshold are left uncoloured, so the scan shows through. The maps explain what the model did;
+they do not show that its outline is right.</p>
+<p>The <b>scores</b> summarise the whole case in a few numbers. A case with a score past its threshold
+is marked <span class="flag">review this case</span>: check its outline slice by slice, especially where
+the uncertainty maps are bright.</p></section>"""
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    return f"{value:.3f}" if math.isfinite(value) else str(value)
+
+
+def _scores(rows: Sequence[ScoreRow], target: str) -> str:
+    if not rows:
+        return ""
+    flagged = [r for r in rows if r.review]
+    if flagged:
+        verdict = ("<p class=\"verdict review\"><span class=\"flag\">Review this case</span> "
+                   + "; ".join(f"{html.escape(r.label)} = {_format(r.value)} ({html.escape(r.rule)})" for r in flagged)
+                   + "</p>")
+    else:
+        verdict = ("<p class=\"verdict ok\">No score crossed its review threshold. This does not prove the "
+                   f"outline of the {target} is right; look at the pictures.</p>")
+    body = "".join(_score_row(r) for r in rows)
+    return ("<section><h2>Case-level scores</h2>\n" + verdict
+            + "<table><thead><tr><th>Score</th><th>Value</th><th>What it means</th><th>Threshold</th></tr></thead>"
+            + f"<tbody>{body}</tbody></table></section>")
+
+
+def _score_row(row: ScoreRow) -> str:
+    flag = '<br><span class="flag">review</span>' if row.review else ""
+    return (f"<tr{' class=review' if row.review else ''}><td>{html.escape(row.label)}<br>"
+            f"<code>{html.escape(row.key)}</code></td><td class=\"num\">{_format(row.value)}</td>"
+            f"<td>{html.escape(row.meaning)}</td><td>{html.escape(row.rule)}{flag}</td></tr>")
+
+
+def _volumes(summary: dict[str, Any], segmentation_png: Path, scan: Volume, center: np.ndarray) -> str:
+    classes = [c for c in summary.get("classes", []) if int(c["label"]) != 0]
+    colours = class_colours(classes)  # as drawn in the picture
+    rows = [[f"<span class=\"swatch\" style=\"background:{to_hex(colours[int(c['label'])])}\"></span>"
+             + html.escape(c["name"]), str(c["label"]), str(c.get("voxels", "")), _format(c.get("volume_ml", ""))]
+            for c in classes]
+    rows += [[f"<i>{html.escape(g)}</i> (group)", ", ".join(str(v) for v in info["labels"]),
+              str(info.get("voxels", "")), _format(info.get("volume_ml", ""))]
+             for g, info in (summary.get("groups") or {}).items()]
+    ras = scan.ijk_to_ras @ np.append(center, 1.0)
+    caption = (f"Slices through voxel (i, j, k) = ({', '.join(f'{v:.0f}' for v in center)}), "
+               f"RAS ({', '.join(f'{v:.1f}' for v in ras[:3])}) mm: the middle of the segmented object.")
+    return ("<section><h2>Segmentation</h2>\n" + _table(["Class", "Label", "Voxels", "Volume (mL)"], rows, (1, 2, 3))
+            + _figure(segmentation_png, "Segmentation in the class colours over the scan", caption) + "</section>")
+
+
+def _maps(maps: Sequence[dict[str, Any]], montages: Sequence[Path]) -> str:
+    if not maps:
+        return ""
+    cards = []
+    for item, png in zip(maps, montages):
+        title = item["method"] + (f" / {item['variant']}" if item.get("variant") else "")
+        lo, hi = item["range"]
+        scale = ("scaled to 0 to 1 for display: compare values within this map only" if item.get("normalised")
+                 else "in the method's own units")
+        seconds = item.get("seconds")
+        facts = {
+            "Value range": f"{lo:.3g} to {hi:.3g} ({scale})",
+            "Shown above": f"{item.get('threshold', 0):.0%} of the range (colour map {item.get('colormap', '?')})",
+            "Computed in": "?" if seconds is None else f"{seconds:.1f} s (the whole method)",
+            "File": item["file"],
+        }
+        heading = f"{html.escape(title)} <small>{html.escape(str(item.get('class', '')))}</small>"
+        details = "".join(f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in facts.items())
+        cards.append(f"<article class=\"card\"><h3>{heading}</h3>\n"
+                     f"{_figure(png, title, item.get('description', ''))}<dl>{details}</dl></article>")
+    return "<section><h2>Maps</h2>\n" + "\n".join(cards) + "</section>"
+
+
+def _sa_section(sa: dict[str, Any], png: Path) -> str:
+    against = ("the ground truth" if (sa.get("metadata") or {}).get("reference") == "label"
+               else "the model's own segmentation (no ground truth was given)")
+    caption = (f"Each point is one layer of the network, from the input (left) to the output (right). Its score "
+               f"is the overlap (Dice) between {against} and a segmentation made from that layer's features alone "
+               f"by the ProtoSeg prototype method: 1 = the layer alone already separates the object perfectly. "
+               f"The mean over the units of the last two layers is the case score \u03bc above.")
+    return ("<section><h2>Segmentation ability per layer</h2>\n" + _figure(png, "SA score per layer", caption)
+            + "</section>")
+
+
+def _not_applicable(reasons: dict[str, str]) -> str:
+    if not reasons:
+        return ""
+    items = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(r)}</li>" for m, r in reasons.items())
+    return f"<section><h2>Methods that did not apply</h2>\n<ul>{items}</ul></section>"
+
+
+def _timings(summary: dict[str, Any], report_seconds: float) -> str:
+    steps = {stage.replace("_", " "): s for stage, s in (summary.get("seconds") or {}).items()}
+    steps |= {f"method {e['method']}": (e.get("metadata") or {}).get("seconds")
+              for e in summary.get("explanations", [])}
+    steps["drawing this report"] = report_seconds
+    rows = [[html.escape(k), "?" if v is None else f"{v:.2f}"] for k, v in steps.items()]
+    return "<section><h2>Timings</h2>\n" + _table(["Step", "Seconds"], rows, (1,)) + "</section>"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
+    """A table of cells that are already HTML; the ``numeric`` columns right-aligned."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td class=\"num\">{c}</td>" if n in numeric else f"<td>{c}</td>"
+                                     for n, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+
+
+def _figure(png: Path, alt: str, caption: str) -> str:
+    """A picture embedded as a data URI, so the page needs no other file."""
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    return (f"<figure><img alt=\"{html.escape(alt)}\" src=\"data:image/png;base64,{data}\">"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>\n")
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:1.5em auto;
+padding:0 1em;color:#1d1d1f;line-height:1.45}
+h1{margin:.2em 0}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+h3 small{color:#666;font-weight:normal}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em;margin:.6em 0}
+dt{font-weight:600;color:#444}dd{margin:0}
+table{border-collapse:collapse;width:100%;margin:.6em 0}
+th,td{border:1px solid #ccc;padding:.35em .5em;vertical-align:top;text-align:left}th{background:#f2f2f2}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.review td{background:#fff1f0}code{font-size:.85em;color:#555}
+.flag{background:#c62828;color:#fff;border-radius:3px;padding:0 .35em;font-weight:600;white-space:nowrap}
+.verdict{padding:.6em .8em;border-radius:4px}.verdict.review{background:#fff1f0;border:1px solid #c62828}
+.verdict.ok{background:#f1f8f1;border:1px solid #2e7d32}
+.swatch{display:inline-block;width:.9em;height:.9em;margin-right:.4em;border:1px solid #888;vertical-align:middle}
+.card{border:1px solid #ddd;border-radius:6px;padding:.4em 1em;margin:1em 0}
+figure{margin:.6em 0}img{max-width:100%;height:auto}figcaption{color:#444;font-size:.9em}
+footer{margin-top:2em;color:#777;font-size:.8em}
+"""
