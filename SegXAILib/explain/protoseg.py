@@ -9,9 +9,10 @@ segmentation-ability map SAM = argmax (target where ``d_t < d_b``; ties go to th
 Two identities keep this cheap and exact:
 
 * ``d_b - d_t = 2 (f - m) . (c_t - c_b)`` with ``m = (c_t + c_b) / 2``: the softmax needs only this
-  difference (``p_target = sigmoid(d_b - d_t)``), and computing it from ``f - m`` avoids the cancellation
-  of expanding ``||f||^2 - 2 f.c + ||c||^2`` when features carry a large common offset. It is linear in f,
-  channel by channel.
+  difference (``p_target = sigmoid(d_b - d_t)``), one pass over the channels with no (C, N) distance
+  temporaries. It is linear in f, channel by channel. Features are centred on each channel's mean before
+  any float32 sum, so a large common offset (intensities of 50 +- 1) costs no digits, where expanding
+  ``||f||^2 - 2 f.c + ||c||^2`` would cancel them.
 * Upsampling (bi/trilinear, ``align_corners=False``, as the paper) is linear with weights summing to one,
   so the SAM of the upsampled features is the upsampled one-channel map ``d_b - d_t`` of the coarse
   features, and the prototypes over the fine grid are sums over the coarse grid weighted by the
@@ -25,8 +26,9 @@ instead, and scores SAMs there.
 from __future__ import annotations
 
 import math
+import re
+import time
 import warnings
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,9 +39,10 @@ from torch import nn
 
 from ..errors import SegXAIError
 from ..models.card import ModelCard
-from ..models.loaders import LoadedModel
-from .base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
+from .base import ExplainContext, Explainer, Explanation, ExplanationMap
+from .layers import conv_layers, resolve_layers
 
+DEFAULT_LAYER = "last_decoder"
 RESOLUTIONS = ("input", "feature")
 """``input``: features upsampled to the model grid (paper); ``feature``: B downsampled to each feature grid."""
 
@@ -58,25 +61,17 @@ def upsample(maps: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.interpolate(maps[None], size=shape, mode=_INTERPOLATION[len(shape)], align_corners=False)[0]
 
 
-def _interpolation_matrix(n_out: int, n_in: int) -> torch.Tensor:
-    """(n_out, n_in) float64 weights of 1D linear interpolation as ``F.interpolate`` computes it.
-
-    Bi/trilinear interpolation is the tensor product of these along each axis.
-    """
-    eye = torch.eye(n_in, dtype=torch.float64)[None]  # n_in one-hot signals as channels
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
-
-
 def _interpolation_adjoint(maps: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Adjoint of :func:`upsample` from ``grid`` to ``maps``' grid: (K, *S) -> (K, *grid).
 
-    ``sum(upsample(x) * y) == sum(x * adjoint(y))`` for every x on ``grid``.
+    ``sum(upsample(x) * y) == sum(x * adjoint(y))`` for every x on ``grid``: it is the backward pass of the
+    interpolation, O(S) work.
     """
-    for axis, (n_small, n_big) in enumerate(zip(grid, maps.shape[1:]), start=1):
-        if n_small != n_big:
-            weights = _interpolation_matrix(n_big, n_small).to(maps.dtype)
-            maps = torch.movedim(torch.tensordot(maps, weights, dims=([axis], [0])), -1, axis)
-    return maps
+    coarse = torch.zeros((1, maps.shape[0], *grid), dtype=maps.dtype, device=maps.device, requires_grad=True)
+    with torch.enable_grad():
+        fine = upsample(coarse[0], maps.shape[1:])
+        (adjoint,) = torch.autograd.grad(fine, coarse, grad_outputs=maps)
+    return adjoint[0]
 
 
 class SoftMaskPrototypes:
@@ -133,31 +128,48 @@ class SoftMaskPrototypes:
             self._weights[key] = (weights.to(device, torch.float32), weights.sum(1).to(device, torch.float32))
         return self._weights[key]
 
+    def _centred(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prototypes of a few channels (c, *s), relative to each channel's plain mean ``shift`` (c, 1).
+
+        Returns ``f - shift`` (c, prod(s)), ``shift``, ``c_t - shift`` and ``c_b - shift`` (c, 1): float32
+        sums of values near zero keep the digits that sums over a large common offset (50 +- 1) would lose.
+        """
+        weights, totals = self.region_weights(features.shape[1:], features.device)
+        flat = features.reshape(features.shape[0], -1).float()
+        shift = flat.mean(1, keepdim=True)
+        centred = flat - shift
+        sums = centred @ weights.T / totals  # (c, 2)
+        return centred, shift, sums[:, :1], sums[:, 1:]
+
     def prototypes(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``c_t, c_b``, each (C,), of features (C, *s) on the network grid or a coarser one."""
-        weights, totals = self.region_weights(features.shape[1:], features.device)
-        sums = features.reshape(features.shape[0], -1).float() @ weights.T  # (C, 2)
-        return sums[:, 0] / totals[0], sums[:, 1] / totals[1]
+        parts = []
+        for start in range(0, features.shape[0], _CHUNK):
+            _, shift, target, background = self._centred(features[start:start + _CHUNK])
+            parts.append(torch.cat([shift + target, shift + background], 1))
+        both = torch.cat(parts)
+        return both[:, 0], both[:, 1]
 
     def logits(self, features: torch.Tensor, per_unit: bool = False) -> torch.Tensor:
         """``d_b - d_t`` on the features' grid: (*s), or (C, *s) with ``per_unit`` (each channel alone).
 
-        ``sigmoid`` of it is ``softmax([-d_b, -d_t])[target]``; the SAM is where it is > 0.
+        ``sigmoid`` of it is ``softmax([-d_b, -d_t])[target]``; the SAM is where it is > 0. Computed as
+        ``2 (f - m) . (c_t - c_b)``, a few channels at a time (each channel's prototypes are its own).
         """
         grid = tuple(features.shape[1:])
         shape = (features.shape[0], *grid) if per_unit else grid
         if self.degenerate is not None:
             return torch.full(shape, -math.inf if self.degenerate == "empty" else math.inf, device=features.device)
-        target, background = self.prototypes(features)
-        view = (-1,) + (1,) * len(grid)
-        delta, middle = (target - background).view(view), ((target + background) / 2).view(view)
-        if per_unit:
-            return 2 * (features.float() - middle) * delta
-        out = torch.zeros(grid, device=features.device)
+        terms = []
+        out = torch.zeros(features[0].numel(), device=features.device)
         for start in range(0, features.shape[0], _CHUNK):
-            part = slice(start, start + _CHUNK)
-            out += ((features[part].float() - middle[part]) * delta[part]).sum(0)
-        return 2 * out
+            centred, _, target, background = self._centred(features[start:start + _CHUNK])
+            term = 2 * (centred - (target + background) / 2) * (target - background)
+            if per_unit:
+                terms.append(term)
+            else:
+                out += term.sum(0)
+        return torch.cat(terms).reshape(shape) if per_unit else out.reshape(shape)
 
     def to_mask_grid(self, maps: torch.Tensor) -> torch.Tensor:
         """Bring (K, *s) maps of a feature grid to the mask grid: upsample to the network grid, crop to S."""
@@ -191,6 +203,20 @@ def prototype_segmentation(features: torch.Tensor, soft_mask: torch.Tensor) -> t
     return torch.sigmoid(logits), logits > 0
 
 
+def _dice_matrix(sams: torch.Tensor, references: torch.Tensor) -> np.ndarray:
+    """Dice of every row of (K, N) bool ``sams`` with every row of (R, N) bool ``references``: (K, R) float64.
+
+    One matrix product gives all overlaps and sizes (a single pass over the SAMs, which dominate the cost
+    of per-unit scores at full resolution); float32 counts are exact below 2^24 voxels, float64 beyond.
+    """
+    dtype = torch.float32 if sams.shape[1] < 2**24 else torch.float64
+    ones = torch.ones(1, sams.shape[1], dtype=dtype, device=sams.device)
+    counts = (sams.to(dtype) @ torch.cat([references.to(sams.device, dtype), ones]).T).double()  # (K, R + 1)
+    overlap, size = counts[:, :-1], counts[:, -1:]
+    total = size + references.sum(1, dtype=torch.float64).to(sams.device)
+    return torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).cpu().numpy()
+
+
 def sa_score(sam: torch.Tensor, reference: torch.Tensor) -> float | np.ndarray:
     """SA score = Dice(SAM, reference) (paper Eq. 8); 1.0 when both are empty, as :func:`SegXAILib.metrics.dice`.
 
@@ -202,62 +228,56 @@ def sa_score(sam: torch.Tensor, reference: torch.Tensor) -> float | np.ndarray:
         a float for one map, a float64 array (K,) for a stack.
     """
     sam = torch.as_tensor(sam).bool()
-    reference = torch.as_tensor(reference).to(sam.device, torch.bool)
-    dims = tuple(range(sam.ndim - reference.ndim, sam.ndim))
-    overlap = (sam & reference).sum(dims, dtype=torch.float64)
-    total = sam.sum(dims, dtype=torch.float64) + reference.sum(dtype=torch.float64)
-    score = torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).cpu().numpy()
-    return float(score) if score.ndim == 0 else score
+    reference = torch.as_tensor(reference).bool()
+    scores = _dice_matrix(sam.reshape(-1, reference.numel()), reference.reshape(1, -1))[:, 0]
+    return float(scores[0]) if sam.ndim == reference.ndim else scores
 
 
 class _Scorer:
-    """SAMs of logits and their SA scores against named reference masks.
+    """SAMs of logits and their SA scores against the reference masks.
 
     ``input`` resolution: SAMs on the mask grid (logits upsampled); ``feature``: SAMs on the feature grid,
     references area-averaged onto it and voxels mostly in the padding left out.
+
+    Args:
+        prototypes: the case's soft mask, ready for ProtoSeg.
+        references: name -> (*S) bool mask (the ground truth or the model's own mask).
     """
 
     def __init__(self, prototypes: SoftMaskPrototypes, references: dict[str, torch.Tensor]) -> None:
         self.prototypes = prototypes
-        self.references = references
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self.names = list(references)
+        self._references = torch.stack([references[name].bool() for name in self.names])
+        self._on_grid: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _on_grid(self, name: str, grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (name, grid, str(device))
-        if key not in self._cache:
-            mask = self.references[name] if name != "inside" else torch.ones(self.prototypes.mask_shape, dtype=torch.bool)
+    def _grid(self, grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """References (R, prod(grid)) and the voxels inside the scan (prod(grid),) on a scoring grid."""
+        key = (grid, str(device))
+        if key not in self._on_grid:
+            references = self._references
+            inside = torch.ones(self.prototypes.mask_shape, dtype=torch.bool)
             if self.prototypes.resolution == "feature":
-                mask = self.prototypes.mask_on_grid(mask, grid)
-            self._cache[key] = mask.to(device)
-        return self._cache[key]
+                references = torch.stack([self.prototypes.mask_on_grid(r, grid) for r in references])
+                inside = self.prototypes.mask_on_grid(inside, grid)
+            self._on_grid[key] = references.flatten(1).to(device), inside.flatten().to(device)
+        return self._on_grid[key]
 
     def sams(self, logits: torch.Tensor) -> torch.Tensor:
         """(K, *s) logits -> (K, *grid) bool SAMs on the scoring grid."""
         if self.prototypes.resolution == "input":
             return self.prototypes.to_mask_grid(logits) > 0
-        return (logits > 0) & self._on_grid("inside", tuple(logits.shape[1:]), logits.device)
+        inside = self._grid(tuple(logits.shape[1:]), logits.device)[1]
+        return (logits > 0) & inside.view(logits.shape[1:])
 
-    def scores(self, sams: torch.Tensor, name: str) -> np.ndarray:
-        """SA scores (K,) of (K, *grid) SAMs against reference ``name``."""
-        return np.atleast_1d(sa_score(sams, self._on_grid(name, tuple(sams.shape[1:]), sams.device)))
+    def scores(self, sams: torch.Tensor) -> dict[str, np.ndarray]:
+        """Reference name -> SA scores (K,) of (K, *grid) SAMs."""
+        references = self._grid(tuple(sams.shape[1:]), sams.device)[0]
+        scores = _dice_matrix(sams.flatten(1), references)
+        return {name: scores[:, i] for i, name in enumerate(self.names)}
 
     def to_mask_grid(self, maps: torch.Tensor) -> torch.Tensor:
         """(K, *grid) float maps of the scoring grid -> (K, *S)."""
         return maps if self.prototypes.resolution == "input" else self.prototypes.to_mask_grid(maps)
-
-
-def _conv_layers(network: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv layers to read features from, in registration order.
-
-    MONAI ``Convolution`` blocks that hold no nested block (their output is after normalisation and
-    activation: the "deep features" of the paper); plain conv modules for networks without them.
-    Minimal stand-in: to be replaced by :func:`SegXAILib.explain.layers.conv_layers`.
-    """
-    from monai.networks.blocks import Convolution
-
-    blocks = [(name, m) for name, m in network.named_modules() if isinstance(m, Convolution)
-              and not any(isinstance(c, Convolution) for c in m.modules() if c is not m)]
-    return blocks or [(name, m) for name, m in network.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
 
 
 def _divisor(card: ModelCard) -> tuple[int, ...]:
@@ -284,28 +304,30 @@ def _pad_to_multiple(image: torch.Tensor, divisor: Sequence[int]) -> torch.Tenso
     return F.pad(image, pads, mode="replicate") if any(pads) else image
 
 
-def _requested_layers(options: dict[str, Any]) -> list[str] | None:
-    """The ``layers`` option as a list of names (a list or a comma-separated string); None if absent."""
-    value = options.get("layers")
-    if value is None:
-        return None
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
-    return [n for n in names if n]
+def _layer_specs(options: dict[str, Any]) -> list[str]:
+    """The ``layers`` option (a list, or a comma-separated string) as layer specs; default ``last_decoder``."""
+    value = options.get("layers", DEFAULT_LAYER)
+    specs = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    return list(dict.fromkeys(spec for spec in specs if spec)) or [DEFAULT_LAYER]
 
 
 class ProtoSegExplainer(Explainer):
     """Segmentation ability of every conv layer and of the last layers' units (ProtoSeg).
 
     One forward pass of the whole volume on the model grid (padded at the far end to a size the network
-    accepts), with hooks on every conv layer; each layer is scored as its output arrives and only the last
-    three outputs are kept, so memory stays at about one forward pass. B is the model's target probability;
-    G the ground truth when given, else the model's own mask.
+    accepts: prototypes are global to the case, so no sliding windows), with hooks on every conv block
+    (:func:`.layers.conv_layers`: post-normalisation/activation outputs, the output layer excluded). Each
+    layer is scored as its output arrives and only the last two layers' outputs are kept, so memory stays
+    near that of one forward pass. B is the model's target probability (one-vs-rest: the target's channels
+    summed); G the ground truth when given, else the model's own mask.
 
     Options (``context.options["protoseg"]``):
         resolution: ``input`` (default, paper: features upsampled to the model grid) or ``feature``
-            (B and G area-averaged onto each feature grid: faster per-unit scores).
-        layers: names of conv layers to return a SAM probability map for (list or comma-separated);
-            default the last feature (decoder) layer.
+            (B and G area-averaged onto each feature grid and SAMs scored there: faster per-unit scores; it
+            agrees with ``input`` where the masks are smooth at the feature grid's scale, and under-scores
+            structures smaller than a feature voxel).
+        layers: layers to return a SAM probability map for: roles (``last_decoder``, ``bottleneck``,
+            ``decoder_all``) or module names, as a list or comma-separated; default ``last_decoder``.
 
     Returns:
         maps: ``heat`` = mean of the unit SAMs of the last feature layer (paper Fig. 9), in [0, 1];
@@ -314,9 +336,8 @@ class ProtoSegExplainer(Explainer):
             model's own mask (paper Eq. 12: label-free, so comparable between cases with and without labels;
             low = review this case); ``mean_sa_label`` = the same against the ground truth, when given;
             ``input_separableness`` = SA score of ProtoSeg on the input intensities.
-        curves: ``sa_per_layer`` = [{"layer", "sa", "channels", "shape", "output"}] for every conv layer in
-            forward order (``output`` marks the layer producing the network's logits, which is not a
-            feature layer); ``sa_per_unit`` = [{"layer", "unit", "sa"}] for the last two feature layers.
+        curves: ``sa_per_layer`` = [{"layer", "sa", "channels", "shape"}] for every conv block in forward
+            order; ``sa_per_unit`` = [{"layer", "unit", "sa"}] for the last two.
     """
 
     name = "protoseg"
@@ -324,90 +345,82 @@ class ProtoSegExplainer(Explainer):
     summary = ("segmentation-ability maps (ProtoSeg): how well each layer's features separate the target; "
                "a low mean SA score flags a case to review")
 
-    def check_applicable(self, model: LoadedModel) -> None:
-        super().check_applicable(model)
-        if not _conv_layers(model.network):
-            raise NotApplicable("protoseg reads the features of conv layers, and this network has none")
-
     def explain(self, context: ExplainContext) -> Explanation:
+        start_time = time.perf_counter()
         options = context.method_options(self.name)
         resolution = options.get("resolution", "input")
         network = context.model.network
-        layers = _conv_layers(network)
-        names = [name for name, _ in layers]
-        requested = _requested_layers(options)
-        unknown = sorted(set(requested or ()) - set(names))
-        if unknown:
-            raise SegXAIError(f"protoseg: no conv layer named {', '.join(unknown)}; choose from: {', '.join(names)}")
+        image = _pad_to_multiple(context.image.float(), _divisor(context.model.card)).to(context.device)
+        # layers are found on small zero probes (16^3, 32^3, ...): any size the network takes gives the same layers
+        layers = conv_layers(network)
+        resolved = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in _layer_specs(options)}
+        selected = {name for names in resolved.values() for name in names}
+        unit_names = [name for name, _ in layers[-2:]]
 
         model_mask = torch.from_numpy(context.predicted_mask)
         reference = torch.from_numpy(np.asarray(context.label, dtype=bool)) if context.label is not None else model_mask
-        image = _pad_to_multiple(context.image.float(), _divisor(context.model.card))
         prototypes = SoftMaskPrototypes(torch.from_numpy(context.target_probability), image.shape[2:], resolution)
         scorer = _Scorer(prototypes, {"reference": reference, "model": model_mask})
 
-        curve: list[dict[str, Any]] = []
+        curve: dict[str, dict[str, Any]] = {}
         maps: dict[str, torch.Tensor] = {}
-        recent: deque[tuple[str, torch.Tensor]] = deque(maxlen=3)  # the last feature layers and the output layer
+        kept: dict[str, torch.Tensor] = {}
 
-        def probability_map(features: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(prototypes.to_mask_grid(prototypes.logits(features)[None])[0])
-
-        def record(name: str):
+        def hook_for(name: str, in_curve: bool):
+            # each layer is handled as it runs (not captured for later, as LayerCapture does): only the
+            # last two layers' features outlive their hook
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                features = (output[0] if isinstance(output, (tuple, list)) else output)[0].detach().float()
-                sam = scorer.sams(prototypes.logits(features)[None])
-                curve.append({"layer": name, "sa": float(scorer.scores(sam, "reference")[0]),
-                              "channels": int(features.shape[0]), "shape": list(features.shape[1:]), "output": False})
-                if requested and name in requested:
-                    maps[name] = probability_map(features)
-                recent.append((name, features))
-                context.progress.update("protoseg", len(curve) / (len(layers) + 2), f"layer {name}")
+                if not isinstance(output, torch.Tensor):
+                    raise SegXAIError(f"protoseg: layer {name} returns {type(output).__name__}, not a feature map; "
+                                      "choose a conv block")
+                features = output[0].detach().float()
+                logits = prototypes.logits(features)
+                if in_curve and name not in curve:
+                    sam = scorer.sams(logits[None])
+                    curve[name] = {"layer": name, "sa": float(scorer.scores(sam)["reference"][0]),
+                                   "channels": int(features.shape[0]), "shape": list(features.shape[1:])}
+                    context.progress.update(self.name, len(curve) / (len(layers) + 2), f"layer {name}")
+                if name in selected and name not in maps:
+                    maps[name] = torch.sigmoid(prototypes.to_mask_grid(logits[None])[0])
+                if name in unit_names:
+                    kept.setdefault(name, features)
             return hook
 
-        handles = [module.register_forward_hook(record(name)) for name, module in layers]
+        curve_names = {name for name, _ in layers}
+        modules = dict(network.named_modules())
+        hooked = {**dict(layers), **{name: modules[name] for name in selected}}
+        handles = [module.register_forward_hook(hook_for(name, name in curve_names)) for name, module in hooked.items()]
         try:
             with torch.no_grad():
-                output = network(image.to(context.device))
+                network(image)
         finally:
             for handle in handles:
                 handle.remove()
-        output = output[0] if isinstance(output, (tuple, list)) else output
 
-        # the last conv layer is the output layer when it produces the logits themselves
-        items = list(recent)
-        if items and items[-1][1].shape == output[0].shape:
-            curve[-1]["output"] = True
-            items = items[:-1]
-        if not items:
-            raise NotApplicable("protoseg: the network has no conv layer before its output layer")
-        unit_layers = items[-2:]
-        last_name, last_features = unit_layers[-1]
-        if requested is None:
-            maps[last_name] = probability_map(last_features)
-
-        units, model_scores, heat = self._unit_scores(unit_layers, scorer)
-        context.progress.update("protoseg", (len(layers) + 1) / (len(layers) + 2), "input separableness")
-        input_sam = scorer.sams(prototypes.logits(image[0].to(context.device))[None])
+        units, model_scores, heat = self._unit_scores([(name, kept[name]) for name in unit_names], scorer)
+        context.progress.update(self.name, (len(layers) + 1) / (len(layers) + 2), "input separableness")
+        input_sam = scorer.sams(prototypes.logits(image[0])[None])
         scalars = {"mean_sa": float(np.mean(model_scores)),
-                   "input_separableness": float(scorer.scores(input_sam, "reference")[0])}
+                   "input_separableness": float(scorer.scores(input_sam)["reference"][0])}
         if context.label is not None:
             scalars["mean_sa_label"] = float(np.mean([u["sa"] for u in units]))
-        context.progress.update("protoseg", 1.0)
+        context.progress.update(self.name, 1.0, "done")
 
         explanation_maps = [ExplanationMap(
             self.name, heat.cpu().numpy().astype(np.float32), "heat", normalise=False,
-            description="fraction of the last layer's units whose features place this voxel in the target "
-                        "(ProtoSeg unit-average heat map)")]
+            description=f"fraction of the units of layer {unit_names[-1]} whose features place this voxel with "
+                        f"the {context.target} (ProtoSeg unit-average heat map)")]
         explanation_maps += [ExplanationMap(
-            self.name, p.cpu().numpy().astype(np.float32), f"layer-{name}", normalise=False,
-            description=f"probability that layer {name}'s features put this voxel with the target prototype")
+            self.name, p.cpu().numpy().astype(np.float32), "layer-" + re.sub(r"[^A-Za-z0-9_-]+", "_", name),
+            normalise=False, description=f"probability that the features of layer {name} put this voxel with the "
+                                         f"{context.target} prototype (ProtoSeg)")
             for name, p in maps.items()]
-        return Explanation(
-            self.name, explanation_maps, scalars, {"sa_per_layer": curve, "sa_per_unit": units},
-            {"reference": "label" if context.label is not None else "model", "resolution": resolution,
-             "unit_layers": [name for name, _ in unit_layers], "soft_mask": prototypes.degenerate or "ok",
-             "network_grid": list(image.shape[2:])})
+        metadata = {"reference": "label" if context.label is not None else "model", "resolution": resolution,
+                    "unit_layers": unit_names, "layers": resolved,
+                    "soft_mask": prototypes.degenerate or "ok", "network_grid": list(image.shape[2:]),
+                    "seconds": round(time.perf_counter() - start_time, 3)}
+        return Explanation(self.name, explanation_maps, scalars,
+                           {"sa_per_layer": [curve[name] for name, _ in layers], "sa_per_unit": units}, metadata)
 
     @staticmethod
     def _unit_scores(unit_layers: list[tuple[str, torch.Tensor]], scorer: _Scorer
@@ -420,9 +433,10 @@ class ProtoSegExplainer(Explainer):
             last = index == len(unit_layers) - 1
             for start in range(0, features.shape[0], _CHUNK):
                 sams = scorer.sams(scorer.prototypes.logits(features[start:start + _CHUNK], per_unit=True))
-                for unit, sa in enumerate(scorer.scores(sams, "reference"), start=start):
+                scores = scorer.scores(sams)
+                for unit, sa in enumerate(scores["reference"], start=start):
                     units.append({"layer": name, "unit": unit, "sa": float(sa)})
-                model_scores += scorer.scores(sams, "model").tolist()
+                model_scores += scores["model"].tolist()
                 if last:
                     counts = sams.sum(0, dtype=torch.float32)
                     heat = counts if heat is None else heat + counts
