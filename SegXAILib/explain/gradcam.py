@@ -58,9 +58,8 @@ from torch import nn
 from ..errors import SegXAIError
 from ..inference import sliding_window_predict
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap
-from .layers import LayerCapture, frozen_parameters, resolve_layers
+from .layers import DEFAULT_LAYER, LayerCapture, frozen_parameters, parse_layer_specs, resolve_layers
 
-DEFAULT_LAYER = "last_decoder"
 REGIONS = ("predicted", "all", "box", "mask")
 _REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
 UPSAMPLING = {False: "trilinear, align_corners=False (voxel centres), of the layer's CAM (after the ReLU)",
@@ -240,7 +239,7 @@ class SegGradCAM(Explainer):
     def explain(self, context: ExplainContext) -> Explanation:
         start = time.perf_counter()
         options = context.method_options(self.name)
-        specs = _layer_specs(options.get("layer", DEFAULT_LAYER))
+        specs = parse_layer_specs(options.get("layer"))
         region = target_region(context, options)
         overlap = float(options.get("overlap", 0.25))
         if not 0 <= overlap < 1:
@@ -312,12 +311,3 @@ class SegGradCAMPlusPlus(SegGradCAM):
         denominator = 2 * g2 + sum_activation * g2 * gradient
         a = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1), 0)
         return (a * F.relu(gradient)).mean(dim=dims, keepdim=True) * voxels
-
-
-def _layer_specs(value: str | list[str]) -> list[str]:
-    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (module names have dots, never commas)."""
-    specs = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if str(s).strip()]
-    if not specs:
-        raise SegXAIError("the Grad-CAM option 'layer' is empty; use last_decoder, bottleneck, decoder_all or a "
-                          "module name")
-    return list(dict.fromkeys(specs))

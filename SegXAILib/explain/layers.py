@@ -47,6 +47,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..errors import SegXAIError
 
 LAYER_ROLES = ("last_decoder", "bottleneck", "decoder_all")
+DEFAULT_LAYER = "last_decoder"
 PROBE_SIZES = (16, 32, 64, 128)
 """Edge lengths tried for the automatic probe input (the first one the network accepts is used)."""
 
@@ -161,6 +162,17 @@ def _role(blocks: list[_Call], role: str) -> list[_Call]:
     # the last block of each run of equal resolution is what the next level (or the output) reads
     stages = [b for b, after in zip(decoder, decoder[1:] + [None]) if after is None or after.shape[2:] != b.shape[2:]]
     return stages or [blocks[-1]]
+
+
+def parse_layer_specs(value: str | list[str] | None) -> list[str]:
+    """A layer option (``"a,b"`` or ``["a", "b"]``; module names have dots, never commas) -> specs.
+
+    Duplicates are dropped; an empty value means :data:`DEFAULT_LAYER`.
+    """
+    if value is None:
+        return [DEFAULT_LAYER]
+    specs = [str(s).strip() for s in (value.split(",") if isinstance(value, str) else value)]
+    return list(dict.fromkeys(spec for spec in specs if spec)) or [DEFAULT_LAYER]
 
 
 def conv_layers(network: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:

@@ -40,9 +40,8 @@ from torch import nn
 from ..errors import SegXAIError
 from ..models.card import ModelCard
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap
-from .layers import conv_layers, resolve_layers
+from .layers import conv_layers, parse_layer_specs, resolve_layers
 
-DEFAULT_LAYER = "last_decoder"
 RESOLUTIONS = ("input", "feature")
 """``input``: features upsampled to the model grid (paper); ``feature``: B downsampled to each feature grid."""
 
@@ -304,13 +303,6 @@ def _pad_to_multiple(image: torch.Tensor, divisor: Sequence[int]) -> torch.Tenso
     return F.pad(image, pads, mode="replicate") if any(pads) else image
 
 
-def _layer_specs(options: dict[str, Any]) -> list[str]:
-    """The ``layers`` option (a list, or a comma-separated string) as layer specs; default ``last_decoder``."""
-    value = options.get("layers", DEFAULT_LAYER)
-    specs = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
-    return list(dict.fromkeys(spec for spec in specs if spec)) or [DEFAULT_LAYER]
-
-
 class ProtoSegExplainer(Explainer):
     """Segmentation ability of every conv layer and of the last layers' units (ProtoSeg).
 
@@ -353,7 +345,7 @@ class ProtoSegExplainer(Explainer):
         image = _pad_to_multiple(context.image.float(), _divisor(context.model.card)).to(context.device)
         # layers are found on small zero probes (16^3, 32^3, ...): any size the network takes gives the same layers
         layers = conv_layers(network)
-        resolved = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in _layer_specs(options)}
+        resolved = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in parse_layer_specs(options.get("layers"))}
         selected = {name for names in resolved.values() for name in names}
         unit_names = [name for name, _ in layers[-2:]]
 

@@ -1,0 +1,97 @@
+"""Seconds and peak memory of every explanation method, and their ratio to one forward pass.
+
+Each (scan size, method) runs in a fresh child process that first times one sliding-window
+forward pass, then the method, on the same input: the ratio is measured in one run, on one
+machine state. Peak memory is the child's peak resident set (``ru_maxrss``).
+
+Sizes: 96^3 and 128^3 (the model grid of a brain MRI) and a CT-sized scan of 512x512x120 on its
+own grid (sliding windows). The network is the bundled brain-lesion model's architecture; for
+timing, weights do not matter, but the bundled ones are used when present.
+
+Targets on CPU (issues 3 and 7): Grad-CAM <= 3x, ProtoSeg <= 2x, TTA (8) <= 9x, MHEX+ CAM <= 1.2x
+a forward pass; every method under 4 GB on the CT-sized scan.
+
+    python benchmarks/explainers.py                  # the whole table (slow on 2 cores)
+    python benchmarks/explainers.py --sizes 96 --methods gradcam,protoseg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SIZES = {"96": (96, 96, 96), "128": (128, 128, 128), "ct": (120, 512, 512)}
+TARGETS = {"gradcam": 3.0, "gradcampp": 3.0, "protoseg": 2.0, "tta": 9.0, "mhex": 1.2, "mhex-uncertainty": 10.0}
+
+
+def model_for(method: str):
+    """The bundled model (the EU-Net one for MHEX+ methods), loaded on the CPU."""
+    from SegXAILib.models.registry import available_cards, load_model
+
+    wanted = "brain-lesion-eunet" if method.startswith("mhex") else "brain-lesion-unet"
+    if wanted not in available_cards():
+        raise SystemExit(f"model {wanted} is not installed")
+    return load_model(wanted)
+
+
+def run_one(size: str, method: str) -> dict:
+    """In this process: time a forward pass, then the method; report seconds and peak RSS."""
+    import numpy as np
+    import torch
+
+    from SegXAILib.explain.base import ExplainContext
+    from SegXAILib.explain.registry import get_explainer
+    from SegXAILib.inference import predict_probabilities
+
+    torch.manual_seed(0)
+    model = model_for(method)
+    shape = SIZES[size]
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    image = (np.where(k**2 + j**2 + i**2 < 0.1, 2.0, 0.0) + np.random.default_rng(0).normal(0, 0.3, shape)).astype(np.float32)
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    probabilities = predict_probabilities(model, image, device)
+    forward = time.perf_counter() - start
+    _, channels = model.card.target_channels(None)
+    context = ExplainContext(model=model, image=torch.from_numpy(image)[None, None], target="target",
+                             channels=channels, probabilities=probabilities, device=device)
+    explainer = get_explainer(method)
+    explainer.check_applicable(model)
+    start = time.perf_counter()
+    explainer.explain(context)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return {"size": size, "method": method, "forward": forward, "seconds": seconds, "peak_gb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="96,128,ct")
+    parser.add_argument("--methods", default="gradcam,gradcampp,protoseg,mcdropout,tta,ensemble,mhex,mhex-uncertainty")
+    parser.add_argument("--one", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one)))
+        return
+    print("| scan | method | forward (s) | method (s) | ratio | target | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        for method in args.methods.split(","):
+            child = subprocess.run([sys.executable, __file__, "--one", size, method], capture_output=True, text=True)
+            if child.returncode != 0:
+                reason = (child.stderr.strip().splitlines() or ["failed"])[-1][:80]
+                print(f"| {'x'.join(map(str, SIZES[size][::-1]))} | {method} | | | | | {reason} |")
+                continue
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+            target = TARGETS.get(method)
+            print(f"| {'x'.join(map(str, SIZES[size][::-1]))} | {method} | {row['forward']:.1f} | {row['seconds']:.1f} | "
+                  f"{row['seconds'] / row['forward']:.2f}x | {f'<= {target}x' if target else ''} | {row['peak_gb']:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
