@@ -15,6 +15,7 @@ from monai.networks.nets import AttentionUnet, UNet
 from torch import nn
 
 from ..errors import SegXAIError
+from .eunet import build_eunet
 
 NetworkBuilder = Callable[..., nn.Module]
 
@@ -42,6 +43,7 @@ ARCHITECTURES: dict[str, NetworkBuilder] = {
     "unet": build_unet,
     "residual_unet": build_residual_unet,
     "attention_unet": build_attention_unet,
+    "eunet": build_eunet,
 }
 
 

@@ -66,6 +66,12 @@ def _residual(prediction: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return probabilities - F.one_hot(label, probabilities.shape[1]).movedim(-1, 1).to(probabilities.dtype)
 
 
+def _along(residual: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """g(p) . R = delta(p) . up(dP)(p) at every voxel: (m, N, 1, *grid) from dP (m, N, n_classes, *grid_t)."""
+    upsampled = upsample_to(tangent.flatten(0, 1), residual.shape[2:]).unflatten(0, tangent.shape[:2])
+    return (residual * upsampled).sum(2, keepdim=True)
+
+
 def _directions(route: str, k: int, shape: tuple[int, int], chunk: int, seed: int) -> Iterator[torch.Tensor]:
     """Chunks (m, H, C) of directions in theta: k Gaussian ones, or the canonical basis (``exact``)."""
     if route == "exact":
@@ -125,10 +131,7 @@ def collaboration_map(network: EUNet, image: torch.Tensor, label: torch.Tensor, 
                 if progress is not None:
                     progress.check()
                 d_own, d_next = pair_projections(network, stages, s, directions)
-                m = d_own.shape[0]
-                # g . R = delta . up(dP) at every voxel, one value per direction
-                a = (residual_own * upsample_to(d_own.flatten(0, 1), grid).unflatten(0, (m, -1))).sum(2, keepdim=True)
-                b = (residual_next * upsample_to(d_next.flatten(0, 1), grid).unflatten(0, (m, -1))).sum(2, keepdim=True)
+                a, b = _along(residual_own, d_own), _along(residual_next, d_next)
                 dot += (a * b).sum(0)
                 norm_own += (a * a).sum(0)
                 norm_next += (b * b).sum(0)
