@@ -82,9 +82,12 @@ def sliding_window_predict(
         progress.update(stage, done / total, f"window {min(done, total)}/{total}")
         return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
+    # a scan smaller than a window is padded with its background (its minimum), not with 0, which after
+    # intensity normalisation is mid-grey tissue and would put a wall of false tissue around the scan
     return sliding_window_inference(
         image, roi_size=tuple(patch_size), sw_batch_size=1, predictor=predictor, overlap=overlap,
-        mode="gaussian", sw_device=device, device=torch.device("cpu"), with_coord=with_coord)
+        mode="gaussian", cval=float(image.min()), sw_device=device, device=torch.device("cpu"),
+        with_coord=with_coord)
 
 
 @dataclass

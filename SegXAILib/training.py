@@ -55,6 +55,7 @@ class TrainConfig:
     validate_every: int = 500
     seed: int = 0
     ensemble_seeds: list[int] | None = None
+    member_iterations: int | None = None
     threads: int | None = None
     command: str = ""
 
@@ -66,6 +67,10 @@ class TrainConfig:
             raise SegXAIError(f"training configuration not found: {path}") from None
         except (json.JSONDecodeError, TypeError) as exc:
             raise SegXAIError(f"invalid training configuration {path}: {exc}") from None
+
+    def iterations_for(self, member: int) -> int:
+        """Training steps of ensemble member ``member`` (extra members may train shorter)."""
+        return self.iterations if member == 0 or not self.member_iterations else self.member_iterations
 
     @property
     def seeds(self) -> list[int]:
@@ -172,7 +177,8 @@ def augmentations(patch: Sequence[int]):
         T.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch, pos=2, neg=1, num_samples=1),
         T.RandFlipd(keys, prob=0.5, spatial_axis=0), T.RandFlipd(keys, prob=0.5, spatial_axis=1),
         T.RandFlipd(keys, prob=0.5, spatial_axis=2),
-        T.RandAffined(keys, prob=0.35, rotate_range=(0.3, 0.3, 0.3), scale_range=(0.2, 0.2, 0.2),
+        # wide scaling: lesions and brains of other sizes than the training hosts' (e.g. smaller heads)
+        T.RandAffined(keys, prob=0.5, rotate_range=(0.3, 0.3, 0.3), scale_range=(0.4, 0.4, 0.4),
                       mode=("bilinear", "nearest"), padding_mode="border"),
         T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.3)),
         T.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
@@ -202,7 +208,8 @@ def validation_dice(network: torch.nn.Module, cases: list[np.ndarray], card: Mod
 
 
 def train_network(config: TrainConfig, card: ModelCard, train_cases: list[np.ndarray],
-                  val_cases: list[np.ndarray], seed: int, progress: Progress) -> tuple[dict, list[dict]]:
+                  val_cases: list[np.ndarray], seed: int, iterations: int,
+                  progress: Progress) -> tuple[dict, list[dict]]:
     """Train one network; returns the state dict of the best validation checkpoint and the history."""
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
@@ -213,7 +220,7 @@ def train_network(config: TrainConfig, card: ModelCard, train_cases: list[np.nda
     network = build_network(card.architecture, card.input_channels, card.n_classes)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
-                                                   total_steps=config.iterations, pct_start=0.05)
+                                                   total_steps=iterations, pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     augment = augmentations(config.train_patch)
     augment.set_random_state(seed)
@@ -221,7 +228,7 @@ def train_network(config: TrainConfig, card: ModelCard, train_cases: list[np.nda
 
     best_score, best_state, history = -1.0, None, []
     network.train()
-    for iteration in range(1, config.iterations + 1):
+    for iteration in range(1, iterations + 1):
         batch = [augment({"image": c[:1], "label": c[1:]})[0]
                  for c in (train_cases[i] for i in rng.integers(len(train_cases), size=config.batch_size))]
         x = torch.stack([torch.as_tensor(np.asarray(b["image"])) for b in batch]).float()
@@ -237,8 +244,8 @@ def train_network(config: TrainConfig, card: ModelCard, train_cases: list[np.nda
         loss.backward()
         optimizer.step()
         schedule.step()
-        progress.update(f"train seed {seed}", iteration / config.iterations, f"loss {loss.item():.3f}")
-        if iteration % config.validate_every == 0 or iteration == config.iterations:
+        progress.update(f"train seed {seed}", iteration / iterations, f"loss {loss.item():.3f}")
+        if iteration % config.validate_every == 0 or iteration == iterations:
             score = validation_dice(network, val_cases, card)
             history.append({"iteration": iteration, "loss": round(loss.item(), 4), "val_dice": round(score, 4)})
             if score > best_score:
@@ -264,8 +271,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
 
     start = time.perf_counter()
     histories = {}
-    for seed, weights in zip(config.seeds, card.weight_paths):
-        state, histories[seed] = train_network(config, card, train_cases, val_cases, seed, progress)
+    for member, (seed, weights) in enumerate(zip(config.seeds, card.weight_paths)):
+        state, histories[seed] = train_network(config, card, train_cases, val_cases, seed,
+                                               config.iterations_for(member), progress)
         atomic_write(weights, lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
     seconds = time.perf_counter() - start
 
@@ -280,7 +288,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
         "cases": len(val_folders),
         "val_dir": str(config.val_dir),
         "evaluated_on": "first ensemble member; the scans' own grids, full inference pipeline",
-        "training": {"cases": len(train_folders), "iterations": config.iterations, "seeds": config.seeds,
+        "training": {"cases": len(train_folders), "seeds": config.seeds,
+                     "iterations": [config.iterations_for(m) for m in range(len(config.seeds))],
                      "batch_size": config.batch_size, "train_patch": config.train_patch,
                      "seconds": round(seconds), "threads": torch.get_num_threads(),
                      "history": histories, "command": config.command},
