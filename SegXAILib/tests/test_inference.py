@@ -119,3 +119,21 @@ def test_segment_returns_labels_on_the_oblique_scan_grid(tiny_card):
     probability = np.stack([result.probability_on_scan([c]).array for c in range(3)])
     expected = np.array([0, 1, 4])[probability.argmax(0)]
     assert np.mean(expected == result.labels.array) > 0.999
+
+
+def test_scans_smaller_than_a_window_are_padded_with_their_background():
+    # after z-scoring, 0 is mid-grey tissue: padding with 0 would surround a small scan with false tissue
+    torch.manual_seed(0)
+    net = nn.Conv3d(1, 1, 3, padding=1).eval()
+    x = torch.randn(1, 1, 6, 7, 8) - 5
+    roi = (12, 12, 12)
+    pads = []
+    for size, r in zip(reversed(x.shape[2:]), reversed(roi)):  # F.pad takes the last axis first
+        half = (r - size) // 2
+        pads += [half, r - size - half]
+    with torch.no_grad():
+        stitched = sliding_window_predict(net, x, roi, torch.device("cpu"))
+        padded = net(torch.nn.functional.pad(x, pads, value=float(x.min())))
+    d0, h0, w0 = pads[4], pads[2], pads[0]
+    expected = padded[..., d0:d0 + 6, h0:h0 + 7, w0:w0 + 8]
+    assert torch.allclose(stitched, expected, atol=1e-5)
