@@ -63,7 +63,7 @@ def main() -> None:
                                            "--model", str(tmp / "ct.json"), "--out", str(tmp / "out"),
                                            "--device", "cpu", "--progress", "none"])
         stages = json.loads((tmp / "out" / "summary.json").read_text())["seconds"]
-    print(f"| scan | step | seconds | peak RSS (GB) |\n|---|---|---|---|")
+    print("| scan | step | seconds | peak RSS (GB) |\n|---|---|---|---|")
     shape = "x".join(map(str, args.shape[::-1]))
     for stage, value in stages.items():
         print(f"| CT {shape} | {stage} | {value:.1f} | |")

@@ -58,6 +58,7 @@ from torch import nn
 from ..errors import SegXAIError
 from ..inference import sliding_window_predict
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap
+from ..upsampling import upsample_to
 from .layers import DEFAULT_LAYER, LayerCapture, frozen_parameters, parse_layer_specs, resolve_layers
 
 REGIONS = ("predicted", "all", "box", "mask")
@@ -66,14 +67,6 @@ UPSAMPLING = {False: "trilinear, align_corners=False (voxel centres), of the lay
               True: "trilinear, align_corners=False (voxel centres), of each window's activations and gradients "
                     "(before the ReLU)"}
 """How a coarse layer reaches the model grid, in one window (key False) or in sliding windows (True)."""
-
-
-def upsample(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """(N, C, *s) -> (N, C, *size), (bi/tri)linear with ``align_corners=False``; unchanged if already that size."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
 
 
 def padding_to(shape: tuple[int, ...], patch: tuple[int, ...]) -> list[int]:
@@ -204,7 +197,7 @@ class SegGradCAM(Explainer):
         _, score, activations, grads = layer_gradients(context.model.network, image, weight, context.channels,
                                                        modules)
         crop = tuple(slice(before, before + n) for before, n in zip(pad[-2::-2], shape))
-        cams = [upsample(self.cam(a, g, math.prod(a.shape[2:])), tuple(image.shape[2:]))[(..., *crop)].cpu()
+        cams = [upsample_to(self.cam(a, g, math.prod(a.shape[2:])), tuple(image.shape[2:]))[(..., *crop)].cpu()
                 for a, g in zip(activations, grads)]
         return score, cams
 
@@ -225,7 +218,7 @@ class SegGradCAM(Explainer):
             if not scale:
                 scale.extend(math.prod(a.shape[2:]) / math.prod(window.shape[2:]) for a in activations)
             size = tuple(window.shape[2:])
-            return (logits, *(upsample(a, size) for a in activations), *(upsample(g, size) for g in grads))
+            return (logits, *(upsample_to(a, size) for a in activations), *(upsample_to(g, size) for g in grads))
 
         logits, *stitched = sliding_window_predict(predictor, context.image, patch, context.device, overlap,
                                                    context.progress, self.name, with_coord=True)

@@ -40,12 +40,12 @@ from torch import nn
 from ..errors import SegXAIError
 from ..models.card import ModelCard
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap
+from ..upsampling import upsample_to
 from .layers import conv_layers, parse_layer_specs, resolve_layers
 
 RESOLUTIONS = ("input", "feature")
 """``input``: features upsampled to the model grid (paper); ``feature``: B downsampled to each feature grid."""
 
-_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _CHUNK = 16
 """Channels handled at once where a per-channel map is needed: 16 x 128^3 float32 is 128 MiB."""
 _MIN_MASS = 1e-6
@@ -54,10 +54,7 @@ _MIN_MASS = 1e-6
 
 def upsample(maps: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Linear/bilinear/trilinear interpolation (``align_corners=False``) of (K, *s) maps to (K, *shape)."""
-    shape = tuple(shape)
-    if tuple(maps.shape[1:]) == shape:
-        return maps
-    return F.interpolate(maps[None], size=shape, mode=_INTERPOLATION[len(shape)], align_corners=False)[0]
+    return upsample_to(maps[None], shape)[0]
 
 
 def _interpolation_adjoint(maps: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:

@@ -48,7 +48,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit
 from monai.networks.layers import Conv
 from monai.networks.layers.simplelayers import SkipConnection
@@ -56,22 +55,12 @@ from monai.networks.nets import AttentionUnet, UNet
 from monai.networks.nets.attentionunet import AttentionLayer
 from torch import nn
 
+from ..upsampling import upsample_to
+
 from ..errors import SegXAIError
 
 FEEDS = ("decoder", "head")
 BASES = ("unet", "residual_unet", "attention_unet")
-
-
-def upsample_to(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(N, C, *grid) -> (N, C, *size) by (bi/tri)linear interpolation with ``align_corners=False``.
-
-    The one convention for deep predictions, CAMs and losses: voxel centres of the coarse grid sit at
-    the centres of the fine voxels they cover (as for a strided convolution), not on the corners.
-    """
-    if tuple(tensor.shape[2:]) == tuple(size):
-        return tensor
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(tensor, size=tuple(size), mode=mode, align_corners=False)
 
 
 class ResidualDecoderUNet(UNet):

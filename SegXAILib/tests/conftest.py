@@ -56,3 +56,19 @@ def oblique_scan(shape=(20, 24, 28), seed=0) -> Volume:
 @pytest.fixture
 def scan_file(tmp_path):
     return write_volume(oblique_scan(), tmp_path / "scan.nii.gz")
+
+
+def explain_context(network, image, channels=(1,), patch=None, options=None, architecture="unet"):
+    """An ExplainContext for ``network`` on ``image`` (1, C, *S): a card with ``patch`` (default: the
+    image, i.e. one window) and the network's own softmax as the probabilities."""
+    from SegXAILib.explain.base import ExplainContext
+    from SegXAILib.models.loaders import LoadedModel
+
+    with torch.no_grad():
+        logits = network(image)
+    card = ModelCard.from_dict({
+        "name": "test", "architecture": {"name": architecture},
+        "classes": [{"name": f"class{c}", "label": c} for c in range(logits.shape[1])],
+        "patch_size": list(patch or image.shape[2:])})
+    return ExplainContext(LoadedModel(card, network, "card"), image, "target", list(channels),
+                          torch.softmax(logits, 1)[0].numpy(), options=options or {})

@@ -13,7 +13,7 @@ import pytest
 from SegXAILib.cli import main
 from SegXAILib.volume import Volume, read_volume, write_volume
 
-from .conftest import TINY_ARCH, make_card, oblique_scan
+from .conftest import make_card, oblique_scan
 
 
 def run_cli(*args: str) -> int:

@@ -13,12 +13,13 @@ from monai.networks.nets import AttentionUnet, UNet
 from torch import nn
 
 from SegXAILib.errors import SegXAIError
-from SegXAILib.explain.base import ExplainContext, NotApplicable
+from SegXAILib.explain.base import NotApplicable
 from SegXAILib.explain.gradcam import SegGradCAM, SegGradCAMPlusPlus
 from SegXAILib.explain.layers import LayerCapture, conv_layers, frozen_parameters, resolve_layers
 from SegXAILib.explain.registry import get_explainer
-from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import LoadedModel
+
+from .conftest import explain_context
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,16 +44,8 @@ def blob_image(shape=(16, 16, 16), seed=0) -> torch.Tensor:
     return torch.from_numpy((2.0 * ball + 0.3 * noise).astype(np.float32))[None, None]
 
 
-def make_context(network, image, channels=(1,), patch=None, options=None) -> ExplainContext:
-    """A context whose card has ``patch`` (default: the image, i.e. one window) and the network's softmax."""
-    with torch.no_grad():
-        logits = network(image)
-    card = ModelCard.from_dict({
-        "name": "test", "architecture": {"name": "unet"},
-        "classes": [{"name": f"class{c}", "label": c} for c in range(logits.shape[1])],
-        "patch_size": list(patch or image.shape[2:])})
-    return ExplainContext(LoadedModel(card, network, "card"), image, "target", list(channels),
-                          torch.softmax(logits, 1)[0].numpy(), options=options or {})
+def make_context(network, image, channels=(1,), patch=None, options=None):
+    return explain_context(network, image, channels, patch, options, architecture="unet")
 
 
 def brute_force(network, image, layer, channels, region):

@@ -7,19 +7,21 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from SegXAILib.explain.base import ExplainContext, NotApplicable
+from SegXAILib.explain.base import NotApplicable
 from SegXAILib.explain.mhex import MHEXCAM, equivalent_kernel, stage_cams
 from SegXAILib.explain.registry import get_explainer
 from SegXAILib.models.card import ModelCard
-from SegXAILib.models.eunet import build_eunet, deep_supervision_loss, upsample_to
+from SegXAILib.models.eunet import build_eunet, deep_supervision_loss
+from SegXAILib.upsampling import upsample_to
 from SegXAILib.models.loaders import LoadedModel, load_from_card
 from SegXAILib.models.networks import build_network
-from SegXAILib.tests.conftest import make_card
+from .conftest import explain_context, make_card
 from SegXAILib.uncertainty.collaboration import (CollaborationUncertainty, agreement, collaboration_map,
                                                  collaboration_reference)
 
 TINY = {"channels": (4, 8, 16, 32), "strides": (2, 2, 2), "head_channels": 4}
 DEMO = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}
+
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,15 +46,8 @@ def tiny_eunet(base="unet", seed=0, **kwargs):
     return build_eunet(1, 3, base=base, **{**TINY, **kwargs}).eval()
 
 
-def context_for(network, image, channels=(1,), patch=None, options=None) -> ExplainContext:
-    with torch.no_grad():
-        logits = network(image)
-    card = ModelCard.from_dict({
-        "name": "test", "architecture": {"name": "eunet"},
-        "classes": [{"name": f"class{c}", "label": c} for c in range(logits.shape[1])],
-        "patch_size": list(patch or image.shape[2:])})
-    return ExplainContext(LoadedModel(card, network, "card"), image, "target", list(channels),
-                          torch.softmax(logits, 1)[0].numpy(), options=options or {})
+def context_for(network, image, channels=(1,), patch=None, options=None):
+    return explain_context(network, image, channels, patch, options, architecture="eunet")
 
 
 def parameter_count(module) -> int:
