@@ -4,15 +4,14 @@ Target (issue 2): under 4 GB peak resident memory. Prints a table; run it with
 ``python benchmarks/ct_memory.py`` (takes a few minutes on 2 cores).
 
 The weights are random: memory and time do not depend on what a network has learned, and no
-CT model ships yet. The phantom is generated first, in this process; the segmentation runs in
-a child process whose peak RSS is read from ``getrusage(RUSAGE_CHILDREN)``.
+CT model ships yet. The segmentation runs in a child process that reports its own peak resident
+memory (``VmHWM``, see ``memory.py``) when the command has finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,17 +38,29 @@ CT_CARD = {
 }
 
 
-def child_peak_rss_gb(command: list[str]) -> tuple[float, float]:
+def child_peak_rss_gb(arguments: list[str]) -> tuple[float, float]:
+    """Run ``segxai ARGUMENTS`` in a child process; its peak RSS (GB) and wall seconds."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    child = subprocess.run([sys.executable, __file__, "--child", *arguments], check=True,
+                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2, seconds
+    return float(child.stdout.strip().splitlines()[-1]), seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], metavar=("K", "J", "I"))
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child is not None:
+        from memory import peak_rss_gb
+
+        from SegXAILib.cli import main as segxai
+
+        if segxai(args.child) != 0:
+            raise SystemExit(1)
+        print(peak_rss_gb())
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         image, _ = ct_phantom(shape=tuple(args.shape), spacing=(0.7, 0.7, 1.0))
@@ -59,9 +70,8 @@ def main() -> None:
         network = build_network(CT_CARD["architecture"], 1, 3)
         save_file(network.state_dict(), str(tmp / CT_CARD["weights"]))
         ModelCard.from_dict(CT_CARD, root=tmp).save(tmp / "ct.json")
-        peak, seconds = child_peak_rss_gb([sys.executable, "-m", "SegXAILib.cli", "segment", str(tmp / "ct.nrrd"),
-                                           "--model", str(tmp / "ct.json"), "--out", str(tmp / "out"),
-                                           "--device", "cpu", "--progress", "none"])
+        peak, seconds = child_peak_rss_gb(["segment", str(tmp / "ct.nrrd"), "--model", str(tmp / "ct.json"),
+                                           "--out", str(tmp / "out"), "--device", "cpu", "--progress", "none"])
         stages = json.loads((tmp / "out" / "summary.json").read_text())["seconds"]
     print("| scan | step | seconds | peak RSS (GB) |\n|---|---|---|---|")
     shape = "x".join(map(str, args.shape[::-1]))

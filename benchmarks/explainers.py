@@ -2,7 +2,7 @@
 
 Each (scan size, method) runs in a fresh child process that first times one sliding-window
 forward pass, then the method, on the same input: the ratio is measured in one run, on one
-machine state. Peak memory is the child's peak resident set (``ru_maxrss``).
+machine state. Peak memory is the child's own peak resident set (``VmHWM``, see ``memory.py``).
 
 Sizes: 96^3 and 128^3 (the model grid of a brain MRI) and a CT-sized scan of 512x512x120 on its
 own grid (sliding windows). The network is the bundled brain-lesion model's architecture; for
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,8 @@ def run_one(size: str, method: str) -> dict:
     import numpy as np
     import torch
 
+    from memory import peak_rss_gb
+
     from SegXAILib.explain.base import ExplainContext
     from SegXAILib.explain.registry import get_explainer
     from SegXAILib.inference import predict_probabilities
@@ -64,7 +65,7 @@ def run_one(size: str, method: str) -> dict:
     start = time.perf_counter()
     explainer.explain(context)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peak = peak_rss_gb()
     return {"size": size, "method": method, "forward": forward, "seconds": seconds, "peak_gb": peak}
 
 
