@@ -37,7 +37,7 @@ def _umask() -> int:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

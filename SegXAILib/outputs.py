@@ -51,6 +51,6 @@ def write_segmentation(out: OutputFolder, result: SegmentationResult, card: Mode
     seg_name = f"segmentation.{fmt}"
     write_volume(result.labels, out.path(seg_name))
     summary = segmentation_summary(result, card, scan_path, {"segmentation": seg_name}, timings)
-    out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 

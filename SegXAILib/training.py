@@ -62,7 +62,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise SegXAIError(f"training configuration not found: {path}") from None
         except (json.JSONDecodeError, TypeError) as exc:

@@ -55,7 +55,7 @@ def lesion_case() -> Volume:
 def coloured_card(folder):
     """make_card's tiny random U-Net with distinct class colours (to see them reach the segments)."""
     path = make_card(folder, spacing=(7.0, 7.0, 7.0))
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     for entry in data["classes"]:
         entry["color"] = CLASS_COLORS.get(entry["name"], [0, 0, 0])
     path.write_text(json.dumps(data))
@@ -146,7 +146,7 @@ def explained(tmp_path_factory):
     results = logic.run(node, str(card), METHODS, device="cpu", outDir=folder / "out",
                         onProgress=events.append, onLog=lines.append)
     seconds = time.perf_counter() - start
-    summary = json.loads((folder / "out" / "summary.json").read_text())
+    summary = json.loads((folder / "out" / "summary.json").read_text(encoding="utf-8"))
     return SimpleNamespace(env=env, scene=scene, input=node, card=card, logic=logic, results=results,
                            out=folder / "out", summary=summary, before=before, events=events, lines=lines,
                            study=study, seconds=seconds)

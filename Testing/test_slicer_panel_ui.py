@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "SegXAI"
-CODE = (MODULE_DIR / "SegXAI.py").read_text()
+CODE = (MODULE_DIR / "SegXAI.py").read_text(encoding="utf-8")
 UI = ET.parse(MODULE_DIR / "Resources" / "UI" / "SegXAI.ui").getroot()
 
 QT_WIDGETS = {"QLabel", "QComboBox", "QPushButton", "QCheckBox", "QFrame", "QProgressBar", "QPlainTextEdit"}

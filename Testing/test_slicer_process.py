@@ -87,7 +87,7 @@ def test_kill_ends_the_child_and_its_children(tmp_path):
     def alive(pid: int) -> bool:  # a zombie waiting to be reaped counts as dead
         stat = Path(f"/proc/{pid}/stat")
         try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            return stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] != "Z"
         except FileNotFoundError:
             return False
 

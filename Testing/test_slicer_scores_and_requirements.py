@@ -57,7 +57,7 @@ def test_thresholds_are_strict_at_the_boundary():
 def test_requirements_follow_pyproject_except_what_slicer_provides():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     declared = {Requirement(r).name.lower(): str(Requirement(r).specifier) for r in readRequirements()}
-    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(encoding="utf-8"))
     dependencies = {Requirement(d).name.lower(): str(Requirement(d).specifier)
                     for d in project["project"]["dependencies"]}
     provided = {name.lower() for name in SLICER_PROVIDED}

@@ -72,7 +72,7 @@ def main() -> None:
         ModelCard.from_dict(CT_CARD, root=tmp).save(tmp / "ct.json")
         peak, seconds = child_peak_rss_gb(["segment", str(tmp / "ct.nrrd"), "--model", str(tmp / "ct.json"),
                                            "--out", str(tmp / "out"), "--device", "cpu", "--progress", "none"])
-        stages = json.loads((tmp / "out" / "summary.json").read_text())["seconds"]
+        stages = json.loads((tmp / "out" / "summary.json").read_text(encoding="utf-8"))["seconds"]
     print("| scan | step | seconds | peak RSS (GB) |\n|---|---|---|---|")
     shape = "x".join(map(str, args.shape[::-1]))
     for stage, value in stages.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def peak_rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024**2  # kB -> GB
     raise RuntimeError("no VmHWM in /proc/self/status (the benchmarks need Linux)")

@@ -20,7 +20,7 @@ TORCH_REQUIREMENT = ">=2.3"
 
 def readRequirements(path: str | os.PathLike = REQUIREMENTS_FILE) -> list[str]:
     """Requirement strings of a requirements file (comments and pip options skipped)."""
-    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
     return [line for line in lines if line and not line.startswith("-")]
 
 

@@ -133,7 +133,7 @@ def loadResults(scene, inputNode, outDir: str | Path) -> ExplainResults:
         SegXAIError: a file is missing or not on the input's grid.
     """
     outDir = Path(outDir)
-    summary = json.loads((outDir / "summary.json").read_text())
+    summary = json.loads((outDir / "summary.json").read_text(encoding="utf-8"))
     inputMatrix = _ijkToRas(inputNode)
     labels = _readOnInputGrid(outDir / summary["files"]["segmentation"], inputNode, inputMatrix)
     maps = [(item, _readOnInputGrid(outDir / item["file"], inputNode, inputMatrix)) for item in summary["maps"]]

@@ -135,7 +135,7 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, model: LoadedMo
         "not_applicable": run.not_applicable,
         "scores": case_scores(run),
     })
-    out.path("summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    out.path("summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return summary
 
 

@@ -281,7 +281,7 @@ def card_from_bundle(folder: Path) -> ModelCard:
     overrides_path = folder / OVERRIDES_CONFIG
     if overrides_path.is_file():
         try:
-            overrides = json.loads(overrides_path.read_text())
+            overrides = json.loads(overrides_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SegXAIError(f"{overrides_path} is not valid JSON ({exc}); fix it") from None
         if not isinstance(overrides, dict):

@@ -103,7 +103,7 @@ class ModelCard:
     def load(cls, path: str | Path) -> ModelCard:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SegXAIError(f"model card not found: {path}; check the path") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -159,7 +159,7 @@ def write_report(folder: Path) -> Path:
     if not (folder / "summary.json").is_file():
         raise SegXAIError(f"no summary.json in {folder}; run 'segxai explain' with --out {folder} first")
     # json directly: SegXAILib.outputs imports torch and MONAI, which drawing never needs
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     scan = read_volume(_scan_path(summary["input"], folder))
     segmentation = read_volume(folder / summary["files"]["segmentation"])
     target = summary.get("target") or {"name": "segmented object",

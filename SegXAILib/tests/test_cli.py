@@ -31,7 +31,7 @@ def test_segment_writes_labels_on_the_scan_grid_and_a_summary(tmp_path, tiny_car
     labels = read_volume(out / "segmentation.nrrd")
     scan = read_volume(scan_file)
     assert labels.same_grid(scan, atol=1e-9)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["model"]["name"] == "tiny"
     assert [c["name"] for c in summary["classes"]] == ["background", "core", "rim"]
     counts = {c["label"]: c["voxels"] for c in summary["classes"]}

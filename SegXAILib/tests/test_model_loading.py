@@ -235,7 +235,7 @@ def test_bundle_patch_size_is_roi_size_in_segxai_axis_order(tmp_path):
 def test_bundle_without_spacing_keeps_native_spacing_and_reads_other_normalisations(tmp_path):
     zscore = {"_target_": "Compose", "transforms": "$@transforms"}
     folder, _ = make_bundle(tmp_path / "z", preprocessing=zscore)
-    config = json.loads((folder / "configs" / "inference.json").read_text())
+    config = json.loads((folder / "configs" / "inference.json").read_text(encoding="utf-8"))
     config["transforms"] = [{"_target_": "monai.transforms.NormalizeIntensityd", "keys": "image", "nonzero": True}]
     (folder / "configs" / "inference.json").write_text(json.dumps(config))
     card = card_from_bundle(folder)
@@ -308,7 +308,7 @@ def test_bundle_without_weights_is_a_user_error(tmp_path):
 
 def test_bundle_with_unbuildable_network_def_is_a_user_error(tmp_path):
     folder, _ = make_bundle(tmp_path / "b")
-    config = json.loads((folder / "configs" / "inference.json").read_text())
+    config = json.loads((folder / "configs" / "inference.json").read_text(encoding="utf-8"))
     config["network_def"]["_target_"] = "NoSuchNetworkAnywhere"
     (folder / "configs" / "inference.json").write_text(json.dumps(config))
     with pytest.raises(SegXAIError, match="network_def"):

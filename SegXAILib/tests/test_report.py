@@ -242,7 +242,7 @@ def explain_folder(tmp_path):
 
 def test_report_is_one_self_contained_page(explain_folder):
     folder, summary = explain_folder
-    page = write_report(folder).read_text()
+    page = write_report(folder).read_text(encoding="utf-8")
     assert (folder / "report.html").is_file()
 
     pictures = ["segmentation.png", "montage_gradcam_blob.png", "montage_mcdropout-entropy_blob.png", "sa_curve.png"]
