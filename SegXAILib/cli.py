@@ -187,7 +187,9 @@ def cmd_synth_dataset(args: argparse.Namespace) -> int:
 
     first, _, last = args.seeds.partition(":")
     seeds = range(int(first), int(last)) if last else [int(first)]
-    written = synthesize_dataset(args.hosts.split(","), seeds, Path(args.out), _progress(args))
+    low, _, high = (args.host_scale or "").partition(":")
+    host_scale = (float(low), float(high)) if args.host_scale else None
+    written = synthesize_dataset(args.hosts.split(","), seeds, Path(args.out), _progress(args), host_scale)
     print(f"wrote {len(written)} cases to {args.out}")
     return 0
 
@@ -291,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth-dataset", help="many lesion cases for training (one folder per case)")
     p.add_argument("--hosts", default="colin27,colin27-brain,mni152")
     p.add_argument("--seeds", required=True, help="FIRST:STOP (stop excluded), e.g. 0:200")
+    p.add_argument("--host-scale", default=None, metavar="LOW:HIGH",
+                   help="shrink/grow each host by a seeded factor in this range, e.g. 0.45:1.0")
     p.add_argument("--out", required=True)
     add_progress(p)
     p.set_defaults(func=cmd_synth_dataset)

@@ -89,9 +89,14 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------- data
-def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path,
-                       progress: Progress | None = None) -> list[Path]:
-    """Write one lesion case per seed, cycling through the sample ``hosts``; returns the case folders."""
+def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path, progress: Progress | None = None,
+                       host_scale: tuple[float, float] | None = None) -> list[Path]:
+    """Write one lesion case per seed, cycling through the sample ``hosts``; returns the case folders.
+
+    ``host_scale`` (low, high): each case's host is first shrunk or grown by a factor drawn from the
+    seed (its voxel spacing scaled), so that the model also sees smaller and larger heads than the
+    two human hosts; lesion sizes stay physical.
+    """
     from .data.brain_mask import estimate_brain_mask
     from .data.lesion import synthesize_lesion, write_case
     from .data.samples import load_host
@@ -105,7 +110,11 @@ def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path,
         host = hosts[seed % len(hosts)]
         folder = Path(out) / f"{host}_{seed:05d}"
         if not (folder / "label.nii.gz").exists():
-            write_case(synthesize_lesion(volumes[host], seed=seed, brain_mask=masks[host]), folder)
+            volume = volumes[host]
+            if host_scale is not None:
+                factor = np.random.default_rng([seed, 1]).uniform(*host_scale)
+                volume = Volume(volume.array, volume.spacing * factor, volume.origin * factor, volume.direction)
+            write_case(synthesize_lesion(volume, seed=seed, brain_mask=masks[host]), folder)
         written.append(folder)
         progress.update("synthesize", (n + 1) / len(seeds), folder.name)
     return written
@@ -148,6 +157,8 @@ def load_training_arrays(folders: list[Path], card: ModelCard, progress: Progres
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
+    from .fileio import atomic_write
+
     key = hashlib.sha1(json.dumps([card.preprocessing, [c.label for c in card.classes]],
                                   sort_keys=True).encode()).hexdigest()[:12]
 
@@ -156,7 +167,7 @@ def load_training_arrays(folders: list[Path], card: ModelCard, progress: Progres
         if cache.exists():
             return np.load(cache)
         array = load_case(folder, card)[2]
-        np.save(cache, array)
+        atomic_write(cache, lambda tmp: np.save(tmp, array), suffix=".npy")  # runs may share a cache
         return array
 
     arrays = []

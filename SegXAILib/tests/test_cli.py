@@ -128,3 +128,22 @@ def test_synth_lesion_and_ct_phantom_commands(tmp_path):
     assert run_cli("ct-phantom", "--out", tmp_path / "ct", "--shape", 16, 32, 32) == 0
     ct = read_volume(tmp_path / "ct" / "image.nii.gz")
     assert ct.shape == (16, 32, 32) and ct.array.dtype == np.int16 and ct.array.min() <= -900
+
+
+def test_synth_dataset_shrinks_hosts_by_a_seeded_factor(tmp_path):
+    from SegXAILib.data.samples import mni152_t1
+
+    args = ["synth-dataset", "--hosts", "mni152", "--seeds", "3:5", "--host-scale", "0.5:0.6", "--progress", "none"]
+    assert run_cli(*args, "--out", tmp_path / "a") == 0
+    host = mni152_t1()
+    spacings = []
+    for seed in (3, 4):
+        image = read_volume(tmp_path / "a" / f"mni152_{seed:05d}" / "image.nii.gz")
+        factor = image.spacing / host.spacing
+        assert np.allclose(factor, factor[0]) and 0.5 <= factor[0] <= 0.6
+        assert np.allclose(image.origin, host.origin * factor[0], atol=1e-4)
+        spacings.append(factor[0])
+    assert spacings[0] != spacings[1]  # drawn per seed
+    assert run_cli(*args[:4], "3:4", *args[5:], "--out", tmp_path / "b") == 0  # same seed, same factor
+    again = read_volume(tmp_path / "b" / "mni152_00003" / "image.nii.gz")
+    assert np.allclose(again.spacing / host.spacing, spacings[0])
