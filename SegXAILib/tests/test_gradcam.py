@@ -22,14 +22,6 @@ from SegXAILib.models.loaders import LoadedModel
 from .conftest import explain_context
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared, loaded CPU: one thread is ~20x faster than two fighting for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_unet(seed=0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)

@@ -24,14 +24,6 @@ DEMO = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared, loaded CPU: one thread is much faster than two fighting for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def blob_image(shape=(16, 16, 16), seed=0) -> torch.Tensor:
     """A bright off-centre ball in noise, (1, 1, *shape)."""

@@ -207,16 +207,7 @@ def test_explainer_with_label_feature_resolution_and_layer_option(tiny_card):
         ProtoSegExplainer().explain(_context(model, image, options={"protoseg": {"layers": ["nope"]}}))
 
 
-@pytest.fixture
-def one_thread():
-    # training below is a few dozen tiny steps; on a shared machine one thread is several times faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_mean_sa_drops_on_a_noisy_copy(tmp_path, one_thread):
+def test_mean_sa_drops_on_a_noisy_copy(tmp_path):
     architecture = {"name": "unet", "args": {"channels": [8, 16], "strides": [2]}}
     model = load_from_card(ModelCard.load(make_card(tmp_path, architecture=architecture)))
     generator = torch.Generator().manual_seed(0)
