@@ -12,6 +12,7 @@ import vtk  # noqa: E402
 from SegXAILib.errors import SegXAIError  # noqa: E402
 from SegXAILib.volume import Volume, read_volume, write_volume  # noqa: E402
 from SegXAILogic import updateNodeFromVolume, volumeFromNode  # noqa: E402
+from SegXAILogic.standalone import standaloneScene  # noqa: E402
 
 SPACING = np.array([0.7, 1.3, 2.9])
 ORIGIN = np.array([-41.5, 17.25, 88.0])
@@ -123,17 +124,10 @@ def test_volume_from_an_empty_node_is_an_error(scene):
         volumeFromNode(node)
 
 
-def test_node_loaded_from_our_file_matches_read_volume(scene, tmp_path):
+def test_node_loaded_from_our_file_matches_read_volume(tmp_path):
     # The whole chain: our writer -> Slicer's reader -> our bridge == our reader.
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    colors = app.GetColorLogic()
-    colors.SetMRMLScene(scene)
-    app.SetModuleLogic("Colors", colors)
-    vlogic = slicer.vtkSlicerVolumesLogic()
-    vlogic.SetMRMLScene(scene)
-    vlogic.SetMRMLApplicationLogic(app)
-    app.SetModuleLogic("Volumes", vlogic)
+    env = standaloneScene()  # keep the scene alive as long as its logics are used
+    vlogic = env.volumes
 
     vol = make_volume(np.int16)
     path = write_volume(vol, tmp_path / "scan.nrrd")
