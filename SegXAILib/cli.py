@@ -78,11 +78,8 @@ def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt
     load_seconds = time.perf_counter() - start
     result = segment(scan, model, device=device, progress=progress)
     with OutputFolder(out_dir) as out:
-        start = time.perf_counter()
-        timings = {"read_and_load": load_seconds, **result.timings}
-        summary = write_segmentation(out, result, model.card, scan_path, fmt, timings)
-        summary["seconds"]["write"] = round(time.perf_counter() - start, 3)
-        out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        summary = write_segmentation(out, result, model.card, scan_path, fmt,
+                                     {"read_and_load": load_seconds, **result.timings})
     return summary
 
 

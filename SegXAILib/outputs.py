@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from typing import Any
 
 from . import __version__
@@ -47,9 +48,14 @@ def segmentation_summary(result: SegmentationResult, card: ModelCard, scan_path:
 
 def write_segmentation(out: OutputFolder, result: SegmentationResult, card: ModelCard, scan_path: str,
                        fmt: str, timings: dict[str, float]) -> dict[str, Any]:
-    """Write ``segmentation.<fmt>`` and ``summary.json`` into the staging folder; return the summary."""
+    """Write ``segmentation.<fmt>`` and ``summary.json`` into the staging folder; return the summary.
+
+    The seconds spent writing the labels are recorded as ``write`` beside ``timings``.
+    """
     seg_name = f"segmentation.{fmt}"
+    start = time.perf_counter()
     write_volume(result.labels, out.path(seg_name))
+    timings = {**timings, "write": time.perf_counter() - start}
     summary = segmentation_summary(result, card, scan_path, {"segmentation": seg_name}, timings)
     out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
