@@ -134,8 +134,8 @@ def _case_file(folder: Path, stem: str) -> Path:
     return found[0]
 
 
-def load_case(folder: Path, card: ModelCard) -> tuple[Volume, Volume, np.ndarray]:
-    """(scan, true labels on the scan grid, [image, channel-index labels] on the model grid) of one case."""
+def load_case(folder: Path, card: ModelCard) -> np.ndarray:
+    """One case on the model grid: [preprocessed image, channel-index labels], shape (2, D, H, W)."""
     scan = read_volume(_case_file(folder, "image"))
     label = read_volume(_case_file(folder, "label"))
     unknown = set(np.unique(label.array).tolist()) - {c.label for c in card.classes}
@@ -146,7 +146,7 @@ def load_case(folder: Path, card: ModelCard) -> tuple[Volume, Volume, np.ndarray
     lookup = np.zeros(int(max(c.label for c in card.classes)) + 1, dtype=np.int64)
     for channel, c in enumerate(card.classes):
         lookup[c.label] = channel
-    return scan, label, np.stack([grid.array, lookup[on_grid].astype(np.float32)])
+    return np.stack([grid.array, lookup[on_grid].astype(np.float32)])
 
 
 def load_training_arrays(folders: list[Path], card: ModelCard, progress: Progress, stage: str) -> list[np.ndarray]:
@@ -166,7 +166,7 @@ def load_training_arrays(folders: list[Path], card: ModelCard, progress: Progres
         cache = folder / f".model-grid-{key}.npy"
         if cache.exists():
             return np.load(cache)
-        array = load_case(folder, card)[2]
+        array = load_case(folder, card)
         atomic_write(cache, lambda tmp: np.save(tmp, array), suffix=".npy")  # runs may share a cache
         return array
 
@@ -313,6 +313,7 @@ def evaluate_case(model, folder: Path) -> dict[str, float]:
     from .inference import segment
     from .metrics import dice_per_target
 
-    scan, label, _ = load_case(folder, model.card)
+    scan = read_volume(_case_file(folder, "image"))  # segment() preprocesses it: no load_case here
+    label = read_volume(_case_file(folder, "label"))
     result = segment(scan, model, device="cpu")
     return dice_per_target(result.labels.array, label.array, model.card)
