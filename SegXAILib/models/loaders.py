@@ -64,8 +64,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"refusing to load {path}: it is a pickle that would construct objects or run code, or not a "
             f"weights file at all ({detail[:120]}); save plain weights with "
             "safetensors.torch.save_file(model.state_dict(), ...) or torch.save(model.state_dict(), ...)") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise SegXAIError(f"weights file {path} is corrupt or not a torch file ({str(exc)[:120]})") from None
+    except Exception as exc:  # noqa: BLE001 - the restricted unpickler fails on junk bytes in many ways
+        # (RuntimeError, EOFError, IndexError, KeyError, struct.error, ...): each means "not a weights file".
+        reason = f"{type(exc).__name__}: {str(exc)[:120]}"
+        raise SegXAIError(f"weights file {path} is corrupt or not a torch file ({reason}); re-export it") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
