@@ -27,12 +27,15 @@ def versions() -> dict[str, str]:
 
 def segmentation_summary(result: SegmentationResult, card: ModelCard, scan_path: str, files: dict[str, str],
                          timings: dict[str, float]) -> dict[str, Any]:
-    """The summary.json contract: model, classes, per-class voxel counts and mL, timings, device."""
+    """The summary.json contract: model, model grid, classes, per-class voxel counts and mL, timings, device."""
     counts = volumes_ml(result.labels, [c.label for c in card.classes])
     return {
         "input": str(scan_path),
         "model": {"name": card.name, "architecture": card.architecture.get("name"),
                   "validation": card.validation},
+        # the grid the network saw (its spacing differs from the card's when scaled to the brain's size)
+        "model_grid": {"shape_ijk": list(result.model_grid.shape[::-1]),
+                       "spacing_mm": [round(float(s), 4) for s in result.model_grid.spacing]},
         "classes": [{"name": c.name, "label": c.label, "color": list(c.color),
                      "voxels": counts[c.label][0], "volume_ml": round(counts[c.label][1], 4)}
                     for c in card.classes],

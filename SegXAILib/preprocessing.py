@@ -143,10 +143,41 @@ def normalise_intensity(array: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     return x
 
 
+BRAIN_SCALE_LIMITS = (0.25, 4.0)
+"""Brain-size factors outside this range (a brain below 1/64 or above 64x the reference volume)
+mean the mask estimate failed or the scan is not a brain, not that the brain is unusual."""
+
+
+def brain_scaled_spacing(volume: Volume, spacing: Any, brain_volume_ml: float) -> np.ndarray:
+    """The target ``spacing`` (mm, I, J, K) scaled so that the scan's brain spans as many voxels
+    as a brain of ``brain_volume_ml`` does at ``spacing``.
+
+    Models trained on adult human heads see a brain of one size; a child's, a shrunken or an
+    animal's brain would reach them as an anatomy they never saw. Resampling at
+    ``spacing * (V / brain_volume_ml) ** (1/3)``, with V estimated by
+    :func:`~SegXAILib.data.brain_mask.estimate_brain_mask`, gives every brain the training size
+    on the model grid (an isotropic scale, the part of atlas registration that matters here).
+    """
+    from .data.brain_mask import estimate_brain_mask
+
+    volume_ml = float(estimate_brain_mask(volume).sum() * np.prod(volume.spacing) / 1000.0)
+    factor = (volume_ml / brain_volume_ml) ** (1.0 / 3.0)
+    low, high = BRAIN_SCALE_LIMITS
+    if not low <= factor <= high:
+        raise SegXAIError(f"the brain found in the scan measures {volume_ml:.0f} mL, far from the "
+                          f"{brain_volume_ml:.0f} mL this model expects; give a T1 MRI of a whole head or "
+                          "brain, or a model card without 'brain_volume_ml'")
+    return np.asarray(spacing, dtype=np.float64) * factor
+
+
 def preprocess(scan: Volume, preprocessing: dict[str, Any]) -> Volume:
-    """Scan -> model grid: RAS orientation, target spacing (``None``: keep), intensity normalisation."""
+    """Scan -> model grid: RAS orientation, target spacing (``None``: keep; scaled to the brain's
+    size when ``brain_volume_ml`` is given), intensity normalisation."""
     validate_scan(scan)
     volume = reorient_to_ras(scan) if preprocessing.get("orientation", "RAS") == "RAS" else scan
     if preprocessing.get("spacing") is not None:
-        volume = resample_to_spacing(volume, preprocessing["spacing"])
+        spacing = preprocessing["spacing"]
+        if preprocessing.get("brain_volume_ml") is not None:
+            spacing = brain_scaled_spacing(volume, spacing, float(preprocessing["brain_volume_ml"]))
+        volume = resample_to_spacing(volume, spacing)
     return volume.with_array(normalise_intensity(volume.array, preprocessing.get("intensity", {})))

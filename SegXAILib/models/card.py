@@ -28,7 +28,9 @@ Output channel ``n`` of the network is ``classes[n]``; the label value written t
 ``classes[n].label``. ``groups`` name unions of labels that can be explained as one target.
 Intensity normalisation kinds: ``zscore_foreground`` (MRI; mean/std inside the Otsu
 foreground), ``percentile`` (``lower``/``upper`` percentiles to 0..1), ``ct_window``
-(``window: [low, high]`` in HU to 0..1, ``clip`` true/false).
+(``window: [low, high]`` in HU to 0..1, ``clip`` true/false). An optional
+``"brain_volume_ml"`` in ``preprocessing`` scales the target spacing to the scan's brain size
+(see :func:`SegXAILib.preprocessing.brain_scaled_spacing`).
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ def test_segment_writes_labels_on_the_scan_grid_and_a_summary(tmp_path, tiny_car
     voxel_ml = np.prod(scan.spacing) / 1000
     assert summary["classes"][1]["volume_ml"] == pytest.approx(counts[1] * voxel_ml, abs=1e-3)
     assert set(summary["seconds"]) >= {"preprocess", "inference", "resample"}
+    assert summary["model_grid"]["spacing_mm"] == [2.0, 2.0, 2.0]  # the tiny card's spacing
+    extent = np.array(scan.shape[::-1]) * scan.spacing
+    assert summary["model_grid"]["shape_ijk"] == np.maximum(1, np.round(extent / 2.0)).astype(int).tolist()
     assert scan_file.read_bytes() == before  # the input is never modified
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
