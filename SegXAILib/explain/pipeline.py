@@ -20,9 +20,10 @@ from ..fileio import OutputFolder
 from ..inference import SegmentationResult, segment, select_device
 from ..models.loaders import LoadedModel
 from ..outputs import segmentation_summary
-from ..preprocessing import resample_to_grid
+from ..preprocessing import foreground_mask, resample_to_grid
 from ..progress import Progress
 from ..volume import Volume, write_volume
+from ..uncertainty.collaboration import agreement
 from .base import ExplainContext, Explanation, ExplanationMap, NotApplicable
 from .registry import get_explainer
 
@@ -108,6 +109,41 @@ def case_scores(run: ExplainResult) -> dict[str, Any]:
     return scores
 
 
+SAMPLED_UNCERTAINTY = ("ensemble", "mcdropout", "tta")
+"""Methods whose entropy and variance maps the collaboration-gradient map is compared with."""
+
+
+def comparison_region(grid: Volume, card_modality: str) -> tuple[np.ndarray, str]:
+    """Where uncertainty maps are compared: the brain of a brain MRI, else the scan's foreground.
+
+    Paper 000 compares inside the brain; elsewhere the body (Otsu foreground) plays that part.
+    """
+    if card_modality.upper().startswith("MRI"):
+        from ..data.brain_mask import estimate_brain_mask
+
+        mask = estimate_brain_mask(grid)
+        if mask.any():
+            return mask, "brain (estimated mask)"
+    return foreground_mask(grid.array), "foreground (Otsu)"
+
+
+def uncertainty_agreement(run: ExplainResult, card_modality: str) -> dict[str, Any]:
+    """Agreement of the collaboration-gradient map with every sampled entropy and variance map of the run.
+
+    The validation of paper 000 (its Pearson: 0.6175 with ensemble entropy, 0.5651 with variance):
+    Pearson inside the brain and the overlap of the top-10 % voxels (:func:`agreement`).
+    Returns ``{}`` unless ``mhex-uncertainty`` and at least one of :data:`SAMPLED_UNCERTAINTY` ran.
+    """
+    collaboration = next((m.array for e in run.explanations if e.method == "mhex-uncertainty" for m in e.maps), None)
+    others = {f"{e.method}-{m.variant}": m.array for e in run.explanations if e.method in SAMPLED_UNCERTAINTY
+              for m in e.maps if m.variant in ("entropy", "variance")}
+    if collaboration is None or not others:
+        return {}
+    region, region_name = comparison_region(run.segmentation.model_grid, card_modality)
+    return {"map": "mhex-uncertainty", "region": region_name, "region_voxels": int(region.sum()),
+            "against": {name: agreement(collaboration, other, region) for name, other in others.items()}}
+
+
 def write_explain_outputs(out: OutputFolder, run: ExplainResult, model: LoadedModel, scan_path: str,
                           fmt: str, timings: dict[str, float]) -> dict[str, Any]:
     """Write the segmentation, one file per map on the scan's grid, and summary.json (staged)."""
@@ -135,6 +171,9 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, model: LoadedMo
         "not_applicable": run.not_applicable,
         "scores": case_scores(run),
     })
+    comparison = uncertainty_agreement(run, model.card.modality)
+    if comparison:
+        summary["agreement"] = comparison
     out.path("summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return summary
 

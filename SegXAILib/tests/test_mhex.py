@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,41 @@ def test_eunet_card_round_trip(tmp_path):
     with torch.no_grad():
         assert model.network(image).shape == (1, 3, 16, 16, 16)
     assert isinstance(MHEXCAM().explain(context_for(model.network, image)).maps[0].array, np.ndarray)
+
+
+# ----------------------------------------------------------------------------- agreement in summary.json
+def test_summary_records_agreement_with_sampled_uncertainty(tmp_path, scan_file):
+    from SegXAILib.cli import main
+    from SegXAILib.explain.pipeline import explain_scan, uncertainty_agreement
+    from SegXAILib.preprocessing import foreground_mask
+    from SegXAILib.volume import read_volume
+
+    from .conftest import oblique_scan
+
+    arch = {"name": "eunet", "args": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+                                      "dropout": 0.3}}
+    card_path = make_card(tmp_path, architecture=arch)
+    model = load_from_card(ModelCard.load(card_path))
+    options = {"mcdropout": {"samples": 3}, "mhex-uncertainty": {"k": 4}}
+    run = explain_scan(oblique_scan(), model, ["mhex-uncertainty", "mcdropout"], device="cpu", options=options)
+    maps = {(e.method, m.variant): m.array for e in run.explanations for m in e.maps}
+    region = foreground_mask(run.segmentation.model_grid.array)
+    found = uncertainty_agreement(run, "CT")
+    assert found["region"] == "foreground (Otsu)" and found["region_voxels"] == int(region.sum())
+    assert set(found["against"]) == {"mcdropout-entropy", "mcdropout-variance"}
+    for variant in ("entropy", "variance"):
+        expected = agreement(maps[("mhex-uncertainty", None)], maps[("mcdropout", variant)], region)
+        assert found["against"][f"mcdropout-{variant}"] == pytest.approx(expected, nan_ok=True)
+    assert -1 <= found["against"]["mcdropout-entropy"]["pearson"] <= 1
+
+    # through the command line: the section exists only when both kinds of map were made
+    scan = scan_file
+    args = ["explain", str(scan), "--model", str(card_path), "--target", "lesion", "--no-report", "--progress", "none",
+            "--option", "mcdropout.samples=3", "--option", "mhex-uncertainty.k=4"]
+    assert main(args + ["--methods", "mhex-uncertainty,mcdropout", "--out", str(tmp_path / "both")]) == 0
+    summary = json.loads((tmp_path / "both" / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary["agreement"]["against"]) == {"mcdropout-entropy", "mcdropout-variance"}
+    assert summary["agreement"]["map"] == "mhex-uncertainty"
+    assert main(args + ["--methods", "mhex-uncertainty", "--out", str(tmp_path / "one")]) == 0
+    assert "agreement" not in json.loads((tmp_path / "one" / "summary.json").read_text(encoding="utf-8"))
+    assert read_volume(scan).same_grid(read_volume(tmp_path / "both" / "segmentation.nii.gz"), atol=1e-6)

@@ -242,7 +242,10 @@ class CollaborationUncertainty(Explainer):
         def window_map(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.autocast(window.device.type, enabled=False):  # gradients' angles in float32
                 window = window.float()
-                uncertainty, zero = collaboration_map(network, window[:, :channels], window[:, channels].round().long(),
+                # a scan smaller than a window is padded with the image's minimum in every channel, the
+                # label's too; padded voxels are cropped off afterwards, so background stands in for them
+                label_window = window[:, channels].round().long().clamp(min=0)
+                uncertainty, zero = collaboration_map(network, window[:, :channels], label_window,
                                                       k, route, chunk, seed, context.progress)
             return uncertainty, zero.to(uncertainty.dtype)
 
