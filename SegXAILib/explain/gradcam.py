@@ -32,14 +32,14 @@ keeps only the graph from that layer to the output (:class:`.layers.LayerCapture
 
 Scans larger than the card's patch size run window by window in MONAI's sliding window
 (``with_coord=True``): each window returns its logits, activations and the gradient of its part of
-the score (target logits summed over R inside the window); coarser activations and gradients are
-trilinearly upsampled to the window before MONAI stitches them with its Gaussian weights, which costs
-(channels x scan size) memory per layer. The stitched gradient is the blend of per-window gradients, an
+the score (target logits summed over R inside the window), activations and gradients on the layer's
+own grid; MONAI stitches each output at its own scale with its Gaussian weights, which costs
+(channels x layer grid) memory per layer. The stitched gradient is the blend of per-window gradients, an
 approximation of the gradient of the global score (exact for networks without spatial context); the
 channel weights are computed once from the stitched tensors, so the CAM is one global map, not a
-mosaic of window CAMs. Because the stitched activations are already on the model grid, the ReLU acts
-after the upsampling there, not before it as in the single-window case: the two agree exactly for
-full-resolution layers.
+mosaic of window CAMs, and it is upsampled after the ReLU exactly as in the single-window case.
+(Stitching on the layer grid instead of upsampling every window first makes Grad-CAM about twice
+as fast at 128^3; window starts that are not multiples of the layer's stride are rounded to its grid.)
 """
 
 from __future__ import annotations
@@ -63,10 +63,8 @@ from .layers import DEFAULT_LAYER, LayerCapture, frozen_parameters, parse_layer_
 
 REGIONS = ("predicted", "all", "box", "mask")
 _REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
-UPSAMPLING = {False: "trilinear, align_corners=False (voxel centres), of the layer's CAM (after the ReLU)",
-              True: "trilinear, align_corners=False (voxel centres), of each window's activations and gradients "
-                    "(before the ReLU)"}
-"""How a coarse layer reaches the model grid, in one window (key False) or in sliding windows (True)."""
+UPSAMPLING = "trilinear, align_corners=False (voxel centres), of the layer's CAM (after the ReLU)"
+"""How a coarse layer's CAM reaches the model grid."""
 
 
 def padding_to(shape: tuple[int, ...], patch: tuple[int, ...]) -> list[int]:
@@ -203,29 +201,25 @@ class SegGradCAM(Explainer):
 
     def _sliding_window(self, context: ExplainContext, region: np.ndarray, modules: list[nn.Module],
                         overlap: float) -> tuple[float, list[torch.Tensor]]:
-        """Windows return (logits, A..., G...) upsampled to the window; one CAM from the stitched tensors."""
+        """Windows return (logits, A..., G...) on their own grids; one CAM per layer from the stitched tensors."""
         patch = context.model.card.patch_size
         # MONAI pads a scan smaller than the patch along some axis; the window slices index the padded scan
         pad = padding_to(region.shape, patch)
         padded = np.pad(region, list(zip(pad[-2::-2], pad[::-2])))
-        scale: list[float] = []  # layer voxels per window voxel, for Grad-CAM++'s sums over the layer grid
 
         def predictor(window: torch.Tensor, coords: list[list[slice]]):
             window_region = torch.from_numpy(padded[tuple(coords[0][2:])]).to(window.device)
             window_weight = window_region.float()[None, None]
             logits, _, activations, grads = layer_gradients(context.model.network, window, window_weight,
                                                             context.channels, modules)
-            if not scale:
-                scale.extend(math.prod(a.shape[2:]) / math.prod(window.shape[2:]) for a in activations)
-            size = tuple(window.shape[2:])
-            return (logits, *(upsample_to(a, size) for a in activations), *(upsample_to(g, size) for g in grads))
+            return (logits, *activations, *grads)
 
         logits, *stitched = sliding_window_predict(predictor, context.image, patch, context.device, overlap,
                                                    context.progress, self.name, with_coord=True)
         score = float(logits[0, context.channels][:, torch.from_numpy(region)].sum())
         n = len(modules)
-        voxels = region.size
-        cams = [self.cam(a, g, round(voxels * s)) for a, g, s in zip(stitched[:n], stitched[n:], scale)]
+        cams = [upsample_to(self.cam(a, g, math.prod(a.shape[2:])), region.shape)
+                for a, g in zip(stitched[:n], stitched[n:])]
         return score, cams
 
     # ------------------------------------------------------------ explainer
@@ -267,7 +261,7 @@ class SegGradCAM(Explainer):
                 description=(f"{self.title} at {spec} ({', '.join(layers[spec])}): where the layer's features raise "
                              f"the {context.target} logits over the {_REGION_WORDS[region.kind]} (relative)")))
         metadata: dict[str, Any] = {
-            "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING[sliding],
+            "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING,
             "seconds": time.perf_counter() - start,
             "parameters": {"layer": specs, "patch_size": list(patch), "overlap": overlap,
                            **{k: options[k] for k in ("region", "box") if options.get(k) is not None}}}

@@ -229,6 +229,35 @@ def test_sliding_window_equals_whole_volume_when_stitching_is_exact(explainer):
     assert windows.scalars["score"] == pytest.approx(whole.scalars["score"], rel=1e-5)
 
 
+class CoarsePointwiseNet(nn.Module):
+    """A half-resolution layer ("middle") between 2x2x2 pooling and nearest upsampling, all else pointwise:
+    windows starting on even voxels see exactly the whole volume's coarse features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(10)  # a seed whose CAM is not all zero after the ReLU
+        self.encoder = nn.Sequential(nn.Conv3d(1, 6, 1), nn.ReLU(), nn.AvgPool3d(2))
+        self.middle = nn.Sequential(nn.Conv3d(6, 6, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(6, 3, 1))
+
+    def forward(self, x):
+        return self.head(self.middle(self.encoder(x)))
+
+
+@pytest.mark.parametrize("explainer", [SegGradCAM(), SegGradCAMPlusPlus()], ids=["gradcam", "gradcampp"])
+def test_sliding_window_equals_whole_volume_at_a_coarse_layer(explainer):
+    # window starts 0, 8 / 0, 12 and a padding of 2: all on the coarse grid, so stitching on the layer's
+    # own grid is exact, and the CAM is upsampled after the ReLU in both cases
+    network = CoarsePointwiseNet().eval()
+    image = blob_image((24, 12, 28), seed=6)
+    options = {explainer.name: {"layer": "middle"}}
+    whole = explainer.explain(make_context(network, image, options=options))
+    windows = explainer.explain(make_context(network, image, patch=(16, 16, 16), options=options))
+
+    assert windows.metadata["sliding_window"] and windows.metadata["upsampling"] == whole.metadata["upsampling"]
+    assert_close(windows.maps[0].array, whole.maps[0].array)
+
+
 def test_sliding_window_close_to_whole_volume_on_a_unet():
     # batch norm in eval mode: windows are not renormalised (instance norm would change the network per window)
     network = tiny_unet(seed=5, num_res_units=2, norm="BATCH")
