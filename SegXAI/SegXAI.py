@@ -5,6 +5,7 @@ MRML side (running it, loading its output as nodes, layers, exports) lives in th
 package beside this file, which the tests use with slicer-core.
 """
 
+import html
 import logging
 import os
 import tempfile
@@ -348,9 +349,10 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateLayerControls()
 
         scores = caseScores(results.summary) if results else []
-        self.ui.scoresLabel.text = "<br>".join(f"{s.label}: <b>{s.text}</b>" + (" (poor)" if s.poor else "")
+        self.ui.scoresLabel.text = "<br>".join(f"{html.escape(s.label)}: <b>{html.escape(s.text)}</b>"
+                                               + (" (poor)" if s.poor else "")
                                                for s in scores) or "No case-level scores for these methods."
-        advice = reviewAdvice(scores)
+        advice = reviewAdvice(results.summary) if results else None
         self.ui.reviewLabel.text = advice or ("No reason to review this case in these scores." if scores else "")
         self.ui.reviewLabel.setStyleSheet("color: #c0392b; font-weight: bold" if advice else "")
         self.ui.exportDicomSegButton.visible = bool(results) and cameFromDicom(results.input)

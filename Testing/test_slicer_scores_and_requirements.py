@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ pytest.importorskip("slicer")  # SegXAILogic's package imports slicer
 
 from packaging.requirements import Requirement  # noqa: E402
 
+from SegXAILib.quality import review_case  # noqa: E402
 from SegXAILogic.requirements import SLICER_PROVIDED, missingRequirements, readRequirements  # noqa: E402
 from SegXAILogic.scores import caseScores, reviewAdvice  # noqa: E402
 
@@ -18,40 +18,52 @@ CLASSES = [{"name": n, "label": v} for n, v in (("background", 0), ("necrotic co
 
 
 def summary(**scores) -> dict:
+    """A summary as written before ``review`` existed: the panel judges it with the default thresholds."""
     return {"classes": CLASSES, "target": {"name": "whole tumour"}, "scores": scores}
 
 
 def test_good_scores_give_no_advice():
-    scores = caseScores(summary(object_volume_ml=12.5, **{"protoseg.mean_sa": 0.83, "tta.entropy_inside": 0.2,
-                                                           "tta.variance_inside": 0.01, "misure.reliability": 0.9}))
-    by_key = {s.key: s for s in scores}
-    assert set(by_key) == {"object_volume_ml", "protoseg.mean_sa", "tta.entropy_inside", "misure.reliability"}
-    assert not any(s.poor for s in scores) and reviewAdvice(scores) is None
-    # entropy as a share of its maximum log(4 classes)
-    assert by_key["tta.entropy_inside"].value == pytest.approx(0.2 / math.log(4))
-    assert by_key["tta.entropy_inside"].text == "14% of the maximum"
-    assert by_key["object_volume_ml"].label == "Volume of whole tumour"
+    case = summary(object_volume_ml=12.5, **{"protoseg.mean_sa": 0.83, "tta.entropy_inside": 0.2,
+                                             "tta.variance_inside": 0.01, "misure.reliability": 0.9})
+    by_key = {s.key: s for s in caseScores(case)}
+    assert list(by_key) == list(case["scores"])
+    assert not any(s.poor for s in by_key.values()) and reviewAdvice(case) is None
+    # entropy judged against half its maximum, log(4 classes) = 1.386 nats
+    assert by_key["tta.entropy_inside"].text == "0.2 (review if > 0.693)"
+    assert by_key["protoseg.mean_sa"].label == "Mean segmentation-ability score \u03bc (protoseg)"
+    assert by_key["object_volume_ml"].value == 12.5
 
 
 @pytest.mark.parametrize("key, value, reason", [
-    ("protoseg.mean_sa", 0.41, "features barely separate the object (mean SA 0.41)"),
-    ("tta.entropy_inside", 0.8, "uncertain inside the object (58% of the maximum)"),
-    ("mcdropout.entropy_inside", 0.8, "uncertain inside the object"),
-    ("misure.reliability", 0.3, "low reliability (30% chance of Dice >= 0.9)"),
-    ("object_volume_ml", 0.0, "the model found no object"),
+    ("protoseg.mean_sa", 0.41, "barely separate the whole tumour from the rest"),
+    ("tta.entropy_inside", 0.8, "unsure inside the whole tumour (Uncertainty inside the object (entropy, nats) "
+                                "(tta) = 0.8"),
+    ("mcdropout.entropy_inside", 0.8, "(mcdropout) = 0.8; review if > 0.693"),
+    ("misure.reliability", 0.3, "more likely wrong than right (Reliability (probability) (misure) = 0.3"),
+    ("object_volume_ml", 0.0, "the model segmented almost nothing as whole tumour"),
 ])
 def test_each_poor_score_asks_for_review(key, value, reason):
-    scores = summary(object_volume_ml=10.0, **{"protoseg.mean_sa": 0.9})
-    scores["scores"][key] = value
-    advice = reviewAdvice(caseScores(scores))
-    assert advice is not None and advice.startswith("Review this case: ") and reason in advice
+    case = summary(object_volume_ml=10.0, **{"protoseg.mean_sa": 0.9})
+    case["scores"][key] = value
+    assert [s.key for s in caseScores(case) if s.poor] == [key]
+    advice = reviewAdvice(case)
+    assert advice is not None and advice.startswith("Review this case: ") and advice.endswith(".")
+    assert reason in advice and advice.count(";") == 1  # one reason: "<what>; <threshold>" only
 
 
-def test_thresholds_are_strict_at_the_boundary():
-    at = caseScores(summary(**{"protoseg.mean_sa": 0.5, "tta.entropy_inside": 0.5 * math.log(4)}))
-    assert not any(s.poor for s in at)
-    below = caseScores(summary(**{"protoseg.mean_sa": 0.4999, "tta.entropy_inside": 0.5001 * math.log(4)}))
-    assert all(s.poor for s in below)
+def test_the_panel_shows_the_verdict_the_run_wrote():
+    case = summary(**{"protoseg.mean_sa": 0.12, "tta.entropy_inside": 0.3})
+    assert [s.poor for s in caseScores(case)] == [True, False]  # an older summary: the default 0.5 flags it
+    basis = "5th percentile of mean SA on 24 validation cases"
+    case["review"] = review_case(case, {"mean_sa_below": 0.05, "basis": basis})  # as the explain run writes it
+    scores = caseScores(case)
+    assert [s.poor for s in scores] == [False, False] and reviewAdvice(case) is None
+    assert scores[0].text == f"0.12 (review if < 0.05, calibrated: {basis})"
+    case["scores"]["protoseg.mean_sa"] = 0.01  # the panel shows what the run wrote, it does not judge again
+    assert reviewAdvice(case) is None
+    case["review"] = review_case(case, {"mean_sa_below": 0.05, "basis": basis})
+    advice = reviewAdvice(case)
+    assert "barely separate the whole tumour" in advice and "(protoseg) = 0.01; review if < 0.05, calibrated" in advice
 
 
 def test_requirements_follow_pyproject_except_what_slicer_provides():

@@ -22,6 +22,7 @@ from ..models.loaders import LoadedModel
 from ..outputs import segmentation_summary
 from ..preprocessing import foreground_mask, resample_to_grid
 from ..progress import Progress
+from ..quality import review_case
 from ..volume import Volume, write_volume
 from ..uncertainty.collaboration import agreement
 from .base import ExplainContext, Explanation, ExplanationMap, NotApplicable
@@ -146,7 +147,11 @@ def uncertainty_agreement(run: ExplainResult, card_modality: str) -> dict[str, A
 
 def write_explain_outputs(out: OutputFolder, run: ExplainResult, model: LoadedModel, scan_path: str,
                           fmt: str, timings: dict[str, float]) -> dict[str, Any]:
-    """Write the segmentation, one file per map on the scan's grid, and summary.json (staged)."""
+    """Write the segmentation, one file per map on the scan's grid, and summary.json (staged).
+
+    summary.json carries the case-level ``scores`` and, judged by the model card's thresholds, whether
+    the case needs ``review`` (:func:`SegXAILib.quality.review_case`).
+    """
     result = run.segmentation
     files = {"segmentation": f"segmentation.{fmt}"}
     write_volume(result.labels, out.path(files["segmentation"]))
@@ -171,6 +176,7 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, model: LoadedMo
         "not_applicable": run.not_applicable,
         "scores": case_scores(run),
     })
+    summary["review"] = review_case(summary, model.card.review)  # the one verdict the report and Slicer show
     comparison = uncertainty_agreement(run, model.card.modality)
     if comparison:
         summary["agreement"] = comparison

@@ -31,6 +31,13 @@ foreground), ``percentile`` (``lower``/``upper`` percentiles to 0..1), ``ct_wind
 (``window: [low, high]`` in HU to 0..1, ``clip`` true/false). An optional
 ``"brain_volume_ml"`` in ``preprocessing`` scales the target spacing to the scan's brain size
 (see :func:`SegXAILib.preprocessing.brain_scaled_spacing`).
+
+An optional ``review`` object calibrates the "review this case" thresholds for this model, e.g.
+``"review": {"mean_sa_below": 0.05, "basis": "5th percentile of mean SA on 24 validation cases"}``:
+keys ``<score>_below`` / ``<score>_above`` and the ``basis`` they come from, which reports quote. A
+score's typical value depends on the model, so one fixed default can flag every case of one model and
+none of another. Scores the card does not name keep the defaults of :mod:`SegXAILib.quality`, which
+also checks the keys.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SegXAIError
+from ..quality import review_limits
 
 INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
 
@@ -70,6 +78,7 @@ class ModelCard:
     groups: dict[str, list[int]] = field(default_factory=dict)
     default_target: str | None = None
     validation: dict[str, Any] = field(default_factory=dict)
+    review: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path = Path(".")
 
@@ -92,6 +101,7 @@ class ModelCard:
                 groups={k: [int(x) for x in v] for k, v in data.get("groups", {}).items()},
                 default_target=data.get("default_target"),
                 validation=dict(data.get("validation", {})),
+                review=dict(data.get("review", {})),
                 extra=dict(data.get("extra", {})),
                 root=Path(root),
             )
@@ -124,6 +134,10 @@ class ModelCard:
             unknown = set(labels) - {c.label for c in self.classes}
             if unknown:
                 raise SegXAIError(f"{source}: group {group!r} names labels {sorted(unknown)} that no class has")
+        try:
+            review_limits(self.review)
+        except SegXAIError as exc:
+            raise SegXAIError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +152,7 @@ class ModelCard:
             "patch_size": list(self.patch_size),
             "weights": self.weights,
             "validation": self.validation,
+            **({"review": self.review} if self.review else {}),
             **({"extra": self.extra} if self.extra else {}),
         }
 

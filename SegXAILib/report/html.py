@@ -6,9 +6,9 @@ scan at ``summary["input"]``; it never recomputes an explanation. It writes the 
 ``report.html``, which embeds the same pictures as data URIs and its CSS inline, so the page can
 be mailed or archived on its own.
 
-A case is flagged "review this case" when any case-level score crosses its threshold below. The
-thresholds are deliberately simple, fixed numbers (not fitted on a cohort): they say "look at this
-case more closely", never "this segmentation is right".
+The verdict "review this case" and the scores table are ``summary["review"]``, written by the explain
+run with the model card's thresholds (:mod:`SegXAILib.quality`); a summary written before that entry
+existed is judged here with the default thresholds.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,127 +28,10 @@ from matplotlib.colors import to_hex
 
 from ..errors import SegXAIError
 from ..fileio import atomic_write_text
+from ..quality import ScoreRow, review_case
 from ..volume import Volume, read_volume, volume_suffix
 from .montage import (CONTOUR_COLOUR, class_colours, object_center, render_map_montage, render_sa_curve,
                       render_segmentation_montage, scan_window)
-
-SA_REVIEW_BELOW = 0.5
-"""Mean SA score mu below this: the last layers' features barely separate the object from the rest
-(paper 003, Sec. 4.6: low mu goes with low Dice; 0.5 is the midpoint of the score's [0, 1] range)."""
-
-ENTROPY_REVIEW_ABOVE = 0.5
-"""Mean predictive entropy inside the object above this fraction of its maximum, log(number of
-classes): for three classes a voxel predicted 90% / 5% / 5% has 0.36 of the maximum, 80% / 10% / 10%
-has 0.58. The Slicer panel (SegXAI/SegXAILogic/scores.py) uses the same fraction."""
-
-MUTUAL_INFORMATION_REVIEW_ABOVE = 0.2
-"""Mean mutual information inside the object above this fraction of log(number of classes): the
-repeated predictions themselves disagree, not just each one being unsure."""
-
-VARIANCE_REVIEW_ABOVE = 0.05
-"""Mean variance of the target probability inside the object above this (the maximum is 0.25): a
-typical spread of about +-0.22 in the probability between repeated predictions."""
-
-OBJECT_REVIEW_BELOW_ML = 0.1
-"""Segmented object smaller than this (0.1 mL = 100 cubic mm): nothing, or a few stray voxels, was found."""
-
-
-@dataclass(frozen=True)
-class ScoreRule:
-    """How one case-level score is named, explained and flagged.
-
-    Attributes:
-        label: short name shown in the table.
-        meaning: plain-language explanation; may use ``{target}`` and ``{max_entropy}``.
-        review: ``"below"`` or ``"above"``: which side of ``limit`` asks for review.
-        limit: the review threshold.
-        of_max_entropy: ``limit`` is a fraction of log(number of classes), the largest entropy possible.
-    """
-
-    label: str
-    meaning: str
-    review: str
-    limit: float
-    of_max_entropy: bool = False
-
-    def threshold(self, n_classes: int) -> float:
-        return self.limit * math.log(n_classes) if self.of_max_entropy else self.limit
-
-    def needs_review(self, value: float, n_classes: int) -> bool:
-        limit = self.threshold(n_classes)
-        return value < limit if self.review == "below" else value > limit
-
-
-SCORE_RULES: dict[str, ScoreRule] = {
-    "object_volume_ml": ScoreRule(
-        "Volume of the segmented object (mL)",
-        "How much the model segmented as {target}, in millilitres.", "below", OBJECT_REVIEW_BELOW_ML),
-    "mean_sa": ScoreRule(
-        "Mean segmentation-ability score \u03bc",
-        "How cleanly the features of the network's last two layers separate the segmented {target} from "
-        "everything else, from 0 (not at all) to 1 (perfectly). It needs no ground truth; low values go with "
-        "poor segmentations, typically of small or blurred objects.", "below", SA_REVIEW_BELOW),
-    "entropy_inside": ScoreRule(
-        "Uncertainty inside the object (entropy, nats)",
-        "Mean uncertainty of repeated predictions inside the segmented {target}: 0 = all certain and in "
-        "agreement, {max_entropy:.2f} = no idea which class.", "above", ENTROPY_REVIEW_ABOVE, True),
-    "variance_inside": ScoreRule(
-        "Disagreement inside the object (variance)",
-        "Mean variance of the {target} probability between repeated predictions, inside the segmented "
-        "{target}: 0 = they agree, 0.25 = half say certainly yes and half certainly no.", "above",
-        VARIANCE_REVIEW_ABOVE),
-    "mutual_information_inside": ScoreRule(
-        "Model uncertainty inside the object (mutual information, nats)",
-        "The part of the uncertainty inside the segmented {target} that comes from the repeated predictions "
-        "disagreeing with each other (the model is unsure, not the image): 0 = they agree.", "above",
-        MUTUAL_INFORMATION_REVIEW_ABOVE, True),
-}
-
-
-@dataclass(frozen=True)
-class ScoreRow:
-    """One line of the scores table."""
-
-    key: str
-    label: str
-    value: Any
-    meaning: str
-    rule: str
-    review: bool
-
-
-def score_rows(summary: dict[str, Any]) -> list[ScoreRow]:
-    """The case-level scores of ``summary["scores"]`` ("<method>.<name>" or "<name>"), explained and flagged."""
-    target = (summary.get("target") or {}).get("name", "object")
-    n_classes = max(2, len(summary.get("classes", [])))
-    rows = []
-    for key, value in (summary.get("scores") or {}).items():
-        method, _, name = key.rpartition(".")
-        rule = SCORE_RULES.get(name)
-        numeric = isinstance(value, (int, float)) and math.isfinite(value)
-        by = f" ({method})" if method else ""
-        if rule is None:
-            rows.append(ScoreRow(key, name.replace("_", " ") + by, value, _unknown_score_meaning(summary, method, name),
-                                 "", False))
-            continue
-        sign = "<" if rule.review == "below" else ">"
-        rows.append(ScoreRow(
-            key, rule.label + by, value,
-            rule.meaning.format(target=target, max_entropy=math.log(n_classes)),
-            f"review if {sign} {rule.threshold(n_classes):.3g}",
-            numeric and rule.needs_review(float(value), n_classes)))
-    return rows
-
-
-def _unknown_score_meaning(summary: dict[str, Any], method: str, name: str) -> str:
-    """A score without a rule: a ``*_inside`` mean explained by its map's own description."""
-    if name.endswith("_inside"):
-        variant = name[: -len("_inside")]
-        for item in summary.get("maps", []):
-            if item.get("method") == method and item.get("variant") == variant:
-                return f"Mean inside the segmented object of: {item.get('description', variant)}."
-    return f"Reported by {method or 'the pipeline'}."
-
 
 # ------------------------------------------------------------------ the page
 def write_report(folder: Path) -> Path:
@@ -179,11 +61,13 @@ def write_report(folder: Path) -> Path:
                                            pictures / f"montage_{_stem(item['file'])}.png", window))
         del map_volume  # one scan-sized map in memory at a time
     sa = next((e for e in summary.get("explanations", []) if (e.get("curves") or {}).get("sa_per_layer")), None)
+    review = summary.get("review") or review_case(summary)
     sa_png = None if sa is None else render_sa_curve(
         sa["curves"]["sa_per_layer"], pictures / "sa_curve.png", (sa.get("metadata") or {}).get("reference", "model"),
-        SA_REVIEW_BELOW)
+        review["thresholds"].get("mean_sa", {}).get("threshold"))
 
-    page = _page(summary, target, scan, center, segmentation_png, montages, sa, sa_png, time.perf_counter() - start)
+    page = _page(summary, review, target, scan, center, segmentation_png, montages, sa, sa_png,
+                 time.perf_counter() - start)
     return atomic_write_text(folder / "report.html", page)
 
 
@@ -202,14 +86,14 @@ def _stem(relative: str) -> str:
     return name[: -len(volume_suffix(name))]
 
 
-def _page(summary: dict[str, Any], target: dict[str, Any], scan: Volume, center: np.ndarray, segmentation_png: Path,
-          montages: Sequence[Path], sa: dict[str, Any] | None, sa_png: Path | None, seconds: float) -> str:
-    rows = score_rows(summary)
+def _page(summary: dict[str, Any], review: dict[str, Any], target: dict[str, Any], scan: Volume, center: np.ndarray,
+          segmentation_png: Path, montages: Sequence[Path], sa: dict[str, Any] | None, sa_png: Path | None,
+          seconds: float) -> str:
     name = html.escape(str(target["name"]))
     sections = [
         _header(summary, target),
         _how_to_read(name),
-        _scores(rows, name),
+        _scores(review, name),
         _volumes(summary, segmentation_png, scan, center),
         _maps(summary.get("maps", []), montages),
     ]
@@ -262,11 +146,13 @@ def _format(value: Any) -> str:
     return f"{value:.3f}" if math.isfinite(value) else str(value)
 
 
-def _scores(rows: Sequence[ScoreRow], target: str) -> str:
+def _scores(review: dict[str, Any], target: str) -> str:
+    """The verdict of ``summary["review"]`` and its table of scores."""
+    rows = [ScoreRow(**score) for score in review["scores"]]
     if not rows:
         return ""
-    flagged = [r for r in rows if r.review]
-    if flagged:
+    if review["needed"]:
+        flagged = [r for r in rows if r.review]
         verdict = ("<p class=\"verdict review\"><span class=\"flag\">Review this case</span> "
                    + "; ".join(f"{html.escape(r.label)} = {_format(r.value)} ({html.escape(r.rule)})" for r in flagged)
                    + "</p>")

@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import math
 import re
 
 import numpy as np
@@ -21,9 +20,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 from SegXAILib.errors import SegXAIError
+from SegXAILib.quality import review_case
 from SegXAILib.report import object_center, orthogonal_slices, write_report
-from SegXAILib.report.html import (ENTROPY_REVIEW_ABOVE, MUTUAL_INFORMATION_REVIEW_ABOVE, OBJECT_REVIEW_BELOW_ML,
-                                    SA_REVIEW_BELOW, VARIANCE_REVIEW_ABOVE, score_rows)
 from SegXAILib.report.montage import AnatomicalAxes, blend
 from SegXAILib.volume import Volume, write_volume
 
@@ -150,34 +148,6 @@ def test_blend_colours_only_where_the_map_reaches_its_threshold():
     np.testing.assert_allclose(flat, 0.5)  # a constant map says nothing and draws nothing
 
 
-# ------------------------------------------------------------------ scores
-def summary_with(scores: dict, n_classes: int = 3) -> dict:
-    return {"target": {"name": "blob", "labels": [1]}, "scores": scores,
-            "classes": [{"name": f"c{n}", "label": n} for n in range(n_classes)], "maps": []}
-
-
-LOG3 = math.log(3)  # the largest entropy of three classes
-
-
-@pytest.mark.parametrize("scores, flagged", [
-    ({"object_volume_ml": 12.0, "protoseg.mean_sa": 0.9, "tta.entropy_inside": 0.1, "tta.variance_inside": 0.01,
-      "tta.mutual_information_inside": 0.05}, set()),
-    ({"object_volume_ml": OBJECT_REVIEW_BELOW_ML / 2, "protoseg.mean_sa": SA_REVIEW_BELOW - 0.01},
-     {"object_volume_ml", "protoseg.mean_sa"}),
-    ({"tta.entropy_inside": (ENTROPY_REVIEW_ABOVE + 0.01) * LOG3, "tta.variance_inside": VARIANCE_REVIEW_ABOVE + 0.01,
-      "tta.mutual_information_inside": (MUTUAL_INFORMATION_REVIEW_ABOVE + 0.01) * LOG3},
-     {"tta.entropy_inside", "tta.variance_inside", "tta.mutual_information_inside"}),
-    # just under: the limits scale with log(3), not with 1 (log(3) > 1 would flag these)
-    ({"tta.entropy_inside": (ENTROPY_REVIEW_ABOVE - 0.01) * LOG3,
-      "tta.mutual_information_inside": (MUTUAL_INFORMATION_REVIEW_ABOVE - 0.01) * LOG3,
-      "tta.variance_inside": VARIANCE_REVIEW_ABOVE - 0.01, "protoseg.mean_sa": SA_REVIEW_BELOW + 0.01}, set()),
-])
-def test_review_flags_follow_the_thresholds(scores, flagged):
-    rows = score_rows(summary_with(scores))
-    assert [r.key for r in rows] == list(scores)
-    assert {r.key for r in rows if r.review} == flagged
-
-
 # ------------------------------------------------------------------ the page
 @pytest.fixture
 def explain_folder(tmp_path):
@@ -264,10 +234,32 @@ def test_report_is_one_self_contained_page(explain_folder):
         assert value in page
     for item in summary["maps"]:
         assert html.escape(item["description"]) in page
-    assert "Review this case" in page  # mean SA 0.421 < 0.5
+    assert "Review this case" in page  # no "review" in this summary: judged by the default, mean SA 0.421 < 0.5
     for method, reason in summary["not_applicable"].items():
         assert f"<b>{method}</b>: {reason}" in page
     assert "tiny (unet)" in page and "image.nii.gz" in page
+
+
+def verdict(page: str) -> str:
+    return re.search(r"<p class=\"verdict (review|ok)\">", page).group(1)
+
+
+def test_report_shows_the_verdict_written_into_the_summary(explain_folder):
+    folder, summary = explain_folder
+    basis = "5th percentile of mean SA on 24 validation cases"
+    summary["review"] = review_case(summary, {"mean_sa_below": 0.05, "basis": basis})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert verdict(page) == "ok" and "Review this case" not in page  # mean SA 0.421 is fine for this model
+    assert f"review if &lt; 0.05, calibrated: {basis}" in page
+
+    summary["scores"]["mcdropout.entropy_inside"] = 0.9  # 0.82 of log(3 classes)
+    summary["review"] = review_case(summary, {"mean_sa_below": 0.05, "basis": basis})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert verdict(page) == "review"
+    assert ("<span class=\"flag\">Review this case</span> Uncertainty inside the object (entropy, nats) (mcdropout) "
+            "= 0.900 (review if &gt; 0.549)</p>") in page  # the one flagged score, with its threshold
 
 
 def test_report_needs_its_scan(explain_folder):
