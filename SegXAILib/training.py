@@ -188,11 +188,13 @@ def augmentations(patch: Sequence[int]):
         T.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch, pos=2, neg=1, num_samples=1),
         T.RandFlipd(keys, prob=0.5, spatial_axis=0), T.RandFlipd(keys, prob=0.5, spatial_axis=1),
         T.RandFlipd(keys, prob=0.5, spatial_axis=2),
-        # wide scaling: lesions and brains of other sizes than the training hosts' (e.g. smaller heads)
-        T.RandAffined(keys, prob=0.5, rotate_range=(0.3, 0.3, 0.3), scale_range=(0.4, 0.4, 0.4),
+        # brains of other shapes (their size is normalised by the card's brain_volume_ml)
+        T.RandAffined(keys, prob=0.5, rotate_range=(0.3, 0.3, 0.3), scale_range=(0.25, 0.25, 0.25),
                       mode=("bilinear", "nearest"), padding_mode="border"),
         T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.3)),
         T.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        # monotone but non-linear intensity curves: grey/white contrasts of other scanners and brains
+        T.RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.2),
         T.RandScaleIntensityd("image", factors=0.2, prob=0.5),
         T.RandShiftIntensityd("image", offsets=0.3, prob=0.5),
         T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0)),
@@ -289,10 +291,13 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
     seconds = time.perf_counter() - start
 
     model = load_from_card(card)
-    per_case = []
+    per_case, mean_sa = [], []
     for n, folder in enumerate(val_folders):
-        per_case.append(evaluate_case(model, folder))
+        dice_scores, case_mean_sa = evaluate_case(model, folder)
+        per_case.append(dice_scores)
+        mean_sa.append(case_mean_sa)
         progress.update("evaluate", (n + 1) / len(val_folders), folder.name)
+    card.review = review_calibration(per_case, mean_sa, card)
     card.validation = {
         "dice": {k: round(float(np.mean([c[k] for c in per_case])), 4) for k in per_case[0]},
         "dice_std": {k: round(float(np.std([c[k] for c in per_case])), 4) for k in per_case[0]},
@@ -308,12 +313,38 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
     return card.save(config.out)
 
 
-def evaluate_case(model, folder: Path) -> dict[str, float]:
-    """Dice per class and group of ``model`` on one case, on the scan's own grid."""
-    from .inference import segment
+def evaluate_case(model, folder: Path) -> tuple[dict[str, float], float]:
+    """Dice per class and group of ``model`` on one case, on the scan's own grid, and the case's
+    mean SA mu (ProtoSeg, default target), the label-free score that :func:`review_calibration` calibrates."""
+    from .explain.pipeline import explain_scan
     from .metrics import dice_per_target
 
-    scan = read_volume(_case_file(folder, "image"))  # segment() preprocesses it: no load_case here
+    scan = read_volume(_case_file(folder, "image"))  # explain_scan() preprocesses it: no load_case here
     label = read_volume(_case_file(folder, "label"))
-    result = segment(scan, model, device="cpu")
-    return dice_per_target(result.labels.array, label.array, model.card)
+    run = explain_scan(scan, model, ["protoseg"], device="cpu")
+    return dice_per_target(run.segmentation.labels.array, label.array, model.card), \
+        float(run.explanations[0].scalars["mean_sa"])
+
+
+GOOD_CASE_DICE = 0.7
+"""Validation cases segmented at least this well (Dice of the default target) calibrate the review threshold."""
+
+REVIEW_PERCENTILE = 5.0
+"""A case whose mean SA is below this percentile of the good validation cases' is flagged for review."""
+
+
+def review_calibration(dice_per_case: list[dict[str, float]], mean_sa: list[float], card: ModelCard
+                       ) -> dict[str, Any]:
+    """The card's ``review`` thresholds from its validation cases ({} when fewer than 5 are good).
+
+    Mean SA's scale depends on the network (our U-Nets: about 0.1-0.3 on good segmentations), so a
+    fixed threshold would flag every case of one model and none of another.
+    """
+    target, _ = card.target_channels(None)
+    good = [mu for scores, mu in zip(dice_per_case, mean_sa)
+            if scores.get(target, 0.0) >= GOOD_CASE_DICE and np.isfinite(mu)]
+    if len(good) < 5:
+        return {}
+    return {"mean_sa_below": round(float(np.percentile(good, REVIEW_PERCENTILE)), 4),
+            "basis": f"{REVIEW_PERCENTILE:g}th percentile of mean SA on the {len(good)} of {len(mean_sa)} "
+                     f"validation cases with {target} Dice >= {GOOD_CASE_DICE}"}
