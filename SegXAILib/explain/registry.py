@@ -12,6 +12,7 @@ EXPLAINERS: dict[str, str] = {
     "gradcampp": "SegXAILib.explain.gradcam:SegGradCAMPlusPlus",
     "protoseg": "SegXAILib.explain.protoseg:ProtoSegExplainer",
     "attention": "SegXAILib.explain.attention:AttentionGateMaps",
+    "fusion": "SegXAILib.explain.fusion:FusionMaps",
     "mhex": "SegXAILib.explain.mhex:MHEXCAM",
     "mhex-uncertainty": "SegXAILib.uncertainty.collaboration:CollaborationUncertainty",
     "mcdropout": "SegXAILib.uncertainty.sampling:MCDropoutUncertainty",

@@ -15,6 +15,7 @@ from monai.networks.nets import AttentionUnet, UNet
 from torch import nn
 
 from ..errors import SegXAIError
+from .dual_encoder import build_dual_encoder
 from .eunet import build_eunet
 
 NetworkBuilder = Callable[..., nn.Module]
@@ -44,6 +45,7 @@ ARCHITECTURES: dict[str, NetworkBuilder] = {
     "residual_unet": build_residual_unet,
     "attention_unet": build_attention_unet,
     "eunet": build_eunet,
+    "dual_encoder": build_dual_encoder,
 }
 
 

@@ -1,0 +1,130 @@
+"""Fusion maps of the dual-encoder network: how much of each encoder reaches the decoder (METHODS.md section 5).
+
+Each :class:`~SegXAILib.models.dual_encoder.FusionGate` mixes its two inputs voxel by voxel,
+``fused = psi * x + (1 - psi) * g``, so psi in [0, 1] is the share of path x and 1 - psi the share of
+path g. With the default ``fusion="swin_guided"`` x is the local CNN path and g the global Swin
+transformer path; with ``"cnn_guided"`` the roles are swapped, and the maps are labelled by path, not
+by gate input, so ``cnn-share`` always means the CNN's share. Like attention-gate maps, these are the
+network's own, built-in weights (paper 004), read with a forward hook on each gate's coefficient.
+
+The per-level maps are upsampled and stitched exactly as the attention-gate maps
+(:mod:`.attention`): trilinear interpolation with ``align_corners=False`` to the window, then the
+segmentation's Gaussian-blended sliding window over the model grid. The shares do not depend on the
+target class. Values are fractions (``normalise=False``), and ``cnn-share + swin-share = 1`` at every
+voxel of every level and of the means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..inference import sliding_window_predict
+from ..models.dual_encoder import FusionGate
+from ..models.loaders import LoadedModel
+from ..upsampling import upsample_to
+from .base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable
+
+PATHS = {"cnn": "the local CNN path", "swin": "the global Swin transformer path"}
+
+
+def fusion_gates(network: nn.Module) -> list[tuple[str, FusionGate]]:
+    """(name, gate) for every dual-encoder fusion gate, in module order."""
+    return [(name, module) for name, module in network.named_modules() if isinstance(module, FusionGate)]
+
+
+def stitched_outputs(modules: Sequence[nn.Module], context: ExplainContext,
+                     stage: str) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+    """Run the network over the scan in the card's sliding windows and stitch what ``modules`` output.
+
+    Each module must output one map (1, 1, *grid) per window, on any grid; it is upsampled to the window
+    (:func:`~SegXAILib.upsampling.upsample_to`) and blended like the segmentation.
+
+    Returns:
+        one float32 (D, H, W) map on the model grid per module, and each module's native grid.
+    """
+    outputs: list[torch.Tensor | None] = [None] * len(modules)
+    native: list[tuple[int, ...]] = [()] * len(modules)
+
+    def keep(index: int):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            outputs[index] = output
+        return hook
+
+    def window_maps(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(1, C, *patch) window -> one (1, 1, *patch) upsampled output per module."""
+        context.model.network(window)
+        native[:] = [tuple(o.shape[2:]) for o in outputs]
+        return tuple(upsample_to(o.float(), window.shape[2:]) for o in outputs)
+
+    handles = [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
+    try:
+        with torch.inference_mode():
+            stitched = sliding_window_predict(window_maps, context.image, context.model.card.patch_size,
+                                              context.device, progress=context.progress, stage=stage)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if isinstance(stitched, torch.Tensor):
+        stitched = (stitched,)
+    return [s[0, 0].numpy().astype(np.float32) for s in stitched], native
+
+
+class FusionMaps(Explainer):
+    """Per-level share of each encoder path in the fused skip features, and the mean over levels.
+
+    Levels are numbered by resolution, ``level1`` the finest fused skip. Variants:
+    ``cnn-share`` (mean over levels), ``cnn-share-level1`` ... ``cnn-share-levelN``, and the same for
+    ``swin-share`` (= 1 - cnn-share).
+    """
+
+    name = "fusion"
+    summary = ("Dual-encoder fusion gates: share of the local CNN path and of the global Swin transformer "
+               "path in the fused features, per skip level and their mean")
+
+    def check_applicable(self, model: LoadedModel) -> None:
+        super().check_applicable(model)
+        if not fusion_gates(model.network):
+            architecture = model.card.architecture.get("name", type(model.network).__name__)
+            raise NotApplicable(f"model {model.card.name!r} ({architecture}) has no fusion gates; fusion maps exist "
+                                "only for the dual-encoder network (architecture 'dual_encoder' with fusion "
+                                "'swin_guided' or 'cnn_guided'); use a saliency method such as gradcam for this model")
+
+    def explain(self, context: ExplainContext) -> Explanation:
+        self.check_applicable(context.model)
+        gates = fusion_gates(context.model.network)
+        psi, native = stitched_outputs([gate.coefficient for _, gate in gates], context, self.name)
+
+        order = sorted(range(len(gates)), key=lambda i: -int(np.prod(native[i])))  # finest first
+        shares: dict[str, list[np.ndarray]] = {"cnn": [], "swin": []}
+        for i in order:
+            x_path = gates[i][1].x_path
+            g_path = "swin" if x_path == "cnn" else "cnn"
+            shares[x_path].append(psi[i])
+            shares[g_path].append((1 - psi[i]).astype(np.float32))
+
+        patch = tuple(context.model.card.patch_size)
+        count = len(gates)
+        maps = []
+        for path, levels in shares.items():
+            maps.append(ExplanationMap(
+                self.name, np.mean(levels, axis=0).astype(np.float32), f"{path}-share",
+                f"Share of {PATHS[path]} in the features the decoder receives, mean over the {count} fusion "
+                "levels: 1 = only this path, 0 = only the other; the same for every target class",
+                normalise=False))
+            for n, (i, level) in enumerate(zip(order, levels), start=1):
+                factors = [p / s for p, s in zip(patch, native[i])]
+                maps.append(ExplanationMap(
+                    self.name, level, f"{path}-share-level{n}",
+                    f"Share of {PATHS[path]} at fusion level {n} of {count} (1 = finest skip connection), "
+                    f"computed on a grid {'x'.join(f'{f:g}' for f in factors)} times coarser than the model's: "
+                    "1 = only this path reaches the decoder here, 0 = only the other", normalise=False))
+        return Explanation(
+            method=self.name, maps=maps,
+            metadata={"gates": [gates[i][0] for i in order], "native_shapes": [list(native[i]) for i in order],
+                      "psi_is_share_of": gates[0][1].x_path, "class_independent": True,
+                      "upsampling": "trilinear, align_corners=False"})
