@@ -145,6 +145,62 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_maps(args: argparse.Namespace) -> int:
+    from .faithfulness import evaluate_maps
+
+    rows = evaluate_maps(Path(args.folder), args.model, steps=args.steps, device=args.device, baseline=args.baseline,
+                         progress=_progress(args))
+    for row in rows:
+        print(f"{row['map']:48s} Dice explained (map > 0.1) {row['dice_explained_gt0.1']:.3f}  deletion AUC "
+              f"{row['deletion_auc_probability']:.3f}  insertion AUC {row['insertion_auc_probability']:.3f}")
+    print(f"wrote {Path(args.folder) / 'faithfulness.csv'}")
+    return 0
+
+
+def _audit_settings(args: argparse.Namespace, **extra):
+    """How ``audit`` and ``train-reliability`` explain each case (:class:`SegXAILib.audit.AuditSettings`)."""
+    from .audit import AuditSettings
+
+    return AuditSettings(args.model, args.methods, device=args.device, options=parse_options(args.option), **extra)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+
+    settings = _audit_settings(args, target=args.target, fmt=_format(args.format), reports=args.reports)
+    result = run_audit(args.cases, settings, Path(args.out), args.workers, args.scheduler, _progress(args))
+    failed = [row for row in result.rows if row.status != "ok"]
+    print(f"audited {len(result.rows)} cases: {result.skipped} done by an earlier run, {len(failed)} failed, "
+          f"{sum(bool(row.review_needed) for row in result.rows)} to review")
+    for row in failed:
+        print(f"failed {row.case}: {row.error}")
+    for row in result.prediction:
+        auroc = next(v for k, v in row.items() if k.startswith("auroc_"))
+        print(f"{row['score']:32s} Spearman rho with Dice {row['spearman_rho']:6.3f}  AUROC (Dice < 0.9) {auroc:.3f}  "
+              f"({row['cases']} cases)")
+    print(f"wrote {result.csv} and {result.html}")
+    return 0
+
+
+def cmd_train_reliability(args: argparse.Namespace) -> int:
+    from .reliability import train_reliability
+
+    model, path = train_reliability(args.cases, _audit_settings(args), args.out, args.work, args.workers,
+                                    args.scheduler, _progress(args))
+    info = model.training
+    print(f"trained on {info['cases']} cases ({info['positives']} with {model.target} Dice >= "
+          f"{model.dice_threshold:g}); features: {', '.join(model.features)}")
+    if info.get("auc_cv") is not None:
+        print(f"cross-validated ({info['folds']}-fold) AUC {info['auc_cv']:.3f}, accuracy {info['accuracy_cv']:.3f}; "
+              f"training AUC {info['auc_train']:.3f}")
+    else:
+        print(f"training AUC {info['auc_train']:.3f} ({info['note']})")
+    if info["failed_cases"]:
+        print(f"left out (failed): {', '.join(info['failed_cases'])}")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     summary = run_segment(args.scan, args.model, Path(args.out), args.device, _format(args.format),
                           _progress(args))
@@ -269,6 +325,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html and its pictures")
     add_progress(p)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("evaluate-maps", help="faithfulness of every map of an explain output folder "
+                       "(Dice explained, perturbation ratio, deletion/insertion curves) -> faithfulness.csv")
+    p.add_argument("folder", help="output folder of 'segxai explain' (with summary.json)")
+    p.add_argument("--model", default=None, help="the explained model (default: the one named in summary.json)")
+    p.add_argument("--steps", type=int, default=10, help="steps K of the deletion and insertion curves")
+    p.add_argument("--baseline", default="0", help="value of removed voxels in normalised intensity, or 'min' "
+                   "(the scan's minimum); use the baseline the maps were made with (MiSuRe's option)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    add_progress(p)
+    p.set_defaults(func=cmd_evaluate_maps)
+
+    def add_cohort(p: argparse.ArgumentParser) -> None:
+        """Options shared by the commands that explain a folder of cases."""
+        p.add_argument("cases", help="folder of case folders (image.<ext> [+ label.<ext>]) and/or scan files")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="name from 'segxai models', card .json or MONAI bundle folder")
+        p.add_argument("--methods", default="protoseg,misure,tta", help="comma-separated methods, or 'all'")
+        p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                       help="method option, e.g. misure.steps=50 (repeatable)")
+        p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--workers", default=None, metavar="N",
+                           help="run cases on a local Dask cluster of N worker processes ('auto': one per GPU)")
+        where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                           help="run cases on an existing Dask cluster, e.g. tcp://host:8786")
+        add_progress(p)
+
+    p = sub.add_parser("audit", help="explain every scan of a folder; audit.csv and audit.html list the cases "
+                       "most in need of review first (resumable)")
+    add_cohort(p)
+    p.add_argument("--out", required=True, help="output folder (cases/<case>/, audit.csv, audit.html)")
+    p.add_argument("--target", default=None, help="class or group name (default: the card's default target)")
+    p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
+    p.add_argument("--reports", action="store_true", help="also write each case's report.html (slower)")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("train-reliability", help="fit the reliability classifier (P(Dice >= 0.9) from the "
+                       "explanation) on labelled cases; saved beside the model card")
+    add_cohort(p)
+    p.add_argument("--out", default=None, help="reliability file (default: <card folder>/<card name>.reliability.json)")
+    p.add_argument("--work", default=None, help="keep the explained cases here (resumable; default: a temporary folder)")
+    p.set_defaults(func=cmd_train_reliability)
 
     p = sub.add_parser("demo", help="place a lesion in a packaged brain MRI, segment it, print Dice")
     p.add_argument("--out", default="segxai-demo", help="output folder (default ./segxai-demo)")

@@ -90,6 +90,26 @@ def sliding_window_predict(
         with_coord=with_coord)
 
 
+def target_mask(probabilities: np.ndarray | torch.Tensor, channels: Sequence[int]) -> np.ndarray:
+    """Bool (*S): the argmax of (n_classes, *S) probabilities is one of ``channels`` (the first index wins a tie).
+
+    Compared as the target channels' maximum against the other channels' (an argmax only on tied voxels):
+    several times faster than an argmax over the class axis, which matters where a mask is taken after
+    every one of many perturbed passes.
+    """
+    p = probabilities.detach().cpu().numpy() if isinstance(probabilities, torch.Tensor) else np.asarray(probabilities)
+    inside = np.zeros(p.shape[0], bool)
+    inside[list(channels)] = True
+    if inside.all() or not inside.any():
+        return np.full(p.shape[1:], inside.all())
+    target, other = p[inside].max(0), p[~inside].max(0)
+    mask = target > other
+    tied = target == other
+    if tied.any():
+        mask[tied] = inside[p[:, tied].argmax(0)]
+    return mask
+
+
 @dataclass
 class SegmentationResult:
     """A segmentation on the scan's grid, with the model-grid probabilities it came from.

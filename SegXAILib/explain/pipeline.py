@@ -23,6 +23,7 @@ from ..outputs import segmentation_summary
 from ..preprocessing import foreground_mask, resample_to_grid
 from ..progress import Progress
 from ..quality import review_case
+from ..reliability import apply_reliability
 from ..volume import Volume, write_volume
 from ..uncertainty.collaboration import agreement
 from .base import ExplainContext, Explanation, ExplanationMap, NotApplicable
@@ -149,8 +150,9 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, model: LoadedMo
                           fmt: str, timings: dict[str, float]) -> dict[str, Any]:
     """Write the segmentation, one file per map on the scan's grid, and summary.json (staged).
 
-    summary.json carries the case-level ``scores`` and, judged by the model card's thresholds, whether
-    the case needs ``review`` (:func:`SegXAILib.quality.review_case`).
+    summary.json carries the case-level ``scores`` (with ``reliability`` when a reliability model lies
+    beside the model card, :func:`SegXAILib.reliability.apply_reliability`) and, judged by the model card's
+    thresholds, whether the case needs ``review`` (:func:`SegXAILib.quality.review_case`).
     """
     result = run.segmentation
     files = {"segmentation": f"segmentation.{fmt}"}
@@ -176,6 +178,7 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, model: LoadedMo
         "not_applicable": run.not_applicable,
         "scores": case_scores(run),
     })
+    apply_reliability(summary, model.card)  # its features are the summary's: the scores and MiSuRe's scalars
     summary["review"] = review_case(summary, model.card.review)  # the one verdict the report and Slicer show
     comparison = uncertainty_agreement(run, model.card.modality)
     if comparison:

@@ -14,6 +14,7 @@ EXPLAINERS: dict[str, str] = {
     "attention": "SegXAILib.explain.attention:AttentionGateMaps",
     "fusion": "SegXAILib.explain.fusion:FusionMaps",
     "mhex": "SegXAILib.explain.mhex:MHEXCAM",
+    "misure": "SegXAILib.explain.misure:MiSuRe",
     "mhex-uncertainty": "SegXAILib.uncertainty.collaboration:CollaborationUncertainty",
     "mcdropout": "SegXAILib.uncertainty.sampling:MCDropoutUncertainty",
     "tta": "SegXAILib.uncertainty.sampling:TTAUncertainty",

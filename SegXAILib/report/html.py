@@ -248,9 +248,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Seque
 
 def _figure(png: Path, alt: str, caption: str) -> str:
     """A picture embedded as a data URI, so the page needs no other file."""
-    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
-    return (f"<figure><img alt=\"{html.escape(alt)}\" src=\"data:image/png;base64,{data}\">"
+    return (f"<figure><img alt=\"{html.escape(alt)}\" src=\"{_data_uri(png)}\">"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>\n")
+
+
+def _data_uri(png: Path) -> str:
+    """A PNG file as a ``data:`` URI."""
+    return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode("ascii")
 
 
 _CSS = """

@@ -283,6 +283,25 @@ def render_segmentation_montage(scan: Volume, segmentation: Volume, classes: Seq
     return _save(figure, path)
 
 
+def render_thumbnail(scan: Volume, segmentation: Volume, target_labels: Sequence[int], path: Path,
+                     inches: float = 1.8) -> Path:
+    """A small PNG for a cohort table: the axial slice through the object's centre, its outline in cyan.
+
+    The slice and the grey window are those of the report (:func:`object_center`, :func:`scan_window`);
+    no letters or legend, which would not be legible at this size.
+    """
+    _check_grids(scan, segmentation=segmentation)
+    center = object_center(segmentation.array, target_labels)
+    axial = orthogonal_slices(scan, center)["axial"]
+    mask = np.isin(orthogonal_slices(segmentation, center)["axial"], list(target_labels))
+    figure = Figure(figsize=(inches, inches))
+    ax = figure.add_axes((0.0, 0.0, 1.0, 1.0))
+    ax.set_axis_off()
+    ax.imshow(grey_rgb(axial, scan_window(scan.array)), aspect=AnatomicalAxes.of(scan).aspects()["axial"])
+    _outline(ax, mask)
+    return _save(figure, path)
+
+
 def render_sa_curve(curve: Sequence[dict[str, Any]], path: Path, reference: str = "model",
                     review_below: float | None = None) -> Path:
     """Line plot of the per-layer SA score (``[{"layer", "sa", "output"?}]``, forward order).

@@ -1,0 +1,306 @@
+"""Post-hoc reliability: the probability that a segmentation is right, from its explanation (METHODS.md 4, 7).
+
+MiSuRe (paper 002, Table 7) predicts from a case's explanation, with no ground truth, whether the
+segmentation reached Dice >= 0.9: a logistic regression on case-level features. We use the features
+of one ``summary.json`` (:func:`case_features`):
+
+==============================  ======================================================================
+feature                         from
+==============================  ======================================================================
+``misure.dilations``            ``summary["explanations"]``, method ``misure``: stage-1 dilations
+``misure.dice_explained``       the same: Dice of the prediction from the minimally sufficient region
+``misure.perturbation_ratio``   the same: MSR voxels / object voxels
+``protoseg.mean_sa``            ``summary["scores"]``: mean SA score mu (always label-free)
+``<method>.entropy_inside``     ``summary["scores"]``: mean predictive entropy inside the object
+``log_object_volume_ml``        log(1 + ``scores["object_volume_ml"]``): volumes span orders of magnitude
+==============================  ======================================================================
+
+Missing features. A model is trained on the features that *every* training case has (the methods the
+training run used); applying it needs exactly those features, and :meth:`ReliabilityModel.matrix`
+raises a :class:`SegXAIError` naming the method to add otherwise. ``segxai explain`` does not fail
+for that: it records why in ``summary["not_applicable"]["reliability"]`` and reports no reliability.
+
+Storage. :func:`fit_reliability` uses scikit-learn (standardisation + ``LogisticRegression``, no class
+weights, so the output stays a probability under the training cases' prevalence of good
+segmentations). The fitted numbers are saved as JSON, never as a pickle (a pickle can run code when
+loaded): ``<card name>.reliability.json`` beside the model card (:func:`reliability_path`). Applying
+is ``sigmoid(((x - mean) / scale) . coef + intercept)`` in NumPy and needs no scikit-learn.
+
+When that file exists, the explain pipeline adds ``scores["reliability"]`` (:func:`apply_reliability`),
+which :mod:`SegXAILib.quality` judges with its ``reliability`` rule (review below 0.5), so the report
+and the Slicer panel show it with the other case-level scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import SegXAIError
+from .fileio import atomic_write_text
+from .models.card import ModelCard
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .audit import AuditSettings
+
+__all__ = ["GOOD_DICE", "ReliabilityModel", "apply_reliability", "case_features", "fit_reliability",
+           "reliability_path", "train_reliability"]
+
+GOOD_DICE = 0.9
+"""A segmentation counts as right when its Dice with the ground truth reaches this (paper 002)."""
+
+MISURE_FEATURES = ("dilations", "dice_explained", "perturbation_ratio")
+"""MiSuRe's scalars that the paper's reliability classifier uses."""
+
+VOLUME_FEATURE = "log_object_volume_ml"
+
+FORMAT = "segxai-reliability"
+"""The ``kind`` of a reliability file, so that no other JSON is mistaken for one."""
+
+
+def reliability_path(card: ModelCard) -> Path:
+    """Where the reliability model of ``card`` lives: ``<card folder>/<card name>.reliability.json``.
+
+    Named after the card's name (the bundled cards' file stem) because a loaded card knows its folder,
+    not its file name.
+    """
+    return Path(card.root) / f"{card.name}.reliability.json"
+
+
+def case_features(summary: Mapping[str, Any]) -> dict[str, float]:
+    """Every reliability feature that ``summary`` (a ``summary.json`` dict) has, by name (table above).
+
+    Non-finite values count as missing.
+    """
+    features: dict[str, Any] = {}
+    for entry in summary.get("explanations") or []:
+        if entry.get("method") == "misure":
+            features |= {f"misure.{name}": entry.get("scalars", {}).get(name) for name in MISURE_FEATURES}
+    scores = summary.get("scores") or {}
+    features |= {key: value for key, value in scores.items() if key.endswith((".mean_sa", ".entropy_inside"))}
+    if _finite(scores.get("object_volume_ml")):
+        features[VOLUME_FEATURE] = math.log1p(max(float(scores["object_volume_ml"]), 0.0))
+    return {name: float(value) for name, value in features.items() if _finite(value)}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def feature_method(name: str) -> str | None:
+    """The explain method that yields feature ``name`` (``None``: every run has it)."""
+    return None if name == VOLUME_FEATURE else name.partition(".")[0]
+
+
+@dataclass(frozen=True)
+class ReliabilityModel:
+    """A fitted logistic regression on standardised features, applied in NumPy.
+
+    Attributes:
+        features: feature names, the column order of ``mean``, ``scale`` and ``coef`` (all shape (F,)).
+        model: name of the model card whose segmentations it judges.
+        target: the class or group whose Dice it predicts.
+        dice_threshold: it predicts Dice >= this.
+        training: how it was fitted: ``cases``, ``positives``, ``auc_train``, ``auc_cv``, ``accuracy_cv``,
+            ``folds``, ``methods``, ``note``.
+    """
+
+    features: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    model: str
+    target: str
+    dice_threshold: float = GOOD_DICE
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def matrix(self, cases: Sequence[Mapping[str, float]]) -> np.ndarray:
+        """The features of each case (dicts of :func:`case_features`) as a (N, F) array.
+
+        Raises:
+            SegXAIError: a case lacks a feature; the message names the method that yields it.
+        """
+        for features in cases:
+            missing = [name for name in self.features if name not in features]
+            if missing:
+                methods = sorted({feature_method(name) or "?" for name in missing})
+                raise SegXAIError(f"the reliability model of {self.model} needs {', '.join(missing)}; explain with "
+                                  f"the method(s) {', '.join(methods)} (--methods) to get a reliability")
+        return np.asarray([[features[name] for name in self.features] for features in cases],
+                          dtype=np.float64).reshape(len(cases), len(self.features))
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Probability of Dice >= :attr:`dice_threshold` for each row of ``x`` (N, F) -> (N,)."""
+        logit = ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+        return 0.5 * (1.0 + np.tanh(0.5 * logit))  # the logistic function without overflow in exp
+
+    def probability(self, features: Mapping[str, float]) -> float:
+        """The probability for one case's :func:`case_features`."""
+        return float(self.predict_proba(self.matrix([features]))[0])
+
+    # ------------------------------------------------------------ storage
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": FORMAT, "version": 1, "model": self.model, "target": self.target,
+                "predicts": f"probability that Dice of {self.target} >= {self.dice_threshold}",
+                "dice_threshold": self.dice_threshold, "features": list(self.features),
+                "mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
+                "intercept": self.intercept, "training": self.training}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "reliability model") -> ReliabilityModel:
+        if data.get("kind") != FORMAT:
+            raise SegXAIError(f"{source} is not a SegXAI reliability model (no \"kind\": \"{FORMAT}\")")
+        try:
+            features = tuple(str(name) for name in data["features"])
+            arrays = [np.asarray(data[key], dtype=np.float64).reshape(-1) for key in ("mean", "scale", "coef")]
+            model = cls(features, *arrays, float(data["intercept"]), str(data["model"]), str(data["target"]),
+                        float(data.get("dice_threshold", GOOD_DICE)), dict(data.get("training", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SegXAIError(f"{source} is missing or has an invalid field ({exc!r}); train it again with "
+                              "'segxai train-reliability'") from None
+        if not features or any(a.shape != (len(features),) for a in arrays) or not np.all(model.scale > 0):
+            raise SegXAIError(f"{source}: features, mean, scale and coef must have one entry per feature, "
+                              "scales positive; train it again with 'segxai train-reliability'")
+        return model
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReliabilityModel:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SegXAIError(f"reliability model not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SegXAIError(f"reliability model {path} is not valid JSON ({exc}); train it again") from None
+        if not isinstance(data, dict):
+            raise SegXAIError(f"reliability model {path} is not a JSON object; train it again")
+        return cls.from_dict(data, source=f"reliability model {path}")
+
+
+# ------------------------------------------------------------------ fitting (scikit-learn)
+def fit_reliability(cases: Sequence[Mapping[str, float]], dice: Sequence[float], model: str, target: str,
+                    dice_threshold: float = GOOD_DICE, methods: str = "") -> ReliabilityModel:
+    """Fit P(Dice >= ``dice_threshold``) on the features every case has.
+
+    Args:
+        cases: :func:`case_features` of each training case.
+        dice: Dice of each case's segmentation of ``target`` with its ground truth.
+        model, target: the model card's name and the class or group explained.
+        methods: the explain methods of the training run (recorded).
+
+    Returns:
+        The model, with training AUC and, when each class has at least 2 cases, the AUC and accuracy of
+        stratified k-fold predictions (k = min(5, cases of the smaller class)) in ``training``.
+
+    Raises:
+        SegXAIError: no cases, no feature shared by all cases, or only one class (all good or all poor).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not cases or len(cases) != len(dice):
+        raise SegXAIError(f"the reliability model needs cases with a Dice each; got {len(cases)} cases, "
+                          f"{len(dice)} Dice values")
+    shared = set.intersection(*(set(c) for c in cases))
+    names = tuple(name for name in cases[0] if name in shared)  # the order case_features gives
+    if not names:
+        raise SegXAIError("the training cases share no reliability feature; explain them with the same methods")
+    y = (np.asarray(dice, dtype=np.float64) >= dice_threshold).astype(int)
+    positives = int(y.sum())
+    if positives in (0, len(y)):
+        raise SegXAIError(f"all {len(y)} training cases have Dice {'>=' if positives else '<'} {dice_threshold}; "
+                          "the reliability model needs good and poor segmentations: add cases of the other kind")
+    x = np.asarray([[c[name] for name in names] for c in cases], dtype=np.float64)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
+    scaler, logistic = pipeline[0], pipeline[1]
+    training: dict[str, Any] = {"cases": len(y), "positives": positives, "methods": methods,
+                                "auc_train": float(roc_auc_score(y, pipeline.predict_proba(x)[:, 1]))}
+    folds = min(5, positives, len(y) - positives)
+    if folds >= 2:
+        split = StratifiedKFold(folds, shuffle=True, random_state=0)
+        held_out = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), x, y,
+                                     cv=split, method="predict_proba")[:, 1]
+        training |= {"folds": folds, "auc_cv": float(roc_auc_score(y, held_out)),
+                     "accuracy_cv": float(accuracy_score(y, held_out >= 0.5))}
+    else:
+        training |= {"folds": 0, "auc_cv": None, "accuracy_cv": None,
+                     "note": "fewer than 2 cases of one class: no cross-validation, the training AUC is optimistic"}
+    return ReliabilityModel(names, scaler.mean_.copy(), scaler.scale_.copy(), logistic.coef_[0].copy(),
+                            float(logistic.intercept_[0]), model, target, dice_threshold, training)
+
+
+# ------------------------------------------------------------------ applying (explain pipeline)
+def apply_reliability(summary: dict[str, Any], card: ModelCard) -> None:
+    """Add ``scores["reliability"]`` to ``summary`` when a reliability model lies beside ``card``.
+
+    Also adds ``summary["reliability_model"]`` (file, features, training AUCs). When the model cannot
+    judge this run (other target, missing features) the reason goes to ``summary["not_applicable"]``
+    instead; the run itself never fails for it.
+    """
+    path = reliability_path(card)
+    if not path.is_file():
+        return
+    reliability = ReliabilityModel.load(path)
+    target = (summary.get("target") or {}).get("name")
+    try:
+        if target != reliability.target:
+            raise SegXAIError(f"the reliability model predicts the Dice of {reliability.target!r}, "
+                              f"this run explained {target!r}")
+        summary["scores"]["reliability"] = reliability.probability(case_features(summary))
+    except SegXAIError as reason:
+        summary["not_applicable"] = {**summary.get("not_applicable", {}), "reliability": str(reason)}
+        return
+    summary["reliability_model"] = {"file": str(path), "features": list(reliability.features),
+                                    **{k: reliability.training.get(k) for k in ("cases", "auc_train", "auc_cv")}}
+
+
+# ------------------------------------------------------------------ the command
+def train_reliability(cases_dir: str | Path, settings: AuditSettings, out: str | Path | None = None,
+                      work: str | Path | None = None, workers: int | str | None = None,
+                      scheduler: str | None = None, progress: Progress | None = None) -> tuple[ReliabilityModel, Path]:
+    """Explain every labelled case of ``cases_dir``, fit the reliability model and save it.
+
+    Args:
+        settings: :class:`SegXAILib.audit.AuditSettings` (model, methods, device, options, target: default
+            the card's default target); the saved model judges explanations of that target only.
+        out: where to save (default :func:`reliability_path` of the card).
+        work: folder for the explained cases and their audit (kept, and resumable); default a temporary
+            folder removed afterwards.
+        workers, scheduler: as :func:`SegXAILib.audit.run_audit` (cases as Dask tasks).
+
+    Returns:
+        The model and the path it was saved to.
+    """
+    from .audit import run_audit
+    from .models.registry import resolve_card
+
+    card = resolve_card(settings.model)
+    target, _ = card.target_channels(settings.target)
+    with tempfile.TemporaryDirectory(prefix="segxai-reliability-") as scratch:
+        result = run_audit(cases_dir, settings, Path(work or scratch), workers, scheduler, progress,
+                           require_labels=True)
+        usable = [row for row in result.rows if row.status == "ok" and row.dice is not None]
+        if not usable:
+            raise SegXAIError(f"no case of {cases_dir} could be explained; see {result.csv}")
+        features = [case_features(json.loads((Path(row.folder) / "summary.json").read_text(encoding="utf-8")))
+                    for row in usable]
+    reliability = fit_reliability(features, [row.dice for row in usable], card.name, target,
+                                  methods=settings.methods)
+    failed = [row.case for row in result.rows if row.status != "ok"]
+    reliability = replace(reliability, training={**reliability.training, "failed_cases": failed})
+    return reliability, reliability.save(out or reliability_path(card))

@@ -1,0 +1,158 @@
+"""Cohort audit: finding cases, failures recorded, review order, resuming, a 2-worker Dask cluster, score vs Dice."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import SegXAILib.cli
+from SegXAILib.audit import CaseRow, find_cases, review_order, score_vs_dice
+from SegXAILib.cli import main
+from SegXAILib.errors import SegXAIError
+from SegXAILib.volume import read_volume, write_volume
+
+from .conftest import oblique_scan
+
+
+def blob_label(scan_path: Path, threshold: float = 60.0):
+    image = read_volume(scan_path)
+    return image.with_array((image.array > threshold).astype(np.uint8))
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    """Two case folders with labels (tiny scans) and one corrupt scan file."""
+    cases = tmp_path / "cases"
+    for n in range(2):
+        scan = write_volume(oblique_scan(shape=(12, 14, 16), seed=n), cases / f"case{n}" / "image.nii.gz")
+        write_volume(blob_label(scan), cases / f"case{n}" / "label.nii.gz")
+    (cases / "broken.nii.gz").write_bytes(b"\x1f\x8b not really a nifti" * 10)
+    return cases
+
+
+def audit(cases, card, out, *extra) -> list[dict[str, str]]:
+    assert main(["audit", str(cases), "--model", str(card), "--out", str(out), "--methods", "protoseg,tta",
+                 "--device", "cpu", "--progress", "none", *extra]) == 0
+    with open(out / "audit.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_find_cases_reads_case_folders_and_scan_files(tmp_path, cohort):
+    (cohort / ".hidden.nii.gz").write_bytes(b"")
+    (cohort / "notes").mkdir()
+    (cohort / "notes" / "image.json").write_text("{}")
+    cases = find_cases(cohort)
+    assert [(c.name, c.image.name, c.label and c.label.name) for c in cases] == [
+        ("broken", "broken.nii.gz", None), ("case0", "image.nii.gz", "label.nii.gz"),
+        ("case1", "image.nii.gz", "label.nii.gz")]
+    assert all(c.image.is_absolute() for c in cases)
+    (cohort / "case0.nrrd").write_bytes(b"")
+    with pytest.raises(SegXAIError, match="several cases are named case0"):
+        find_cases(cohort)
+
+
+def test_review_order_puts_failed_then_flagged_then_least_reliable_first():
+    rows = [CaseRow("fine", "ok", "", {"reliability": 0.9, "protoseg.mean_sa": 0.2}, False),
+            CaseRow("unsure", "ok", "", {"reliability": 0.7, "protoseg.mean_sa": 0.9}, False),
+            CaseRow("flagged-b", "ok", "", {"reliability": 0.4}, True),
+            CaseRow("flagged-a", "ok", "", {"reliability": 0.1}, True),
+            CaseRow("no-score", "ok", "", {}, False),
+            CaseRow("sa-only", "ok", "", {"protoseg.mean_sa": 0.1}, False),
+            CaseRow("failed", "failed", "", error="corrupt")]
+    assert [r.case for r in sorted(rows, key=review_order)] == [
+        "failed", "flagged-a", "flagged-b", "unsure", "fine", "sa-only", "no-score"]
+
+
+def test_audit_records_the_failure_sorts_and_resumes(tmp_path, cohort, tiny_card, monkeypatch):
+    out = tmp_path / "audit"
+    rows = audit(cohort, tiny_card, out)
+    assert [r["case"] for r in rows][0] == "broken" and len(rows) == 3
+    broken = rows[0]
+    assert broken["status"] == "failed" and "corrupt" in broken["error"]
+    assert "corrupt" in (out / "cases" / "broken" / "error.txt").read_text()
+    done = rows[1:]
+    assert {r["status"] for r in done} == {"ok"} and {r["case"] for r in done} == {"case0", "case1"}
+    keys = [(r["review_needed"] != "yes", float(r["protoseg.mean_sa"])) for r in done]  # no reliability model here
+    assert keys == sorted(keys)
+    assert all(0 <= float(r["dice"]) <= 1 and r["target"] == "lesion" for r in done)
+    assert all((out / "cases" / r["case"] / "thumbnail.png").is_file() for r in done)
+    page = (out / "audit.html").read_text(encoding="utf-8")
+    assert page.count('class="thumb"') == 2 and "data:image/png;base64," in page and "broken" in page
+
+    # a second run explains only the failed case again
+    stamps = {r["case"]: (out / "cases" / r["case"] / "summary.json").stat().st_mtime_ns for r in done}
+    calls = []
+    real = SegXAILib.cli.run_explain
+    monkeypatch.setattr(SegXAILib.cli, "run_explain", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    assert audit(cohort, tiny_card, out) == rows
+    assert [Path(c).name for c in calls] == ["broken.nii.gz"]
+    assert stamps == {c: (out / "cases" / c / "summary.json").stat().st_mtime_ns for c in stamps}
+
+
+def test_a_two_worker_dask_cluster_gives_the_same_rows(tmp_path, cohort, tiny_card):
+    in_process = audit(cohort, tiny_card, tmp_path / "here")
+    on_dask = audit(cohort, tiny_card, tmp_path / "dask", "--workers", "2")  # OMP_NUM_THREADS=1 in the workers
+    assert on_dask == in_process
+
+
+def test_with_labels_each_score_is_compared_with_dice(tmp_path, tiny_card):
+    """Two cases labelled with the model's own segmentation (Dice 1), two with a blob (Dice < 0.9)."""
+    cases = tmp_path / "cases"
+    for n in range(4):
+        scan = write_volume(oblique_scan(shape=(12, 14, 16), seed=n), cases / f"c{n}" / "image.nii.gz")
+        label = blob_label(scan)
+        if n % 2:
+            assert main(["segment", str(scan), "--model", str(tiny_card), "--out", str(tmp_path / "s"),
+                         "--progress", "none"]) == 0
+            label = read_volume(tmp_path / "s" / "segmentation.nii.gz")
+        write_volume(label, cases / f"c{n}" / "label.nii.gz")
+    rows = audit(cases, tiny_card, tmp_path / "out")
+    assert sorted(float(r["dice"]) == 1.0 for r in rows) == [False, False, True, True]
+    with open(tmp_path / "out" / "scores_vs_dice.csv", newline="", encoding="utf-8") as f:
+        table = {r["score"]: r for r in csv.DictReader(f)}
+    assert set(table) >= {"object_volume_ml", "protoseg.mean_sa", "tta.entropy_inside"}
+    sa = table["protoseg.mean_sa"]
+    assert sa["cases"] == "4" and -1 <= float(sa["spearman_rho"]) <= 1 and 0 <= float(sa["auroc_dice_below_0.9"]) <= 1
+    assert sa["poor_when"] == "low" and table["tta.entropy_inside"]["poor_when"] == "high"
+    assert "How well each score predicts Dice" in (tmp_path / "out" / "audit.html").read_text(encoding="utf-8")
+
+
+def test_score_vs_dice_statistics_and_undefined_cases():
+    def row(n, sa, dice):
+        return CaseRow(f"c{n}", "ok", "", {"protoseg.mean_sa": sa, "tta.entropy_inside": 1 - sa}, dice=dice)
+
+    rows = [row(n, sa, d) for n, (sa, d) in enumerate([(0.1, 0.5), (0.2, 0.7), (0.5, 0.92), (0.9, 0.95)])]
+    table = {r["score"]: r for r in score_vs_dice(rows)}
+    assert table["protoseg.mean_sa"]["spearman_rho"] == pytest.approx(1.0)
+    assert table["protoseg.mean_sa"]["auroc_dice_below_0.9"] == 1.0  # low SA flags both poor cases
+    assert table["tta.entropy_inside"]["spearman_rho"] == pytest.approx(-1.0)
+    assert table["tta.entropy_inside"]["auroc_dice_below_0.9"] == 1.0  # high entropy flags them
+    good_only = score_vs_dice(rows[2:])[0]
+    assert math.isnan(good_only["auroc_dice_below_0.9"]) and "AUROC undefined" in good_only["note"]
+    assert math.isnan(good_only["spearman_rho"]) and "fewer than 3" in good_only["note"]
+
+
+def test_local_workers_share_the_gpus_round_robin(tmp_path, monkeypatch):
+    """No GPU here: CUDA is faked; worker 3 of a cluster over 2 GPUs runs on cuda:1."""
+    import types
+
+    import distributed
+    import torch
+
+    from SegXAILib.audit import AuditCase, AuditSettings, _explain, _local_cluster_size
+
+    with pytest.raises(SegXAIError, match="one worker per CUDA GPU"):
+        _local_cluster_size("auto", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _local_cluster_size("auto", "auto") == (2, 2)
+    assert _local_cluster_size("3", "cuda") == (3, 2) and _local_cluster_size(3, "cpu") == (3, 0)
+    devices = []
+    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=3))
+    monkeypatch.setattr(SegXAILib.cli, "run_explain", lambda *args, **kw: devices.append(args[5]))
+    _explain(AuditCase("a", tmp_path / "a.nii.gz"), AuditSettings("tiny", gpus=2), tmp_path, None)
+    assert devices == ["cuda:1"]

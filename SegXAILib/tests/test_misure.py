@@ -1,0 +1,216 @@
+"""MiSuRe on constructed networks whose sufficient regions are known by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import UNet
+from scipy import ndimage
+from torch import nn
+
+from SegXAILib.errors import SegXAIError
+from SegXAILib.explain.base import ExplainContext, NotApplicable
+from SegXAILib.explain.misure import (CLAMP_BELOW, Box, CoarseMask, CropPredictor, DiceTerm, MiSuRe, MiSuReOptions,
+                                      ball, initial_cells, optimise_mask, soft_dice)
+from SegXAILib.explain.registry import get_explainer
+from SegXAILib.metrics import dice
+from SegXAILib.models.card import ModelCard
+from SegXAILib.models.loaders import LoadedModel
+from SegXAILib.upsampling import upsample_to
+
+SHAPE = (32, 32, 32)
+
+
+class BoxEvidence(nn.Module):
+    """Target where the input's mean over the (2h+1)^3 box around a voxel exceeds ``level``.
+
+    Logits: background 0, target ``scale * (box mean - level)``. The receptive field reaches h voxels,
+    and the pooling's zero padding is what a zero baseline puts around a crop.
+    """
+
+    def __init__(self, h: int = 1, level: float = 0.5, scale: float = 240.0) -> None:
+        super().__init__()
+        self.h, self.level, self.scale = h, level, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = F.avg_pool3d(x, 2 * self.h + 1, stride=1, padding=self.h, count_include_pad=True)
+        target = self.scale * (mean - self.level)
+        return torch.cat([torch.zeros_like(target), target], dim=1)
+
+
+class RegionEvidence(nn.Module):
+    """Target on ``obj`` iff the input's mean over ``evidence`` exceeds ``level``: no other voxel matters."""
+
+    def __init__(self, obj: np.ndarray, evidence: np.ndarray, level: float, scale: float) -> None:
+        super().__init__()
+        self.obj = torch.from_numpy(obj)
+        self.evidence = torch.from_numpy(evidence)
+        self.level, self.scale = level, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x[:, 0][:, self.evidence].mean(1).view(-1, 1, 1, 1)
+        target = torch.where(self.obj, self.scale * (mean - self.level), torch.tensor(-self.scale))
+        return torch.stack([torch.zeros_like(target), target], dim=1)
+
+
+def box_mask(*ranges: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(SHAPE, bool)
+    mask[tuple(slice(a, b) for a, b in ranges)] = True
+    return mask
+
+
+def make_context(network: nn.Module, image: torch.Tensor, options: dict, strides=(2, 2)) -> ExplainContext:
+    """One-window card (patch = image) whose U-Net strides make the size divisor 4 (crops align to 4 voxels)."""
+    with torch.no_grad():
+        probabilities = torch.softmax(network(image), 1)[0].numpy()
+    card = ModelCard.from_dict({
+        "name": "test", "architecture": {"name": "unet", "args": {"strides": list(strides)}},
+        "classes": [{"name": f"class{c}", "label": c} for c in range(probabilities.shape[0])],
+        "patch_size": list(image.shape[2:])})
+    return ExplainContext(LoadedModel(card, network, "card"), image, "target", [1], probabilities,
+                          options={"misure": options})
+
+
+def test_registered_and_options_checked():
+    assert isinstance(get_explainer("misure"), MiSuRe)
+    assert MiSuReOptions.parse({"lambda": "0.5", "margin": None}).lam == 0.5
+    with pytest.raises(SegXAIError, match="unknown MiSuRe option"):
+        MiSuReOptions.parse({"radious": 2})
+    with pytest.raises(SegXAIError, match="out of range"):
+        MiSuReOptions.parse({"tau": 1.5})
+
+
+def test_sr_contains_the_evidence_region_and_the_msr_keeps_only_it():
+    obj = box_mask((6, 14), (8, 16), (8, 16))
+    evidence = box_mask((20, 24), (8, 12), (12, 16))  # one coarse cell, straight above the object
+    rng = np.random.default_rng(0)
+    image = np.where(evidence, 1.0, rng.uniform(0.2, 1.0, SHAPE)).astype(np.float32)
+    network = RegionEvidence(obj, evidence, level=0.99, scale=100.0)  # needs all of the evidence region
+    context = make_context(network, torch.from_numpy(image)[None, None], {"margin": None, "steps": 30})
+    assert (context.predicted_mask == obj).all()
+
+    explanation = MiSuRe().explain(context)
+    maps = {m.variant: m.array for m in explanation.maps}
+    sr, msr = maps["sr"] > 0, maps["msr"]
+    assert sr[evidence].all() and sr[obj].all()
+    # the evidence's far side (row 23) is 10 voxels beyond the object's face (row 13); a radius-3 ball moves
+    # the face 3 voxels per dilation: ceil(10 / 3) = 4 dilations, and 3 leave row 23 out (Dice 0)
+    assert explanation.scalars["dilations"] == 4
+    assert explanation.curves["dilation_dice"] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert explanation.scalars["dice_explained"] == 1.0
+    # the mask is kept on the evidence and pruned everywhere else (the object's own voxels included)
+    near = ndimage.binary_dilation(evidence, np.ones((3, 3, 3)), iterations=6)
+    assert msr[evidence].min() > 0.9
+    assert msr[near].sum() > 0.95 * msr.sum()
+    assert msr[obj].sum() == 0
+    assert explanation.scalars["perturbation_ratio"] < 0.5 * sr.sum() / obj.sum()
+    assert explanation.scalars["perturbation_ratio"] == pytest.approx((msr > 0).sum() / obj.sum())
+
+
+def test_dilation_count_equals_the_hand_count():
+    h = 2  # the network needs the whole 5^3 box around a voxel to be bright
+    cube = box_mask((8, 24), (8, 24), (8, 24))
+    network = BoxEvidence(h=h, level=1 - 0.5 / (2 * h + 1) ** 3, scale=1000.0)
+    context = make_context(network, torch.from_numpy(cube.astype(np.float32))[None, None],
+                           {"radius": 1, "tau": 1.0, "steps": 0})
+    m0 = context.predicted_mask
+    assert (m0 == box_mask((10, 22), (10, 22), (10, 22))).all()
+    explanation = MiSuRe().explain(context)
+
+    # radius-1 dilations d times = all voxels within L1 distance d of M0; a voxel is found again when its
+    # whole box is bright and inside that region. M0's corner voxel needs offset (h, h, h): 3h dilations
+    offsets = [np.maximum(0, np.maximum(10 - g, g - 21)) for g in np.indices(SHAPE)]
+    distance = sum(offsets)
+    expected = [dice(ndimage.minimum_filter(cube & (distance <= d), size=2 * h + 1, mode="constant"), m0)
+                for d in range(3 * h + 1)]
+    assert expected[-1] == 1.0 and expected[-2] < 1.0
+    assert explanation.scalars["dilations"] == 3 * h
+    assert explanation.curves["dilation_dice"] == pytest.approx(expected, abs=1e-12)
+    assert (explanation.maps[0].array > 0).sum() == (distance <= 3 * h).sum()
+
+
+def test_soft_dice_has_a_gradient_with_respect_to_the_mask():
+    torch.manual_seed(0)
+    network = UNet(3, 1, 2, channels=(4, 8), strides=(2,)).eval()
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        reference = torch.softmax(network(image), 1)[0, 1]
+    cells = torch.full((1, 1, 4, 4, 4), 0.7, requires_grad=True)
+    probabilities = torch.softmax(network(image * upsample_to(cells, (16, 16, 16))), 1)
+    score = soft_dice(probabilities[0, 1], reference)
+    (gradient,) = torch.autograd.grad(score, cells)
+    assert torch.isfinite(gradient).all() and (gradient != 0).float().mean() > 0.5
+    # the bug this guards against: a Dice of argmax masks is cut from the graph
+    assert not (probabilities.argmax(1) == 1).float().requires_grad
+
+
+def test_clamp_rule_holds_after_every_step():
+    torch.manual_seed(0)
+    network = UNet(3, 1, 2, channels=(4, 8), strides=(2,)).eval()
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        reference = torch.softmax(network(image), 1)[0]
+    sr = np.zeros((16, 16, 16), bool)
+    sr[3:13, 3:13, 3:13] = True
+    window = Box((0, 0, 0), (16, 16, 16))
+    mask = CoarseMask(initial_cells(sr, 4), 4, window)
+    x_sr = torch.where(torch.from_numpy(sr), image, torch.tensor(0.0))
+    terms = [DiceTerm([0], 1.0, reference[0], (0.0, 0.0, 0.0)), DiceTerm([1], 2.0, reference[1], (0.0, 0.0, 0.0))]
+    seen = []
+    optimise_mask(CropPredictor(network, (16, 16, 16), (2, 2, 2), 0.0, torch.device("cpu")), x_sr, mask, terms,
+                  MiSuReOptions(steps=12, lam=1.0), lambda step, cells, loss: seen.append(cells.clone()))
+    assert len(seen) == 12
+    for cells in seen:
+        assert ((cells == 0) | ((cells >= CLAMP_BELOW) & (cells <= 1))).all()
+    changed = torch.stack(seen)
+    assert ((changed > CLAMP_BELOW) & (changed < 1)).any()  # steps moved the mask between the clamps
+    assert (seen[-1][mask.initial() == 1] == 0).any()  # and pruned cells to exactly 0
+
+
+def test_crop_gives_the_whole_grid_result_when_the_margin_covers_the_receptive_field():
+    rng = np.random.default_rng(1)
+    image = np.zeros(SHAPE, np.float32)
+    image[12:20, 12:21, 11:19] = rng.uniform(0.6, 1.0, (8, 9, 8))
+    network = BoxEvidence(h=1)
+    x = torch.from_numpy(image)[None, None]
+    options = {"radius": 1, "tau": 0.99, "steps": 20, "lambda": 3.0}  # a strong L1 weight: the mask moves
+    cropped = MiSuRe().explain(make_context(network, x, {**options, "margin": 2}))
+    whole = MiSuRe().explain(make_context(network, x, {**options, "margin": None}))
+    assert cropped.metadata["crop"] != [[0, 0, 0], list(SHAPE)]  # the crop really was smaller
+    assert whole.metadata["crop"] == [[0, 0, 0], list(SHAPE)]
+    for a, b in zip(cropped.maps, whole.maps):
+        np.testing.assert_allclose(a.array, b.array, atol=1e-5)
+    assert cropped.curves["dilation_dice"] == whole.curves["dilation_dice"]
+    assert cropped.curves["loss"] == pytest.approx(whole.curves["loss"], abs=1e-5)
+    assert cropped.scalars == pytest.approx(whole.scalars)
+    assert cropped.metadata["sufficient"] and cropped.curves["loss"][-1] < cropped.curves["loss"][0] - 1e-3
+
+
+def test_a_crop_over_max_voxels_optimises_a_patch_window_and_keeps_the_sr_outside_it():
+    image = np.zeros(SHAPE, np.float32)
+    image[4:28, 8:24, 8:24] = 1.0
+    network = BoxEvidence(h=1)
+    context = make_context(network, torch.from_numpy(image)[None, None],
+                           {"radius": 1, "steps": 5, "margin": None, "max_voxels": 1})
+    context.model.card.patch_size = (16, 16, 16)
+    explanation = MiSuRe().explain(context)
+    assert explanation.metadata["stage2"] == "window"
+    (start, stop) = explanation.metadata["window"]
+    assert [b - a for a, b in zip(start, stop)] == [16, 16, 16]
+    sr = explanation.maps[0].array > 0
+    initial = upsample_to(initial_cells(sr, 4)[None, None], (32, 32, 32))[0, 0].numpy() * sr
+    far = np.ones(SHAPE, bool)
+    far[tuple(slice(max(a - 4, 0), b + 4) for a, b in zip(start, stop))] = False
+    np.testing.assert_array_equal(explanation.maps[1].array[far], initial[far])
+
+
+def test_an_empty_prediction_is_not_applicable():
+    context = make_context(BoxEvidence(), torch.zeros(1, 1, 16, 16, 16), {})
+    with pytest.raises(NotApplicable, match="predicts no voxel"):
+        MiSuRe().explain(context)
+
+
+def test_ball_is_the_digital_sphere():
+    assert ball(1).sum() == 7 and ball(3).shape == (7, 7, 7) and ball(3).sum() == 123
