@@ -437,15 +437,15 @@ def score_vs_dice(rows: Sequence[CaseRow], good_dice: float = GOOD_DICE) -> list
 # ------------------------------------------------------------------ the command
 def write_audit(out: Path, rows: Sequence[CaseRow], settings: AuditSettings, cases_dir: Path) -> AuditResult:
     """Sort ``rows`` for review and write ``audit.csv``, ``scores_vs_dice.csv`` (with labels), ``audit.html``."""
-    from .faithfulness import write_rows
+    from .fileio import write_csv_rows
     from .report.cohort import CohortCase, write_cohort_page
 
     rows = sorted(rows, key=review_order)
     table = csv_rows(rows)
-    csv_path = write_rows(Path(out) / "audit.csv", table)
+    csv_path = write_csv_rows(Path(out) / "audit.csv", table)
     prediction = score_vs_dice(rows) if any(row.dice is not None for row in rows) else []
     if prediction:
-        write_rows(Path(out) / "scores_vs_dice.csv", [{k: _text(v) for k, v in r.items()} for r in prediction])
+        write_csv_rows(Path(out) / "scores_vs_dice.csv", [{k: _text(v) for k, v in r.items()} for r in prediction])
     cases = []
     for row, cells in zip(rows, table):
         folder = Path(row.folder)

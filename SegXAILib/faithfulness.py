@@ -45,8 +45,6 @@ each time: a perturbation may change the prediction anywhere, so no crop is exac
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -60,7 +58,7 @@ import torch
 from torch import nn
 
 from .errors import SegXAIError
-from .fileio import atomic_write_text
+from .fileio import write_csv_rows
 from .inference import select_device, sliding_window_predict, target_mask
 from .metrics import dice
 from .models.loaders import LoadedModel
@@ -271,16 +269,6 @@ def _read_summary(folder: Path) -> dict[str, Any]:
     return summary
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """CSV with one row per dict, columns in order of first appearance; written atomically."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, text.getvalue())
-
-
 def evaluate_maps(folder: str | Path, model: LoadedModel | str | None = None, steps: int = 10,
                   device: str | torch.device = "auto", baseline: float | str = 0.0,
                   thresholds: Sequence[float] = TABLE1_THRESHOLDS, top_fractions: Sequence[float] = TOP_FRACTIONS,
@@ -304,7 +292,7 @@ def evaluate_maps(folder: str | Path, model: LoadedModel | str | None = None, st
     """
     from .models.registry import load_model
     from .preprocessing import preprocess, resample_to_grid
-    from .report.html import _scan_path
+    from .report.html import summary_scan_path
     from .volume import read_volume
 
     folder = Path(folder)
@@ -314,7 +302,7 @@ def evaluate_maps(folder: str | Path, model: LoadedModel | str | None = None, st
     if loaded.card.name != summary["model"]["name"]:
         raise SegXAIError(f"the maps in {folder} explain model {summary['model']['name']!r}, not "
                           f"{loaded.card.name!r}; give that model (or leave --model out)")
-    grid = preprocess(read_volume(_scan_path(summary["input"], folder)), loaded.card.preprocessing)
+    grid = preprocess(read_volume(summary_scan_path(summary["input"], folder)), loaded.card.preprocessing)
     if list(grid.shape[::-1]) != list(summary["model_grid"]["shape_ijk"]):
         raise SegXAIError(f"the scan {summary['input']} now gives a model grid of {list(grid.shape[::-1])} voxels, "
                           f"not the explain run's {summary['model_grid']['shape_ijk']}; explain the scan again")
@@ -356,5 +344,5 @@ def evaluate_maps(folder: str | Path, model: LoadedModel | str | None = None, st
             rows.append(row)
     finally:
         loaded.network.to("cpu")
-    write_rows(folder / "faithfulness.csv", rows)
+    write_csv_rows(folder / "faithfulness.csv", rows)
     return rows

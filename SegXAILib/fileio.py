@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -84,3 +87,13 @@ class OutputFolder:
                     os.replace(source, target)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_csv_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """CSV with one row per dict, columns in order of first appearance; written atomically."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, text.getvalue())

@@ -78,7 +78,7 @@ from ..upsampling import upsample_to
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
 from .gradcam import padding_to
 from .layers import frozen_parameters
-from .protoseg import _divisor
+from .protoseg import input_multiple
 
 CLAMP_BELOW = 0.2
 """After each step mask values below this become 0 (Hoyer et al., as the paper)."""
@@ -462,8 +462,8 @@ class MiSuRe(Explainer):
         card = context.model.card
         image = context.image.float()
         shape = tuple(image.shape[2:])
-        align = tuple(math.lcm(int(d), options.coarse) for d in _divisor(card))
-        predictor = CropPredictor(context.model.network, tuple(card.patch_size), _divisor(card),
+        align = tuple(math.lcm(int(d), options.coarse) for d in input_multiple(card))
+        predictor = CropPredictor(context.model.network, tuple(card.patch_size), input_multiple(card),
                                   resolve_baseline(options.baseline, image), context.device)
         progress = context.progress
         stage1 = sufficient_region(

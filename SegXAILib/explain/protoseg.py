@@ -276,7 +276,7 @@ class _Scorer:
         return maps if self.prototypes.resolution == "input" else self.prototypes.to_mask_grid(maps)
 
 
-def _divisor(card: ModelCard) -> tuple[int, ...]:
+def input_multiple(card: ModelCard) -> tuple[int, ...]:
     """Per-axis multiple the network's input size must be.
 
     The product of the card's ``strides`` when its architecture lists them (MONAI U-Nets), else the
@@ -339,7 +339,7 @@ class ProtoSegExplainer(Explainer):
         options = context.method_options(self.name)
         resolution = options.get("resolution", "input")
         network = context.model.network
-        image = _pad_to_multiple(context.image.float(), _divisor(context.model.card)).to(context.device)
+        image = _pad_to_multiple(context.image.float(), input_multiple(context.model.card)).to(context.device)
         # layers are found on small zero probes (16^3, 32^3, ...): any size the network takes gives the same layers
         layers = conv_layers(network)
         resolved = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in parse_layer_specs(options.get("layers"))}

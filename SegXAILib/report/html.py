@@ -42,7 +42,7 @@ def write_report(folder: Path) -> Path:
         raise SegXAIError(f"no summary.json in {folder}; run 'segxai explain' with --out {folder} first")
     # json directly: SegXAILib.outputs imports torch and MONAI, which drawing never needs
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    scan = read_volume(_scan_path(summary["input"], folder))
+    scan = read_volume(summary_scan_path(summary["input"], folder))
     segmentation = read_volume(folder / summary["files"]["segmentation"])
     target = summary.get("target") or {"name": "segmented object",
                                        "labels": [c["label"] for c in summary["classes"] if c["label"] != 0]}
@@ -71,7 +71,7 @@ def write_report(folder: Path) -> Path:
     return atomic_write_text(folder / "report.html", page)
 
 
-def _scan_path(text: str, folder: Path) -> Path:
+def summary_scan_path(text: str, folder: Path) -> Path:
     """The scan named in the summary: as written (absolute, or relative to here), else relative to the folder."""
     path = Path(text)
     for candidate in (path, folder / path):
