@@ -14,7 +14,9 @@ then, on the scan's grid, against the generated label:
   boundary) than far from it (more than 5 voxels from the lesion);
 - mean SA mu of the clean scan is above that of a copy with Gaussian noise (sigma = 0.5 x the
   brain's intensity standard deviation);
-- for the EU-Net, the collaboration-gradient map's agreement with the sampled uncertainties.
+- for the EU-Net: the MHEX+ CAM maximum inside the dilated lesion, the collaboration-gradient map
+  finite with its zero-gradient count, and its agreement with the sampled uncertainties;
+- the review verdict's reasons.
 
     python benchmarks/unseen_host_explain.py /usr/share/mricron/templates/inia19-t1-brain.nii.gz --seeds 1,2,3
 """
@@ -42,21 +44,29 @@ def noisy_copy(image: Volume, path: Path, seed: int) -> None:
     write_volume(image.with_array((image.array + noise).astype(np.float32)), path)
 
 
-def check_case(case: Path, model: str, seed: int) -> dict[str, object]:
+def check_case(case: Path, model: str, seed: int, methods: str) -> dict[str, object]:
     image, truth = read_volume(case / "image.nii.gz"), read_volume(case / "label.nii.gz").array > 0
     explained = case / "explain"
-    assert segxai(["explain", str(case / "image.nii.gz"), "--model", model, "--methods", "all", "--out",
+    assert segxai(["explain", str(case / "image.nii.gz"), "--model", model, "--methods", methods, "--out",
                    str(explained), "--progress", "none", "--no-report"]) == 0
     summary = json.loads((explained / "summary.json").read_text(encoding="utf-8"))
     predicted = np.isin(read_volume(explained / summary["files"]["segmentation"]).array,
                         summary["target"]["labels"])
-    row: dict[str, object] = {"seed": seed, "dice": round(dice(predicted, truth), 3)}
+    row: dict[str, object] = {"seed": seed, "dice": round(dice(predicted, truth), 3),
+                              "review": "; ".join(summary["review"]["reasons"]) or "no"}
 
     maps = {(m["method"], m["variant"]): read_volume(explained / m["file"]) for m in summary["maps"]}
     row["maps on scan grid"] = f"{sum(v.same_grid(image, atol=1e-4) for v in maps.values())}/{len(maps)}"
-    gradcam = maps[("gradcam", None)].array
     near_lesion = ndimage.binary_dilation(truth, iterations=2)
-    row["gradcam max in lesion"] = bool(near_lesion[np.unravel_index(np.argmax(gradcam), gradcam.shape)])
+    for method in ("gradcam", "mhex"):
+        if (method, None) in maps:
+            cam = maps[(method, None)].array
+            row[f"{method} max in lesion"] = bool(near_lesion[np.unravel_index(np.argmax(cam), cam.shape)])
+    if ("mhex-uncertainty", None) in maps:
+        collaboration = maps[("mhex-uncertainty", None)].array
+        zero = next(e["scalars"]["zero_gradient_voxels"] for e in summary["explanations"]
+                    if e["method"] == "mhex-uncertainty")
+        row["collab finite, zero-gradient voxels"] = f"{bool(np.isfinite(collaboration).all())}, {zero:.0f}"
 
     border = ndimage.binary_dilation(truth, iterations=1) & ~ndimage.binary_erosion(truth, iterations=1)
     far = ~ndimage.binary_dilation(truth, iterations=5) & (image.array > np.percentile(image.array, 50))
@@ -65,6 +75,10 @@ def check_case(case: Path, model: str, seed: int) -> dict[str, object]:
             entropy = maps[(method, "entropy")].array
             row[f"{method} border/far"] = round(float(entropy[border].mean() / max(entropy[far].mean(), 1e-12)), 1)
 
+    for name, values in summary.get("agreement", {}).get("against", {}).items():
+        row[f"collab vs {name} (r)"] = round(values["pearson"], 3)
+    if "protoseg" not in methods and methods != "all":
+        return row
     noisy = case / "noisy.nii.gz"
     noisy_copy(image, noisy, seed)
     assert segxai(["explain", str(noisy), "--model", model, "--methods", "protoseg", "--out", str(case / "noisy"),
@@ -72,9 +86,6 @@ def check_case(case: Path, model: str, seed: int) -> dict[str, object]:
     noisy_summary = json.loads((case / "noisy" / "summary.json").read_text(encoding="utf-8"))
     clean_mu, noisy_mu = summary["scores"].get("protoseg.mean_sa"), noisy_summary["scores"].get("protoseg.mean_sa")
     row["mu clean > noisy"] = f"{clean_mu:.3f} > {noisy_mu:.3f}: {clean_mu > noisy_mu}"
-    row["review"] = summary["review"]["needed"]
-    for name, values in summary.get("agreement", {}).get("against", {}).items():
-        row[f"collab vs {name} (r)"] = round(values["pearson"], 3)
     return row
 
 
@@ -83,13 +94,14 @@ def main() -> None:
     parser.add_argument("host", help="a T1 MRI file the model was not trained on")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--model", default="brain-lesion-unet")
+    parser.add_argument("--methods", default="all")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [int(s) for s in args.seeds.split(",")]:
             case = Path(tmp) / str(seed)
             assert segxai(["synth-lesion", args.host, "--seed", str(seed), "--out", str(case)]) == 0
-            rows.append(check_case(case, args.model, seed))
+            rows.append(check_case(case, args.model, seed, args.methods))
     names = list(dict.fromkeys(k for r in rows for k in r))
     print(f"\nhost: {args.host}   model: {args.model}\n")
     print("| " + " | ".join(names) + " |\n|" + "---|" * len(names))
