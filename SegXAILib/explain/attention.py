@@ -17,15 +17,16 @@ on the target class: the maps are the same for every target.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..inference import sliding_window_predict
 from ..models.loaders import LoadedModel
+from ..upsampling import upsample_to
 from .base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable
 
 
@@ -37,6 +38,43 @@ def attention_gates(network: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in network.named_modules()
             if isinstance(getattr(module, "psi", None), nn.Sequential) and len(module.psi) > 0
             and isinstance(module.psi[-1], nn.Sigmoid)]
+
+
+def stitched_outputs(modules: Sequence[nn.Module], context: ExplainContext,
+                     stage: str) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+    """Run the network over the scan in the card's sliding windows and stitch what ``modules`` output.
+
+    Each module must output one map (1, 1, *grid) per window, on any grid; it is upsampled to the window
+    (:func:`~SegXAILib.upsampling.upsample_to`) and blended like the segmentation.
+
+    Returns:
+        one float32 (D, H, W) map on the model grid per module, and each module's native grid.
+    """
+    outputs: list[torch.Tensor | None] = [None] * len(modules)
+    native: list[tuple[int, ...]] = [()] * len(modules)
+
+    def keep(index: int):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            outputs[index] = output
+        return hook
+
+    def window_maps(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(1, C, *patch) window -> one (1, 1, *patch) upsampled output per module."""
+        context.model.network(window)
+        native[:] = [tuple(o.shape[2:]) for o in outputs]
+        return tuple(upsample_to(o.float(), window.shape[2:]) for o in outputs)
+
+    handles = [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
+    try:
+        with torch.inference_mode():
+            stitched = sliding_window_predict(window_maps, context.image, context.model.card.patch_size,
+                                              context.device, progress=context.progress, stage=stage)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if isinstance(stitched, torch.Tensor):
+        stitched = (stitched,)
+    return [s[0, 0].numpy().astype(np.float32) for s in stitched], native
 
 
 class AttentionGateMaps(Explainer):
@@ -60,39 +98,12 @@ class AttentionGateMaps(Explainer):
 
     def explain(self, context: ExplainContext) -> Explanation:
         self.check_applicable(context.model)
-        network = context.model.network
-        gates = attention_gates(network)
-        psi: list[torch.Tensor | None] = [None] * len(gates)
-        native: list[tuple[int, ...]] = [()] * len(gates)
-
-        def keep(index: int):
-            def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-                psi[index] = output
-            return hook
-
-        def gate_maps(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            """(1, C, *patch) window -> one (1, 1, *patch) upsampled psi per gate."""
-            network(window)
-            mode = "trilinear" if window.ndim == 5 else "bilinear"
-            for i, p in enumerate(psi):
-                native[i] = tuple(p.shape[2:])
-            return tuple(F.interpolate(p.float(), size=window.shape[2:], mode=mode, align_corners=False)
-                         for p in psi)
-
-        handles = [gate.psi[-1].register_forward_hook(keep(i)) for i, (_, gate) in enumerate(gates)]
-        try:
-            with torch.inference_mode():
-                stitched = sliding_window_predict(gate_maps, context.image, context.model.card.patch_size,
-                                                  context.device, progress=context.progress, stage=self.name)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if isinstance(stitched, torch.Tensor):
-            stitched = (stitched,)
+        gates = attention_gates(context.model.network)
+        stitched, native = stitched_outputs([gate.psi[-1] for _, gate in gates], context, self.name)
 
         # finest first, whatever order the modules were declared in
         order = sorted(range(len(gates)), key=lambda i: -int(np.prod(native[i])))
-        levels = [stitched[i][0, 0].numpy().astype(np.float32) for i in order]
+        levels = [stitched[i] for i in order]
         patch = tuple(context.model.card.patch_size)
         maps = []
         for n, i in enumerate(order, start=1):

@@ -7,8 +7,8 @@ transformer path; with ``"cnn_guided"`` the roles are swapped, and the maps are 
 by gate input, so ``cnn-share`` always means the CNN's share. Like attention-gate maps, these are the
 network's own, built-in weights (paper 004), read with a forward hook on each gate's coefficient.
 
-The per-level maps are upsampled and stitched exactly as the attention-gate maps
-(:mod:`.attention`): trilinear interpolation with ``align_corners=False`` to the window, then the
+The per-level maps are upsampled and stitched by the same function as the attention-gate maps
+(:func:`.attention.stitched_outputs`): trilinear interpolation with ``align_corners=False`` to the window, then the
 segmentation's Gaussian-blended sliding window over the model grid. The shares do not depend on the
 target class. Values are fractions (``normalise=False``), and ``cnn-share + swin-share = 1`` at every
 voxel of every level and of the means.
@@ -16,17 +16,12 @@ voxel of every level and of the means.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
-import torch
 from torch import nn
 
-from ..inference import sliding_window_predict
 from ..models.dual_encoder import FusionGate
 from ..models.loaders import LoadedModel
-from ..upsampling import upsample_to
+from .attention import stitched_outputs
 from .base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable
 
 PATHS = {"cnn": "the local CNN path", "swin": "the global Swin transformer path"}
@@ -35,43 +30,6 @@ PATHS = {"cnn": "the local CNN path", "swin": "the global Swin transformer path"
 def fusion_gates(network: nn.Module) -> list[tuple[str, FusionGate]]:
     """(name, gate) for every dual-encoder fusion gate, in module order."""
     return [(name, module) for name, module in network.named_modules() if isinstance(module, FusionGate)]
-
-
-def stitched_outputs(modules: Sequence[nn.Module], context: ExplainContext,
-                     stage: str) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
-    """Run the network over the scan in the card's sliding windows and stitch what ``modules`` output.
-
-    Each module must output one map (1, 1, *grid) per window, on any grid; it is upsampled to the window
-    (:func:`~SegXAILib.upsampling.upsample_to`) and blended like the segmentation.
-
-    Returns:
-        one float32 (D, H, W) map on the model grid per module, and each module's native grid.
-    """
-    outputs: list[torch.Tensor | None] = [None] * len(modules)
-    native: list[tuple[int, ...]] = [()] * len(modules)
-
-    def keep(index: int):
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            outputs[index] = output
-        return hook
-
-    def window_maps(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(1, C, *patch) window -> one (1, 1, *patch) upsampled output per module."""
-        context.model.network(window)
-        native[:] = [tuple(o.shape[2:]) for o in outputs]
-        return tuple(upsample_to(o.float(), window.shape[2:]) for o in outputs)
-
-    handles = [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
-    try:
-        with torch.inference_mode():
-            stitched = sliding_window_predict(window_maps, context.image, context.model.card.patch_size,
-                                              context.device, progress=context.progress, stage=stage)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if isinstance(stitched, torch.Tensor):
-        stitched = (stitched,)
-    return [s[0, 0].numpy().astype(np.float32) for s in stitched], native
 
 
 class FusionMaps(Explainer):
