@@ -1,15 +1,19 @@
-"""Atomic file writing: a file appears under its final name complete, or not at all."""
+"""Our files on disk: atomic writing (a file appears under its final name complete, or not at all),
+CSV tables, and JSON objects read with one clear message when they are missing or broken."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import SegXAIError
 
 
 @contextmanager
@@ -97,3 +101,25 @@ def write_csv_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, text.getvalue())
+
+
+def read_json_object(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object stored in ``path``.
+
+    Args:
+        what: what the file is, for the message (e.g. "model card").
+        fix: what the user should do when the file is unreadable (e.g. "train it again").
+
+    Raises:
+        SegXAIError: the file is missing, not JSON, or holds something other than an object.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SegXAIError(f"{what} not found: {path}; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SegXAIError(f"{what} {path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise SegXAIError(f"{what} {path} does not hold a JSON object; {fix}")
+    return data

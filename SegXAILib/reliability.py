@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import SegXAIError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json_object
 from .models.card import ModelCard
 from .progress import Progress
 
@@ -177,15 +177,7 @@ class ReliabilityModel:
 
     @classmethod
     def load(cls, path: str | Path) -> ReliabilityModel:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SegXAIError(f"reliability model not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SegXAIError(f"reliability model {path} is not valid JSON ({exc}); train it again") from None
-        if not isinstance(data, dict):
-            raise SegXAIError(f"reliability model {path} is not a JSON object; train it again")
+        data = read_json_object(path, "reliability model", "train it again")
         return cls.from_dict(data, source=f"reliability model {path}")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import SegXAIError
+from .fileio import read_json_object
 from .models.card import ModelCard
 from .preprocessing import preprocess, resample_to_grid
 from .progress import Progress
@@ -61,11 +62,10 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        data = read_json_object(path, "training configuration", "fix it")
         try:
-            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise SegXAIError(f"training configuration not found: {path}") from None
-        except (json.JSONDecodeError, TypeError) as exc:
+            return cls(**data)
+        except TypeError as exc:
             raise SegXAIError(f"invalid training configuration {path}: {exc}") from None
 
     def iterations_for(self, member: int) -> int:

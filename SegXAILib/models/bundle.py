@@ -48,7 +48,6 @@ themselves are never unpickled.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ import torch
 from torch import nn
 
 from ..errors import SegXAIError
+from ..fileio import read_json_object
 from .card import ModelCard
 
 INFERENCE_CONFIGS = ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml")
@@ -280,12 +280,7 @@ def card_from_bundle(folder: Path) -> ModelCard:
     data = _derive(folder)
     overrides_path = folder / OVERRIDES_CONFIG
     if overrides_path.is_file():
-        try:
-            overrides = json.loads(overrides_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SegXAIError(f"{overrides_path} is not valid JSON ({exc}); fix it") from None
-        if not isinstance(overrides, dict):
-            raise SegXAIError(f"{overrides_path} must hold a JSON object of model-card keys")
+        overrides = read_json_object(overrides_path, "bundle overrides", "fix it: a JSON object of model-card keys")
         for key, value in overrides.items():
             if key in MERGED_KEYS and isinstance(value, dict):
                 data[key] = {**data.get(key, {}), **value}

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SegXAIError
+from ..fileio import read_json_object
 from ..quality import review_limits
 
 INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
@@ -114,12 +115,7 @@ class ModelCard:
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SegXAIError(f"model card not found: {path}; check the path") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SegXAIError(f"model card {path} is not valid JSON ({exc}); fix or regenerate it") from None
+        data = read_json_object(path, "model card", "fix or regenerate it")
         return cls.from_dict(data, root=path.parent, source=f"model card {path}")
 
     def validate(self, source: str = "model card") -> None:
