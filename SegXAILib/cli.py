@@ -222,6 +222,19 @@ def cmd_synth_lesion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_degrade(args: argparse.Namespace) -> int:
+    from .data.degrade import degrade
+    from .volume import read_volume, write_volume
+
+    scan_path, out = Path(args.scan), Path(args.out)
+    if out.resolve() == scan_path.resolve():
+        raise SegXAIError(f"--out {out} is the input scan; write the degraded copy to another file")
+    scan = read_volume(scan_path)
+    write_volume(degrade(scan, args.kind, args.strength, args.seed), out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_ct_phantom(args: argparse.Namespace) -> int:
     from .data.ct_phantom import ct_phantom
     from .fileio import OutputFolder
@@ -292,6 +305,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .data.degrade import DEFAULT_STRENGTH, DEGRADATIONS
+
     parser = argparse.ArgumentParser(prog="segxai", description="Segment 3D scans and explain the segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -393,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     add_progress(p)
     p.set_defaults(func=cmd_synth_dataset)
+
+    p = sub.add_parser("degrade", help="a degraded copy of a scan (noise, blur, bias field, contrast) on its grid, "
+                                       "to test that audits flag the cases a model should not be trusted on")
+    p.add_argument("scan")
+    p.add_argument("--kind", required=True, choices=DEGRADATIONS)
+    p.add_argument("--strength", type=float, default=None,
+                   help="noise: std / tissue level; blur: FWHM in mm; bias: log-field half-range; gamma: exponent "
+                        f"(defaults: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_STRENGTH.items())})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the degraded scan's file (.nii.gz, .nrrd, .mha ...)")
+    p.set_defaults(func=cmd_degrade)
 
     p = sub.add_parser("ct-phantom", help="write a synthetic CT in Hounsfield units with organ/lesion labels")
     p.add_argument("--out", required=True)
