@@ -268,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.iterations = args.iterations
     if args.out is not None:
         config.out = args.out
-    card_path = train(config, _progress(args))
+    card_path = train(config, _progress(args), evaluate_only=args.evaluate_only)
     print(f"wrote model card {card_path}")
     return 0
 
@@ -431,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training configuration JSON (see Resources/Training)")
     p.add_argument("--iterations", type=int, default=None, help="override the configured iterations")
     p.add_argument("--out", default=None, help="override the configured card path")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="train nothing: evaluate the weights the configuration names and write the card")
     add_progress(p)
     p.set_defaults(func=cmd_train)
     return parser

@@ -267,28 +267,48 @@ def train_network(config: TrainConfig, card: ModelCard, train_cases: list[np.nda
     return best_state, history
 
 
-def train(config: TrainConfig, progress: Progress | None = None) -> Path:
-    """Train one network per seed, evaluate the first on the scans' grids, write weights + card."""
+def train(config: TrainConfig, progress: Progress | None = None, evaluate_only: bool = False) -> Path:
+    """Train one network per seed, evaluate the first on the scans' grids, write weights + card.
+
+    With ``evaluate_only`` the weights the configuration names must exist: they are evaluated and the
+    card written, nothing is trained (e.g. after changing the validation cases or the preprocessing).
+    """
     from safetensors.torch import save_file
 
     from .fileio import atomic_write
-    from .models.loaders import load_from_card
 
     progress = progress or Progress()
     if config.threads:
         torch.set_num_threads(config.threads)
     card = config.card()
     train_folders, val_folders = case_folders(config.train_dir), case_folders(config.val_dir)
+    if evaluate_only:
+        missing = [str(path) for path in card.weight_paths if not path.is_file()]
+        if missing:
+            raise SegXAIError(f"--evaluate-only needs the trained weights, missing: {', '.join(missing)}; "
+                              "train without --evaluate-only first")
+        return write_evaluated_card(config, card, val_folders, len(train_folders), progress)
+
     train_cases = load_training_arrays(train_folders, card, progress, "load training cases")
     val_cases = load_training_arrays(val_folders, card, progress, "load validation cases")
-
     start = time.perf_counter()
     histories = {}
     for member, (seed, weights) in enumerate(zip(config.seeds, card.weight_paths)):
         state, histories[seed] = train_network(config, card, train_cases, val_cases, seed,
                                                config.iterations_for(member), progress)
         atomic_write(weights, lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
-    seconds = time.perf_counter() - start
+    run = {"seconds": round(time.perf_counter() - start), "history": histories}
+    return write_evaluated_card(config, card, val_folders, len(train_folders), progress, run)
+
+
+def write_evaluated_card(config: TrainConfig, card: ModelCard, val_folders: list[Path], train_cases: int,
+                         progress: Progress, run: dict[str, Any] | None = None) -> Path:
+    """Evaluate the card's first weights on the validation cases; write the card with the figures.
+
+    ``run``: ``seconds`` and ``history`` of the training run that made the weights (None when only
+    evaluating: the card then says so).
+    """
+    from .models.loaders import load_from_card
 
     model = load_from_card(card)
     per_case, mean_sa = [], []
@@ -298,17 +318,20 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
         mean_sa.append(case_mean_sa)
         progress.update("evaluate", (n + 1) / len(val_folders), folder.name)
     card.review = review_calibration(per_case, mean_sa, card)
+    training = {"cases": train_cases, "seeds": config.seeds,
+                "iterations": [config.iterations_for(m) for m in range(len(config.seeds))],
+                "batch_size": config.batch_size, "train_patch": config.train_patch,
+                "threads": torch.get_num_threads(), "command": config.command}
+    training.update(run if run is not None else
+                    {"note": "evaluated by 'segxai train --evaluate-only': the training run's time and "
+                             "validation history were not recorded"})
     card.validation = {
         "dice": {k: round(float(np.mean([c[k] for c in per_case])), 4) for k in per_case[0]},
         "dice_std": {k: round(float(np.std([c[k] for c in per_case])), 4) for k in per_case[0]},
         "cases": len(val_folders),
         "val_dir": str(config.val_dir),
         "evaluated_on": "first ensemble member; the scans' own grids, full inference pipeline",
-        "training": {"cases": len(train_folders), "seeds": config.seeds,
-                     "iterations": [config.iterations_for(m) for m in range(len(config.seeds))],
-                     "batch_size": config.batch_size, "train_patch": config.train_patch,
-                     "seconds": round(seconds), "threads": torch.get_num_threads(),
-                     "history": histories, "command": config.command},
+        "training": training,
     }
     return card.save(config.out)
 

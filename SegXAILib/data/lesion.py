@@ -3,7 +3,7 @@
 A lesion is a randomly oriented ellipsoid whose surfaces are bent by smooth low-frequency noise:
 a necrotic core, an enhancing rim around it, and peritumoral edema around both (the classic
 ring-enhancing glioblastoma). Sizes are in mm and shrink to fit small brains; the whole lesion
-lies inside the host's brain mask. Intensities are set relative to the host's own white matter
+lies inside the host's brain mask. Intensities are set relative to the host's own tissue
 (see :data:`INTENSITY_FACTORS`), with smooth texture, part of the host's fine texture, and
 partial-volume edges. Everything is drawn from one seed: the same seed gives the same case.
 
@@ -36,12 +36,16 @@ BRATS_LABELS = (LABEL_NCR, LABEL_ED, LABEL_ET)
 
 INTENSITY_FACTORS = {
     LABEL_NCR: (0.35, 0.50),  # fluid-like, as dark as CSF
-    LABEL_ED: (0.75, 0.85),  # water-logged white matter: mildly hypointense
+    LABEL_ED: (0.75, 0.85),  # water-logged tissue: mildly hypointense to the tissue it infiltrates
     LABEL_ET: (1.15, 1.35),  # contrast-enhanced: brighter than white matter
 }
-"""Per label, the range of (mean intensity / host white-matter level) a case draws from.
+"""Per label, the range of (mean intensity / reference level) a case draws from.
 
-Intensities are counted from the host's no-signal level (see :class:`HostLevels`), 0 for MRI."""
+The reference is the host's white-matter level, except for edema: edema is tissue holding extra
+water, so it darkens whatever it infiltrates, and its reference is the host's local tissue level
+(see :data:`_EDEMA_TISSUE_SIGMA_MM`), at most white matter. Edema painted relative to white matter
+alone would be as bright as grey matter and invisible in it. Intensities are counted from the
+host's no-signal level (see :class:`HostLevels`), 0 for MRI."""
 
 CORE_RADIUS_MM = (8.0, 20.0)
 """Range of the tumour core's (necrosis + rim) mean radius."""
@@ -54,6 +58,7 @@ _AXIS_RATIO = (0.75, 1.25)  # ellipsoid semi-axes, relative to the core radius
 _SURFACE_AMPLITUDE = (0.08, 0.18)  # relative radial displacement per unit of noise
 _NOISE_CLIP = 2.0  # noise in standard deviations: bounds how far a surface can be pushed out
 _TEXTURE_AMPLITUDE = {LABEL_NCR: 0.08, LABEL_ED: 0.05, LABEL_ET: 0.08}  # relative std of the texture
+_EDEMA_TISSUE_SIGMA_MM = 3.0  # smoothing of the host inside the brain: the local tissue level under edema
 _HOST_DETAIL_KEPT = 0.5  # exponent on the host's fine-texture ratio: keep half of its contrast
 _WM_PERCENTILE = 85.0  # of intensities in the brain: white matter, the brightest large tissue
 _DARK_PERCENTILE = 1.0  # of intensities in the brain: the darkest CSF
@@ -314,11 +319,14 @@ def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights
     signal = region - levels.zero
     smooth = ndimage.gaussian_filter(signal, sigma=1.5 / host.spacing[::-1])
     detail = np.clip(signal / np.maximum(smooth, 1e-6 * (levels.wm - levels.zero)), 0.5, 1.5) ** _HOST_DETAIL_KEPT
+    tissue = _local_tissue_level(signal, inside, host.spacing[::-1], levels)
     painted = (1 - lesion) * region
     for lab, fraction in fractions.items():
         level = levels.level(factors[lab])
         if lab == LABEL_NCR:
             level = max(level, levels.dark)  # necrosis is fluid: no darker than the host's CSF
+        elif lab == LABEL_ED:
+            level = levels.zero + factors[lab] * tissue
         texture_factor = (1 + _TEXTURE_AMPLITUDE[lab] * texture) * detail
         painted += fraction * (levels.zero + (level - levels.zero) * texture_factor)
 
@@ -327,6 +335,18 @@ def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights
     label = np.zeros(host.shape, dtype=np.uint8)
     label[box] = np.where(inside, weights.labels()[local], 0)
     return _cast_like(image, host.array.dtype), label
+
+
+def _local_tissue_level(signal: np.ndarray, brain: np.ndarray, spacing: np.ndarray, levels: HostLevels) -> np.ndarray:
+    """The host's tissue level around each voxel, counted from ``levels.zero``; shape of ``signal``.
+
+    A Gaussian mean over brain voxels only (the background outside the brain would darken it near
+    the surface), bounded by the darkest CSF and white matter.
+    """
+    sigma = _EDEMA_TISSUE_SIGMA_MM / spacing
+    weight = ndimage.gaussian_filter(brain.astype(signal.dtype), sigma)
+    mean = ndimage.gaussian_filter(np.where(brain, signal, 0), sigma) / np.maximum(weight, 1e-6)
+    return np.clip(mean, levels.dark - levels.zero, levels.wm - levels.zero)
 
 
 def _cast_like(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
