@@ -287,7 +287,7 @@ def train(config: TrainConfig, progress: Progress | None = None, evaluate_only: 
         if missing:
             raise SegXAIError(f"--evaluate-only needs the trained weights, missing: {', '.join(missing)}; "
                               "train without --evaluate-only first")
-        return write_evaluated_card(config, card, val_folders, len(train_folders), progress)
+        return write_evaluated_card(config, card, val_folders, len(train_folders), progress, _recorded_run(config.out))
 
     train_cases = load_training_arrays(train_folders, card, progress, "load training cases")
     val_cases = load_training_arrays(val_folders, card, progress, "load validation cases")
@@ -301,12 +301,22 @@ def train(config: TrainConfig, progress: Progress | None = None, evaluate_only: 
     return write_evaluated_card(config, card, val_folders, len(train_folders), progress, run)
 
 
+def _recorded_run(card_path: str | Path) -> dict[str, Any] | None:
+    """``seconds`` and ``history`` of the run an existing card records (kept when only evaluating again)."""
+    if not Path(card_path).is_file():
+        return None
+    training = ModelCard.load(card_path).validation.get("training", {})
+    run = {key: training[key] for key in ("seconds", "history") if key in training}
+    return {**run, "note": "figures from 'segxai train --evaluate-only', after the training run recorded here"} \
+        if run else None
+
+
 def write_evaluated_card(config: TrainConfig, card: ModelCard, val_folders: list[Path], train_cases: int,
                          progress: Progress, run: dict[str, Any] | None = None) -> Path:
     """Evaluate the card's first weights on the validation cases; write the card with the figures.
 
-    ``run``: ``seconds`` and ``history`` of the training run that made the weights (None when only
-    evaluating: the card then says so).
+    ``run``: ``seconds`` and ``history`` of the training run that made the weights (None when they are
+    unknown: the card then says so).
     """
     from .models.loaders import load_from_card
 

@@ -57,14 +57,19 @@ def test_train_writes_a_loadable_card_with_validation_dice(tmp_path):
     # the cached model-grid arrays live beside each case
     assert len(list((tmp_path / "train" / "case-0").glob(".model-grid-*.npy"))) == 1
 
-    # --evaluate-only: the same weights give the same figures, and the card says nothing was trained
+    # --evaluate-only: the same weights give the same figures; the card keeps the recorded run, or says
+    # that none is known
     weights = (tmp_path / "model" / "blob.safetensors").read_bytes()
-    (tmp_path / "model" / "blob.json").unlink()
-    assert main(["train", "--config", str(tmp_path / "config.json"), "--evaluate-only", "--progress", "none"]) == 0
-    torch.set_num_threads(threads)
-    again = ModelCard.load(tmp_path / "model" / "blob.json")
-    assert again.validation["dice"] == card.validation["dice"]
-    assert "evaluate-only" in again.validation["training"]["note"] and "history" not in again.validation["training"]
+    for card_kept in (True, False):
+        if not card_kept:
+            (tmp_path / "model" / "blob.json").unlink()
+        assert main(["train", "--config", str(tmp_path / "config.json"), "--evaluate-only", "--progress", "none"]) == 0
+        torch.set_num_threads(threads)
+        again = ModelCard.load(tmp_path / "model" / "blob.json")
+        assert again.validation["dice"] == card.validation["dice"]
+        assert "evaluate-only" in again.validation["training"]["note"]
+        assert again.validation["training"].get("history") == (card.validation["training"]["history"] if card_kept
+                                                               else None)
     assert (tmp_path / "model" / "blob.safetensors").read_bytes() == weights
     # and it refuses to run without the weights
     (tmp_path / "model" / "blob.safetensors").unlink()
