@@ -14,6 +14,7 @@ CT-sized scan. The fusion maps of the dual encoder have no target (the issue ask
 
     python benchmarks/explainers.py                  # the whole table (slow on 2 cores)
     python benchmarks/explainers.py --sizes 96 --methods gradcam,protoseg
+    python benchmarks/explainers.py --sizes 128 --methods mhex-uncertainty --option mhex-uncertainty.k=64
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ def model_for(method: str):
     return load_model(wanted)
 
 
-def run_one(size: str, method: str) -> dict:
+def run_one(size: str, method: str, options: list[str]) -> dict:
     """In this process: time a forward pass, then the method; report seconds and peak RSS."""
     import numpy as np
     import torch
 
     from memory import peak_rss_gb
 
+    from SegXAILib.cli import parse_options
     from SegXAILib.explain.base import ExplainContext
     from SegXAILib.explain.registry import get_explainer
     from SegXAILib.inference import predict_probabilities
@@ -65,7 +67,8 @@ def run_one(size: str, method: str) -> dict:
     forward = time.perf_counter() - start
     _, channels = model.card.target_channels(None)
     context = ExplainContext(model=model, image=torch.from_numpy(image)[None, None], target="target",
-                             channels=channels, probabilities=probabilities, device=device)
+                             channels=channels, probabilities=probabilities, device=device,
+                             options=parse_options(options))
     explainer = get_explainer(method)
     explainer.check_applicable(model)
     start = time.perf_counter()
@@ -80,16 +83,20 @@ def main() -> None:
     parser.add_argument("--sizes", default="96,128,ct")
     parser.add_argument("--methods", default="gradcam,gradcampp,protoseg,mcdropout,tta,ensemble,mhex,mhex-uncertainty,"
                                              "fusion,misure")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                        help="method option, as for segxai explain (repeatable)")
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(*args.one)))
+        print(json.dumps(run_one(*args.one, args.option)))
         return
     print("| scan | method | model | forward (s) | method (s) | ratio | target | peak RSS (GB) |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for method in args.methods.split(","):
-            child = subprocess.run([sys.executable, __file__, "--one", size, method], capture_output=True, text=True)
+            options = [arg for option in args.option for arg in ("--option", option)]
+            child = subprocess.run([sys.executable, __file__, "--one", size, method, *options],
+                                   capture_output=True, text=True)
             if child.returncode != 0:
                 reason = (child.stderr.strip().splitlines() or ["failed"])[-1][:80]
                 print(f"| {'x'.join(map(str, SIZES[size][::-1]))} | {method} | | | | | | {reason} |")
