@@ -28,19 +28,22 @@ bias leave an integer range), and the input is never modified.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
-from scipy import ndimage
 
 from ..errors import SegXAIError
-from ..preprocessing import foreground_mask
-from ..volume import Volume
+
+if TYPE_CHECKING:
+    from ..volume import Volume
+
+# scipy and SimpleITK (through ..preprocessing) are imported where used: the command line reads this
+# module's kinds and default strengths to build its parser, on every start
 
 __all__ = ["DEFAULT_STRENGTH", "DEGRADATIONS", "degrade"]
 
 Degradation = Literal["noise", "blur", "bias", "gamma"]
-DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "bias", "gamma")
+DEGRADATIONS: tuple[str, ...] = get_args(Degradation)
 DEFAULT_STRENGTH = {"noise": 0.3, "blur": 4.0, "bias": 0.4, "gamma": 0.5}
 """Per kind, a strength that visibly harms a scan without hiding its anatomy."""
 
@@ -65,6 +68,8 @@ def degrade(scan: Volume, kind: Degradation, strength: float | None = None, seed
     if kind == "noise":
         array = _noise(array, strength, rng)
     elif kind == "blur":
+        from scipy import ndimage
+
         sigma_mm = strength / _FWHM_PER_SIGMA
         array = ndimage.gaussian_filter(array, sigma=sigma_mm / scan.spacing[::-1])
     elif kind == "bias":
@@ -88,6 +93,8 @@ def _noise(array: np.ndarray, strength: float, rng: np.random.Generator) -> np.n
 
 def _tissue_level(array: np.ndarray) -> float:
     """Bright tissue's intensity: a high percentile of the foreground (white matter on T1)."""
+    from ..preprocessing import foreground_mask
+
     foreground = array[foreground_mask(array)]
     if foreground.size == 0:
         raise SegXAIError("the scan has no foreground to degrade (it is constant); give a real scan")
