@@ -61,6 +61,7 @@ import numpy as np
 from .errors import Cancelled, SegXAIError
 from .fileio import atomic_write_text
 from .progress import Progress
+from .quality import is_finite_number
 from .reliability import GOOD_DICE
 from .volume import FILE_SUFFIXES, Volume, read_volume
 
@@ -355,12 +356,10 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Any]:
 # ------------------------------------------------------------------ tables
 def review_order(row: CaseRow) -> tuple:
     """Sort key of :data:`ORDER_NOTE`: ascending order lists the cases most in need of review first."""
-    lowest = tuple(float(row.scores[key]) if _finite(row.scores.get(key)) else math.inf for key in ORDER_SCORES)
+    lowest = tuple(float(row.scores[key]) if is_finite_number(row.scores.get(key)) else math.inf
+                   for key in ORDER_SCORES)
     return (row.status == "ok", not row.review_needed, *lowest, row.case)
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def score_columns(rows: Sequence[CaseRow]) -> list[str]:
@@ -411,8 +410,8 @@ def score_vs_dice(rows: Sequence[CaseRow], good_dice: float = GOOD_DICE) -> list
     labelled = [row for row in rows if row.status == "ok" and row.dice is not None]
     table = []
     for key in score_columns(labelled):
-        pairs = np.asarray([(float(row.scores[key]), row.dice) for row in labelled if _finite(row.scores.get(key))],
-                           dtype=np.float64).reshape(-1, 2)
+        pairs = np.asarray([(float(row.scores[key]), row.dice) for row in labelled
+                            if is_finite_number(row.scores.get(key))], dtype=np.float64).reshape(-1, 2)
         score, dice = pairs[:, 0], pairs[:, 1]
         rule = rule_name(key.rpartition(".")[2])
         low_is_poor = rule is not None and SCORE_RULES[rule].review == "below"

@@ -28,7 +28,8 @@ from typing import Any
 
 from .errors import SegXAIError
 
-__all__ = ["ScoreRule", "ScoreRow", "SCORE_RULES", "DEFAULT_BASIS", "review_case", "review_limits", "score_rows"]
+__all__ = ["ScoreRule", "ScoreRow", "SCORE_RULES", "DEFAULT_BASIS", "is_finite_number", "review_case", "review_limits",
+           "score_rows"]
 
 SA_REVIEW_BELOW = 0.5
 """Mean SA score mu below this: the last layers' features barely separate the object from the rest
@@ -147,13 +148,18 @@ def review_limits(card_review: dict[str, Any] | None) -> dict[str, tuple[float, 
         if key not in known:
             raise SegXAIError(f"review key {key!r} names no review threshold; use 'basis' and any of "
                               f"{', '.join(known)}")
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+        if not is_finite_number(limit):
             raise SegXAIError(f"review threshold {key!r} must be a number, got {limit!r}")
         if not isinstance(basis, str) or not basis.strip():
             raise SegXAIError("review thresholds need a 'basis' saying where they come from, "
                               "e.g. '5th percentile of mean SA on 24 validation cases (Dice >= 0.7)'")
         limits[key.rpartition("_")[0]] = (float(limit), basis)
     return limits
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (JSON's numbers), not a bool: a score or threshold that can be compared."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -186,14 +192,13 @@ def score_rows(summary: dict[str, Any], card_review: dict[str, Any] | None = Non
                                  "", False))
             continue
         rule, used = SCORE_RULES[ruled], thresholds[ruled]
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         sign = "<" if rule.review == "below" else ">"
         text = f"review if {sign} {used['threshold']:.3g}"
         if used["basis"] != DEFAULT_BASIS:
             text += f", calibrated: {used['basis']}"
         meaning = rule.meaning.format(target=target, method=method or "the pipeline", max_entropy=math.log(n_classes))
         rows.append(ScoreRow(key, rule.label + by, value, meaning, text,
-                             numeric and rule.crossed(float(value), used["threshold"])))
+                             is_finite_number(value) and rule.crossed(float(value), used["threshold"])))
     return rows
 
 

@@ -47,6 +47,7 @@ from .errors import SegXAIError
 from .fileio import atomic_write_text, read_json_object
 from .models.card import ModelCard
 from .progress import Progress
+from .quality import is_finite_number
 
 if TYPE_CHECKING:
     from .audit import AuditSettings
@@ -86,13 +87,10 @@ def case_features(summary: Mapping[str, Any]) -> dict[str, float]:
             features |= {f"misure.{name}": entry.get("scalars", {}).get(name) for name in MISURE_FEATURES}
     scores = summary.get("scores") or {}
     features |= {key: value for key, value in scores.items() if key.endswith((".mean_sa", ".entropy_inside"))}
-    if _finite(scores.get("object_volume_ml")):
+    if is_finite_number(scores.get("object_volume_ml")):
         features[VOLUME_FEATURE] = math.log1p(max(float(scores["object_volume_ml"]), 0.0))
-    return {name: float(value) for name, value in features.items() if _finite(value)}
+    return {name: float(value) for name, value in features.items() if is_finite_number(value)}
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def feature_method(name: str) -> str | None:
