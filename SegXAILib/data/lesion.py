@@ -53,6 +53,12 @@ EDEMA_MARGIN_MM = (3.0, 15.0)
 """Range of how far the edema extends beyond the tumour core."""
 RIM_THICKNESS_MM = (2.0, 4.0)
 """Range of the enhancing rim's thickness."""
+ADULT_BRAIN_ML = 1500.0
+"""The lengths above are for a brain (its estimated mask) of at least this volume. In a smaller
+brain (a child's, an atrophied or an animal's) every length is scaled by
+``(volume / ADULT_BRAIN_ML) ** (1/3)``, so that a tumour takes the share of the brain it takes in
+an adult: a 40 mm core would fill half of a macaque's brain. The sample hosts' masks measure
+1600-1800 mL, so their lesions keep the lengths above."""
 
 _AXIS_RATIO = (0.75, 1.25)  # ellipsoid semi-axes, relative to the core radius
 _SURFACE_AMPLITUDE = (0.08, 0.18)  # relative radial displacement per unit of noise
@@ -139,8 +145,10 @@ def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = N
     factors = {lab: float(rng.uniform(*INTENSITY_FACTORS[lab])) for lab in BRATS_LABELS}
     shape = _LesionShape.draw(rng)
 
+    brain_ml = float(mask.sum() * np.prod(spacing) / 1000.0)
     depth, offset = _depth_mm(mask, spacing)
-    scale, weights = shape.fit(depth.max(), spacing)
+    brain_scale = min(1.0, (brain_ml / ADULT_BRAIN_ML) ** (1 / 3))
+    scale, weights = shape.fit(depth.max(), spacing, max_scale=brain_scale)
     candidates = np.flatnonzero(depth.ravel() > weights.extent_mm)
     center = offset + np.unravel_index(rng.choice(candidates), depth.shape)  # (k, j, i)
 
@@ -148,7 +156,8 @@ def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = N
     center_ras = (host.ijk_to_ras @ np.append(center[::-1], 1.0))[:3]
     params = {
         "intensity_factors": factors, "wm_level": levels.wm, "dark_level": levels.dark, "zero_level": levels.zero,
-        "scale": scale, "core_radius_mm": weights.core_mm, "rim_thickness_mm": weights.rim_mm,
+        "brain_volume_ml": brain_ml, "scale": scale,
+        "core_radius_mm": weights.core_mm, "rim_thickness_mm": weights.rim_mm,
         "edema_margin_mm": weights.edema_mm - weights.core_mm, "surface_amplitude": shape.amplitude,
         "center_ijk": center[::-1].tolist(),
     }
@@ -235,11 +244,11 @@ class _LesionShape:
             texture=rng.normal(size=(2 * cls._NODES,) * 3),
         )
 
-    def fit(self, max_depth_mm: float, spacing: np.ndarray) -> tuple[float, _Weights]:
-        """Largest scale <= 1 at which the lesion fits in a brain ``max_depth_mm`` deep; its weights."""
+    def fit(self, max_depth_mm: float, spacing: np.ndarray, max_scale: float = 1.0) -> tuple[float, _Weights]:
+        """Largest scale <= ``max_scale`` at which the lesion fits in a brain ``max_depth_mm`` deep; its weights."""
         # a first guess on a coarse grid: a full-size lesion on a fine grid would be a huge box
         probe = self.weights(1.0, np.full(3, max(spacing.max(), 2.0)))
-        scale = float(min(1.0, 0.95 * max_depth_mm / probe.extent_mm))
+        scale = float(min(max_scale, 0.95 * max_depth_mm / probe.extent_mm))
         for _ in range(8):
             weights = self.weights(scale, spacing)
             if weights.extent_mm < max_depth_mm:

@@ -9,7 +9,8 @@ from scipy import ndimage
 
 from SegXAILib.data import samples
 from SegXAILib.data.brain_mask import estimate_brain_mask
-from SegXAILib.data.lesion import BRATS_LABELS, LABEL_ED, LABEL_ET, LABEL_NCR, synthesize_lesion, write_case
+from SegXAILib.data.lesion import (ADULT_BRAIN_ML, BRATS_LABELS, LABEL_ED, LABEL_ET, LABEL_NCR, synthesize_lesion,
+                                  write_case)
 from SegXAILib.errors import SegXAIError
 from SegXAILib.volume import Volume, read_volume
 
@@ -148,6 +149,19 @@ def test_small_float_host_scales_lesion_down(mni: Volume, intensity: str) -> Non
     assert not np.any(label[~mask])
     means = {lab: image[label == lab].mean() for lab in BRATS_LABELS}
     assert means[LABEL_ET] > case.params["wm_level"] > means[LABEL_ED] > means[LABEL_NCR]
+
+
+def test_lesion_takes_the_same_share_of_a_smaller_brain(mni: Volume, mni_mask: np.ndarray) -> None:
+    # the same head at half the size (1/8 of the volume): the lesion shrinks with the brain, so it
+    # covers about as many voxels; a physical-size lesion would cover 8 times as many
+    small = Volume(mni.array, mni.spacing * 0.5, mni.origin * 0.5, mni.direction)
+    adult, child = (synthesize_lesion(host, seed=1, brain_mask=mni_mask) for host in (mni, small))
+    assert adult.params["brain_volume_ml"] > ADULT_BRAIN_ML and adult.params["scale"] == 1.0
+    assert child.params["brain_volume_ml"] == pytest.approx(adult.params["brain_volume_ml"] / 8)
+    expected = (child.params["brain_volume_ml"] / ADULT_BRAIN_ML) ** (1 / 3)
+    assert child.params["scale"] == pytest.approx(expected)
+    voxels = [np.count_nonzero(case.label.array) for case in (adult, child)]
+    assert voxels[1] / voxels[0] == pytest.approx((expected / 0.5) ** 3, rel=0.05)
 
 
 def test_integer_host_dtype_kept_only_when_values_fit(mni: Volume, mni_mask: np.ndarray) -> None:
