@@ -35,8 +35,9 @@ def equivalent_kernel(head: MHEXHead) -> torch.Tensor:
 
 
 def stage_cams(network: EUNet, image: torch.Tensor, channels: list[int]) -> list[torch.Tensor]:
-    """The target's CAM_s on every stage's own grid, (N, 1, *grid_s), coarse to fine, from one forward pass."""
-    _, stages = network.forward_with_heads(image)
+    """The target's CAM_s on every stage's own grid, (N, 1, *grid_s), coarse to fine, from one forward
+    pass that stops at the last head."""
+    stages = network.stage_outputs(image)
     cams = []
     for head, stage in zip(network.heads, stages):
         kernel = equivalent_kernel(head)[channels].sum(0)  # summing the classes first: one output channel

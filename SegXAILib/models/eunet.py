@@ -38,7 +38,7 @@ Training contract: in ``train()`` mode ``forward`` returns ``(final_logits, [P_s
 on its own (coarser) grid, coarse to fine; :func:`deep_supervision_loss` upsamples them. In ``eval()``
 mode it returns the final logits only, so inference, sliding windows and every other explainer see an
 ordinary segmentation network. :meth:`EUNet.forward_with_heads` gives explainers X_s, Y_s and P_s of
-every stage from one forward pass.
+every stage from one forward pass; :meth:`EUNet.stage_outputs` gives them without the final stage.
 """
 
 from __future__ import annotations
@@ -276,6 +276,16 @@ class EUNet(nn.Module):
 
     def forward_with_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, list[StageOutput]]:
         """Final logits (N, n_classes, *grid) and every stage's X, Y, P (coarse to fine)."""
+        h, stages, skips = self._through_heads(x)
+        return self.backbone.finish(h, skips[-1]), stages
+
+    def stage_outputs(self, x: torch.Tensor) -> list[StageOutput]:
+        """Every stage's X, Y, P (coarse to fine) without the final full-resolution stage, the
+        costliest part of a forward pass, which no head reads."""
+        return self._through_heads(x)[1]
+
+    def _through_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, list[StageOutput], list[torch.Tensor]]:
+        """The stream leaving the last head, every stage's outputs, and the encoder's skips."""
         h, skips = self.backbone.encode(x)
         stages = []
         for index, head in enumerate(self.heads):
@@ -283,7 +293,7 @@ class EUNet(nn.Module):
             hidden, prediction = head(features)
             stages.append(StageOutput(features, hidden, prediction, skips[index]))
             h = head.stream(features, hidden)
-        return self.backbone.finish(h, skips[-1]), stages
+        return h, stages, skips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Training: ``(final_logits, [P_s, ...])``; evaluation: final logits only."""

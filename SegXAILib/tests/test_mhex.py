@@ -106,6 +106,16 @@ def test_deep_supervision_loss_is_the_weighted_sum_and_reaches_every_head():
 
 
 # ----------------------------------------------------------------------------- MHEX+ CAM
+def test_stage_outputs_are_those_of_the_whole_forward_pass():
+    network = tiny_eunet()
+    image = blob_image()
+    with torch.no_grad():
+        _, whole = network.forward_with_heads(image)
+        for full, short in zip(whole, network.stage_outputs(image), strict=True):
+            for a, b in zip(full, short, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_equivalent_kernel_cam_is_the_two_convolutions_where_the_relu_is_active():
     network = tiny_eunet(head_channels=2)  # two hidden units: both are active at many voxels
     image = blob_image()

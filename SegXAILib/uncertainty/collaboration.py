@@ -88,7 +88,7 @@ def pair_projections(network: EUNet, stages: Sequence[StageOutput], s: int, dire
 
     Args:
         network: the EU-Net (``feed="decoder"``), eval mode.
-        stages: ``network.forward_with_heads(x)[1]`` (the cached activations).
+        stages: ``network.stage_outputs(x)`` (the cached activations).
         s: the pair (s, s+1).
         directions: (m, H_s, C_s).
 
@@ -122,7 +122,7 @@ def collaboration_map(network: EUNet, image: torch.Tensor, label: torch.Tensor, 
         raise SegXAIError(f"unknown route {route!r} for mhex-uncertainty; use one of {', '.join(ROUTES)}")
     grid = tuple(image.shape[2:])
     with torch.no_grad():  # forward-mode AD below ignores no_grad; this only stops a backward graph
-        _, stages = network.forward_with_heads(image)
+        stages = network.stage_outputs(image)
         cosines, zero = [], torch.zeros(image.shape[0], 1, *grid, dtype=torch.bool, device=image.device)
         for s in range(len(stages) - 1):
             residual_own, residual_next = (_residual(stages[t].prediction, label) for t in (s, s + 1))
@@ -153,7 +153,7 @@ def collaboration_reference(network: EUNet, image: torch.Tensor, label: torch.Te
     grid = tuple(image.shape[2:])
     voxels = list(np.ndindex(grid)) if voxels is None else [tuple(v) for v in voxels]
     with torch.enable_grad():
-        _, stages = network.forward_with_heads(image)
+        stages = network.stage_outputs(image)
         cosines = np.zeros((len(stages) - 1, len(voxels)))
         zero = np.zeros(len(voxels), dtype=bool)
         for s in range(len(stages) - 1):
