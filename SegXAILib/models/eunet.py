@@ -55,9 +55,9 @@ from monai.networks.nets import AttentionUnet, UNet
 from monai.networks.nets.attentionunet import AttentionLayer
 from torch import nn
 
-from ..upsampling import upsample_to
-
 from ..errors import SegXAIError
+from ..upsampling import upsample_to
+from .tangent import LinearMap, jvp_map, linearize
 
 FEEDS = ("decoder", "head")
 BASES = ("unet", "residual_unet", "attention_unet")
@@ -107,6 +107,11 @@ class DecoderTraversal(nn.Module, ABC):
     def finish(self, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """Logits from the stream leaving the last stage."""
 
+    def decode_linearized(self, stage: int, h: torch.Tensor, skip: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, LinearMap]:
+        """:meth:`decode` and its derivative in ``h`` (the skip fixed); ``torch.func.jvp`` unless overridden."""
+        return self.decode(stage, h, skip), jvp_map(lambda stream: self.decode(stage, stream, skip), h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, skips = self.encode(x)
         for stage in range(len(self.stage_channels)):
@@ -143,6 +148,15 @@ class MonaiUNetBackbone(DecoderTraversal):
 
     def decode(self, stage: int, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         return self._ups[stage](torch.cat([skip, h], dim=1))
+
+    def decode_linearized(self, stage: int, h: torch.Tensor, skip: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, LinearMap]:
+        features, derivative = linearize(self._ups[stage], torch.cat([skip, h], dim=1))
+
+        def d_decode(dh: torch.Tensor) -> torch.Tensor:  # the skip does not move: a zero tangent
+            return derivative(torch.cat([dh.new_zeros(*dh.shape[:2], *skip.shape[1:]), dh], dim=2))
+
+        return features, d_decode
 
     def finish(self, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         return self._ups[-1](torch.cat([skip, h], dim=1))
@@ -221,6 +235,22 @@ class MHEXHead(nn.Module):
         if self.feed == "head":
             return features
         return features + self.project(torch.sigmoid(hidden) * hidden)
+
+    def stream_linearized(self, features: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, LinearMap]:
+        """:meth:`stream` and its derivative in Y (X fixed): ``Proj((s + Y s (1 - s)) dY)``, s = sigmoid(Y)."""
+        if self.feed == "head":
+            return features, lambda d_hidden: d_hidden.new_zeros(*d_hidden.shape[:2], *features.shape[1:])
+        gate = torch.sigmoid(hidden)
+        projected, d_project = linearize(self.project, gate * hidden)
+        slope = gate * (1 + hidden * (1 - gate))
+        return features + projected, lambda d_hidden: d_project(d_hidden * slope)
+
+    def prediction_linearized(self, features: torch.Tensor) -> tuple[torch.Tensor, LinearMap]:
+        """The deep prediction P and its derivative in X: ``Conv2(1(Y > 0) Conv1 dX)``."""
+        pre, d_conv1 = linearize(self.conv1, features)
+        prediction, d_conv2 = linearize(self.conv2, torch.relu(pre))
+        active = pre > 0
+        return prediction, lambda d_features: d_conv2(d_conv1(d_features) * active)
 
 
 class StageOutput(NamedTuple):
