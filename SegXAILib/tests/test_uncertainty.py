@@ -10,6 +10,7 @@ from torch import nn
 
 from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import ExplainContext, NotApplicable
+from SegXAILib.inference import predict_probabilities
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import LoadedModel, load_from_card
 from SegXAILib.models.networks import build_network
@@ -17,7 +18,7 @@ from SegXAILib.progress import Progress
 from SegXAILib.uncertainty.measures import (UncertaintyAccumulator, expected_entropy, mutual_information,
                                             predictive_entropy, uncertainty_maps, variance)
 from SegXAILib.uncertainty.sampling import (EnsembleUncertainty, MCDropoutUncertainty, TTAUncertainty, augment,
-                                            flip_rotate_transforms, invert)
+                                            flip_rotate_transforms, invert, predict_softmax)
 
 from .conftest import make_card
 
@@ -121,6 +122,13 @@ def context_for(model, image, options=None, progress=None):
                           progress=progress or Progress(), options=options or {})
 
 
+def model_context(model, image, options=None, progress=None):
+    """A context as the explain pipeline builds it: the probabilities are the model's own prediction."""
+    probs = predict_probabilities(model, image[0].numpy(), torch.device("cpu"))
+    return ExplainContext(model=model, image=image, target="lesion", channels=[1, 2], probabilities=probs,
+                          progress=progress or Progress(), options=options or {})
+
+
 def l1_distance_to_box(shape, box):
     """City-block distance of each voxel to a box: what repeated 6-connected dilation measures."""
     grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
@@ -154,8 +162,8 @@ def test_tta_on_an_equivariant_network_has_zero_variance(tmp_path):
     pointwise = nn.Sequential(nn.Conv3d(1, 4, 1), nn.Tanh(), nn.Conv3d(4, 3, 1)).eval()
     image = torch.randn(1, 1, 12, 18, 20)  # larger than the 16^3 patch in two axes; rotations swap 18 and 20
     fractions = []
-    context = context_for(LoadedModel(card, pointwise, "card"), image, {"tta": {"transforms": 16}},
-                          Progress(lambda stage, fraction, message: fractions.append(fraction)))
+    context = model_context(LoadedModel(card, pointwise, "card"), image, {"tta": {"transforms": 16}},
+                            Progress(lambda stage, fraction, message: fractions.append(fraction)))
     result = TTAUncertainty().explain(context)
     maps = {m.variant: m.array for m in result.maps}
     assert all(m.shape == (12, 18, 20) and m.dtype == np.float32 for m in maps.values())
@@ -168,8 +176,20 @@ def test_tta_on_an_equivariant_network_has_zero_variance(tmp_path):
 
     # a U-Net is not equivariant: the same check must then see disagreement
     unet = load_from_card(card).network
-    context = context_for(LoadedModel(card, unet, "card"), image, {"tta": {"transforms": 4}})
+    context = model_context(LoadedModel(card, unet, "card"), image, {"tta": {"transforms": 4}})
     assert next(m.array for m in TTAUncertainty().explain(context).maps if m.variant == "variance").max() > 1e-4
+
+
+def test_tta_identity_sample_is_the_segmentations_own_prediction(tmp_path):
+    # TTA reuses the segmentation's probabilities for the identity instead of predicting again: the
+    # two must be the same numbers (same network, windows and blending), here over several windows
+    card = ModelCard.load(make_card(tmp_path))
+    model = load_from_card(card)
+    image = torch.randn(1, 1, 12, 18, 20)
+    context = model_context(model, image)
+    reused = TTAUncertainty().sample(0, context, {}, Progress())
+    fresh = predict_softmax(model.network, image, card.patch_size, torch.device("cpu"), Progress(), "tta")
+    torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- MC dropout

@@ -290,6 +290,10 @@ class TTAUncertainty(SampledUncertainty):
 
     def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
         transform = self.transforms(options)[t]
+        if not transform.flips and not transform.k:
+            # the identity's prediction is the model's own, which the segmentation already computed
+            # (same network, image, windows and blending): one sliding-window pass less
+            return torch.from_numpy(np.asarray(context.probabilities, dtype=np.float32))
         patch = list(context.model.card.patch_size)
         if transform.k % 2:
             a, b = transform.plane
