@@ -65,6 +65,7 @@ _SURFACE_AMPLITUDE = (0.08, 0.18)  # relative radial displacement per unit of no
 _NOISE_CLIP = 2.0  # noise in standard deviations: bounds how far a surface can be pushed out
 _TEXTURE_AMPLITUDE = {LABEL_NCR: 0.08, LABEL_ED: 0.05, LABEL_ET: 0.08}  # relative std of the texture
 _EDEMA_TISSUE_SIGMA_MM = 3.0  # smoothing of the host inside the brain: the local tissue level under edema
+_HOST_DETAIL_SIGMA_MM = 1.5  # the host's fine texture: its ratio to a local mean over this scale
 _HOST_DETAIL_KEPT = 0.5  # exponent on the host's fine-texture ratio: keep half of its contrast
 _WM_PERCENTILE = 85.0  # of intensities in the brain: white matter, the brightest large tissue
 _DARK_PERCENTILE = 1.0  # of intensities in the brain: the darkest CSF
@@ -152,7 +153,7 @@ def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = N
     candidates = np.flatnonzero(depth.ravel() > weights.extent_mm)
     center = offset + np.unravel_index(rng.choice(candidates), depth.shape)  # (k, j, i)
 
-    image, label = _paint(host, mask, center, weights, factors, levels)
+    image, label = _paint(host, mask, center, weights, factors, levels, brain_scale)
     center_ras = (host.ijk_to_ras @ np.append(center[::-1], 1.0))[:3]
     params = {
         "intensity_factors": factors, "wm_level": levels.wm, "dark_level": levels.dark, "zero_level": levels.zero,
@@ -310,8 +311,12 @@ def _sample(lattice: np.ndarray, u: np.ndarray, node_spacing: float) -> np.ndarr
 
 # ---------------------------------------------------------------------- painting
 def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights, factors: dict[int, float],
-           levels: HostLevels) -> tuple[np.ndarray, np.ndarray]:
-    """Blend the lesion into a copy of the host; returns (image, label), shape (K, J, I)."""
+           levels: HostLevels, brain_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Blend the lesion into a copy of the host; returns (image, label), shape (K, J, I).
+
+    ``brain_scale`` scales the lengths over which the host is read (its fine texture, the tissue
+    under the edema) as it scales the lesion (:data:`ADULT_BRAIN_ML`): in a small brain, 3 mm
+    spans more anatomy, and edema would look flatter relative to it than in an adult."""
     half = (np.array(weights.lesion.shape) - 1) // 2
     lo, hi = center - half, center + half + 1
     box = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, host.shape))  # clipped to the grid
@@ -324,11 +329,11 @@ def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights
 
     work_dtype = host.array.dtype if np.issubdtype(host.array.dtype, np.floating) else np.float32
     region = host.array[box].astype(work_dtype)
-    # the host's fine texture: its ratio to a 1.5 mm local mean, partly kept inside the lesion
+    # the host's fine texture: its ratio to a local mean, partly kept inside the lesion
     signal = region - levels.zero
-    smooth = ndimage.gaussian_filter(signal, sigma=1.5 / host.spacing[::-1])
+    smooth = ndimage.gaussian_filter(signal, sigma=_HOST_DETAIL_SIGMA_MM * brain_scale / host.spacing[::-1])
     detail = np.clip(signal / np.maximum(smooth, 1e-6 * (levels.wm - levels.zero)), 0.5, 1.5) ** _HOST_DETAIL_KEPT
-    tissue = _local_tissue_level(signal, inside, host.spacing[::-1], levels)
+    tissue = _local_tissue_level(signal, inside, _EDEMA_TISSUE_SIGMA_MM * brain_scale / host.spacing[::-1], levels)
     painted = (1 - lesion) * region
     for lab, fraction in fractions.items():
         level = levels.level(factors[lab])
@@ -346,13 +351,12 @@ def _paint(host: Volume, mask: np.ndarray, center: np.ndarray, weights: _Weights
     return _cast_like(image, host.array.dtype), label
 
 
-def _local_tissue_level(signal: np.ndarray, brain: np.ndarray, spacing: np.ndarray, levels: HostLevels) -> np.ndarray:
+def _local_tissue_level(signal: np.ndarray, brain: np.ndarray, sigma: np.ndarray, levels: HostLevels) -> np.ndarray:
     """The host's tissue level around each voxel, counted from ``levels.zero``; shape of ``signal``.
 
-    A Gaussian mean over brain voxels only (the background outside the brain would darken it near
-    the surface), bounded by the darkest CSF and white matter.
+    A Gaussian mean (``sigma`` in voxels per axis) over brain voxels only (the background outside
+    the brain would darken it near the surface), bounded by the darkest CSF and white matter.
     """
-    sigma = _EDEMA_TISSUE_SIGMA_MM / spacing
     weight = ndimage.gaussian_filter(brain.astype(signal.dtype), sigma)
     mean = ndimage.gaussian_filter(np.where(brain, signal, 0), sigma) / np.maximum(weight, 1e-6)
     return np.clip(mean, levels.dark - levels.zero, levels.wm - levels.zero)
