@@ -95,7 +95,8 @@ def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path, pr
 
     ``host_scale`` (low, high): each case's host is first shrunk or grown by a factor drawn from the
     seed (its voxel spacing scaled), so that the model also sees smaller and larger heads than the
-    two human hosts; lesion sizes stay physical.
+    two human hosts; lesion sizes stay those of an adult brain (``brain_scale=1``), so a shrunken
+    head holds a lesion that is large for it.
     """
     from .data.brain_mask import estimate_brain_mask
     from .data.lesion import synthesize_lesion, write_case
@@ -114,7 +115,7 @@ def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path, pr
             if host_scale is not None:
                 factor = np.random.default_rng([seed, 1]).uniform(*host_scale)
                 volume = Volume(volume.array, volume.spacing * factor, volume.origin * factor, volume.direction)
-            write_case(synthesize_lesion(volume, seed=seed, brain_mask=masks[host]), folder)
+            write_case(synthesize_lesion(volume, seed=seed, brain_mask=masks[host], brain_scale=1.0), folder)
         written.append(folder)
         progress.update("synthesize", (n + 1) / len(seeds), folder.name)
     return written

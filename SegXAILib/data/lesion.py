@@ -125,13 +125,17 @@ def host_levels(host: Volume, brain_mask: np.ndarray) -> HostLevels:
     return levels
 
 
-def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = None) -> LesionCase:
+def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = None,
+                      brain_scale: float | None = None) -> LesionCase:
     """Put a random brain tumour into a T1 host.
 
     Args:
         host: T1 MRI, shape (K, J, I), any dtype, spacing and orientation; never modified.
         seed: seed of every random choice: same host and seed give the same case.
         brain_mask: bool (K, J, I), True inside the brain; estimated from ``host`` when None.
+        brain_scale: factor on every length of the lesion model; ``None``: from the brain's volume
+            (see :data:`ADULT_BRAIN_ML`). 1 keeps adult lengths in any brain (a training set's
+            shrunken heads, where a relatively large lesion is the point).
 
     Returns:
         the case. ``image`` keeps a float host's dtype; an integer host's dtype only when every
@@ -148,7 +152,8 @@ def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = N
 
     brain_ml = float(mask.sum() * np.prod(spacing) / 1000.0)
     depth, offset = _depth_mm(mask, spacing)
-    brain_scale = min(1.0, (brain_ml / ADULT_BRAIN_ML) ** (1 / 3))
+    if brain_scale is None:
+        brain_scale = min(1.0, (brain_ml / ADULT_BRAIN_ML) ** (1 / 3))
     scale, weights = shape.fit(depth.max(), spacing, max_scale=brain_scale)
     candidates = np.flatnonzero(depth.ravel() > weights.extent_mm)
     center = offset + np.unravel_index(rng.choice(candidates), depth.shape)  # (k, j, i)

@@ -162,6 +162,9 @@ def test_lesion_takes_the_same_share_of_a_smaller_brain(mni: Volume, mni_mask: n
     assert child.params["scale"] == pytest.approx(expected)
     voxels = [np.count_nonzero(case.label.array) for case in (adult, child)]
     assert voxels[1] / voxels[0] == pytest.approx((expected / 0.5) ** 3, rel=0.05)
+    # adult lengths on request (a training set's shrunken heads): as large as the small brain holds
+    large = synthesize_lesion(small, seed=1, brain_mask=mni_mask, brain_scale=1.0)
+    assert large.params["scale"] > 1.2 * expected and np.count_nonzero(large.label.array) > 1.5 * voxels[1]
 
 
 def test_integer_host_dtype_kept_only_when_values_fit(mni: Volume, mni_mask: np.ndarray) -> None:
