@@ -59,6 +59,9 @@ class TrainConfig:
     member_iterations: int | None = None
     threads: int | None = None
     command: str = ""
+    compare_with: list[str] = field(default_factory=list)
+    """Models (names or card paths) whose validation Dice the card records beside its own, e.g. the
+    plain U-Net beside the EU-Net; each must have been validated on the same cases."""
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -344,7 +347,30 @@ def write_evaluated_card(config: TrainConfig, card: ModelCard, val_folders: list
         "evaluated_on": "first ensemble member; the scans' own grids, full inference pipeline",
         "training": training,
     }
+    if config.compare_with:
+        card.validation["compared_with"] = compared_dice(config, len(val_folders))
     return card.save(config.out)
+
+
+def compared_dice(config: TrainConfig, cases: int) -> dict[str, dict[str, float]]:
+    """The validation Dice of each model of ``config.compare_with``, by model name.
+
+    Raises:
+        SegXAIError: a model was validated on other cases (another folder or count): its figures
+            would not compare.
+    """
+    from .models.registry import resolve_card
+
+    compared = {}
+    for spec in config.compare_with:
+        other = resolve_card(spec)
+        theirs = other.validation
+        if theirs.get("val_dir") != str(config.val_dir) or theirs.get("cases") != cases:
+            raise SegXAIError(f"model {other.name!r} was validated on {theirs.get('cases')} cases in "
+                              f"{theirs.get('val_dir')!r}, this run on {cases} in {str(config.val_dir)!r}: their Dice "
+                              "would not compare; evaluate it on the same cases or drop it from 'compare_with'")
+        compared[other.name] = theirs["dice"]
+    return compared
 
 
 def evaluate_case(model, folder: Path) -> tuple[dict[str, float], float]:

@@ -71,6 +71,19 @@ def test_train_writes_a_loadable_card_with_validation_dice(tmp_path):
         assert again.validation["training"].get("history") == (card.validation["training"]["history"] if card_kept
                                                                else None)
     assert (tmp_path / "model" / "blob.safetensors").read_bytes() == weights
+    # compare_with: another model's Dice beside this one's, only when it was validated on the same cases
+    other = json.loads((tmp_path / "model" / "blob.json").read_text(encoding="utf-8"))
+    other["name"], other["validation"]["dice"] = "other", {"lesion": 0.123}
+    (tmp_path / "model" / "other.json").write_text(json.dumps(other), encoding="utf-8")
+    compare = {**config, "compare_with": [str(tmp_path / "model" / "other.json")]}
+    (tmp_path / "compare.json").write_text(json.dumps(compare), encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "compare.json"), "--evaluate-only", "--progress", "none"]) == 0
+    compared = ModelCard.load(tmp_path / "model" / "blob.json").validation
+    assert compared["compared_with"] == {"other": {"lesion": 0.123}} and compared["dice"] == card.validation["dice"]
+    other["validation"]["cases"] = 3
+    (tmp_path / "model" / "other.json").write_text(json.dumps(other), encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "compare.json"), "--evaluate-only", "--progress", "none"]) == 2
+    torch.set_num_threads(threads)
     # and it refuses to run without the weights
     (tmp_path / "model" / "blob.safetensors").unlink()
     assert main(["train", "--config", str(tmp_path / "config.json"), "--evaluate-only", "--progress", "none"]) == 2
