@@ -61,7 +61,7 @@ import numpy as np
 from .errors import Cancelled, SegXAIError
 from .fileio import atomic_write_text
 from .progress import Progress
-from .quality import is_finite_number
+from .quality import RELIABILITY_MIN_AUC_CV, is_finite_number, reliability_judges
 from .reliability import GOOD_DICE
 from .volume import FILE_SUFFIXES, Volume, read_volume
 
@@ -75,11 +75,13 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 """Environment of local Dask workers: one thread each, so N workers do not fight over the cores."""
 
 ORDER_SCORES = ("reliability", "protoseg.mean_sa")
-"""Within the cases that need review (and within those that do not), the lowest of these first."""
+"""Within the cases that need review (and within those that do not), the lowest of these first; the
+reliability only where its classifier judges (:func:`~SegXAILib.quality.reliability_judges`)."""
 
 ORDER_NOTE = ("Most in need of review first: failed cases (no result at all), then the cases with a score past its "
-              "review threshold, then the rest; within each group the lowest reliability first, then the lowest "
-              "mean SA \u03bc (missing values last), then by name. The order uses no Dice.")
+              "review threshold, then the rest; within each group the lowest reliability first (when its "
+              f"classifier's cross-validated AUROC reaches {RELIABILITY_MIN_AUC_CV}), then the lowest mean SA "
+              "\u03bc (missing values last), then by name. The order uses no Dice.")
 """The order of ``audit.csv`` (:func:`review_order`), as the cohort page states it."""
 
 
@@ -122,6 +124,7 @@ class CaseRow:
         review_needed, review_reasons: ``summary["review"]`` (``None`` / ``[]`` when it failed).
         dice: Dice of the explained target with the label, ``None`` without a label.
         earlier: an earlier run had explained it (it was skipped).
+        reliability_judges: its reliability score may order it (:func:`~SegXAILib.quality.reliability_judges`).
     """
 
     case: str
@@ -135,6 +138,7 @@ class CaseRow:
     has_label: bool = False
     error: str = ""
     earlier: bool = False
+    reliability_judges: bool = True
 
 
 @dataclass
@@ -210,7 +214,7 @@ def audit_case(case: AuditCase, settings: AuditSettings, folder: Path, progress:
         review = summary.get("review") or {}
         row = CaseRow(case.name, "ok", str(folder), dict(summary.get("scores") or {}), bool(review.get("needed")),
                       list(review.get("reasons") or []), summary["target"]["name"], has_label=case.label is not None,
-                      earlier=earlier)
+                      earlier=earlier, reliability_judges=reliability_judges(summary))
         segmentation = _thumbnail(summary, folder)
         if case.label is not None:
             row.dice = _target_dice(segmentation, case.label, summary["target"]["labels"])
@@ -356,8 +360,8 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Any]:
 # ------------------------------------------------------------------ tables
 def review_order(row: CaseRow) -> tuple:
     """Sort key of :data:`ORDER_NOTE`: ascending order lists the cases most in need of review first."""
-    lowest = tuple(float(row.scores[key]) if is_finite_number(row.scores.get(key)) else math.inf
-                   for key in ORDER_SCORES)
+    lowest = tuple(float(row.scores[key]) if is_finite_number(row.scores.get(key))
+                   and (key != "reliability" or row.reliability_judges) else math.inf for key in ORDER_SCORES)
     return (row.status == "ok", not row.review_needed, *lowest, row.case)
 
 

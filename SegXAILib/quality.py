@@ -28,8 +28,8 @@ from typing import Any
 
 from .errors import SegXAIError
 
-__all__ = ["ScoreRule", "ScoreRow", "SCORE_RULES", "DEFAULT_BASIS", "is_finite_number", "review_case", "review_limits",
-           "score_rows"]
+__all__ = ["ScoreRule", "ScoreRow", "SCORE_RULES", "DEFAULT_BASIS", "is_finite_number", "reliability_judges",
+           "review_case", "review_limits", "score_rows"]
 
 SA_REVIEW_BELOW = 0.5
 """Mean SA score mu below this: the last layers' features barely separate the object from the rest
@@ -55,6 +55,11 @@ OBJECT_REVIEW_BELOW_ML = 0.1
 RELIABILITY_REVIEW_BELOW = 0.5
 """Reliability probability (MiSuRe's post-hoc classifier: the chance that the segmentation is right)
 below one half: the classifier thinks a wrong segmentation more likely than a right one."""
+
+RELIABILITY_MIN_AUC_CV = 0.75
+"""A reliability classifier judges cases (its review rule, the audit's order) only when its
+cross-validated AUROC reaches this. Fitted on few or similar cases it falls short, and would flag
+and reorder cases by noise; its probability is then still shown, with that AUROC, but not judged."""
 
 DEFAULT_BASIS = "fixed default"
 """The basis reported for a threshold that no model card calibrated."""
@@ -196,10 +201,26 @@ def score_rows(summary: dict[str, Any], card_review: dict[str, Any] | None = Non
         text = f"review if {sign} {used['threshold']:.3g}"
         if used["basis"] != DEFAULT_BASIS:
             text += f", calibrated: {used['basis']}"
+        judged = ruled != "reliability" or reliability_judges(summary)
+        if not judged:
+            auc = (summary.get("reliability_model") or {}).get("auc_cv")
+            text = (f"not used for review: the classifier's cross-validated AUROC is "
+                    f"{f'{auc:.2f}' if is_finite_number(auc) else 'unknown'}, below {RELIABILITY_MIN_AUC_CV}")
         meaning = rule.meaning.format(target=target, method=method or "the pipeline", max_entropy=math.log(n_classes))
         rows.append(ScoreRow(key, rule.label + by, value, meaning, text,
-                             is_finite_number(value) and rule.crossed(float(value), used["threshold"])))
+                             judged and is_finite_number(value) and rule.crossed(float(value), used["threshold"])))
     return rows
+
+
+def reliability_judges(summary: dict[str, Any]) -> bool:
+    """Whether the reliability score of ``summary`` may flag and order cases: unless the record of its
+    classifier (``summary["reliability_model"]``) gives a cross-validated AUROC below
+    :data:`RELIABILITY_MIN_AUC_CV`, or none (too few cases to cross-validate)."""
+    classifier = summary.get("reliability_model")
+    if classifier is None:
+        return True
+    auc = classifier.get("auc_cv")
+    return is_finite_number(auc) and auc >= RELIABILITY_MIN_AUC_CV
 
 
 def review_case(summary: dict[str, Any], card_review: dict[str, Any] | None = None) -> dict[str, Any]:

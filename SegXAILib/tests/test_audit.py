@@ -65,6 +65,11 @@ def test_review_order_puts_failed_then_flagged_then_least_reliable_first():
             CaseRow("failed", "failed", "", error="corrupt")]
     assert [r.case for r in sorted(rows, key=review_order)] == [
         "failed", "flagged-a", "flagged-b", "unsure", "fine", "sa-only", "no-score"]
+    # a classifier that does not judge (cross-validated AUROC below 0.75) orders nothing: mean SA does
+    for row in rows:
+        row.reliability_judges = False
+    assert [r.case for r in sorted(rows, key=review_order)] == [
+        "failed", "flagged-a", "flagged-b", "sa-only", "fine", "unsure", "no-score"]
 
 
 def test_audit_records_the_failure_sorts_and_resumes(tmp_path, cohort, tiny_card, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 from SegXAILib.cli import main
 from SegXAILib.errors import SegXAIError
 from SegXAILib.models.card import ModelCard
-from SegXAILib.quality import DEFAULT_BASIS, review_case
+from SegXAILib.quality import DEFAULT_BASIS, reliability_judges, review_case
 
 from .conftest import make_card
 
@@ -49,6 +49,18 @@ def test_default_thresholds_flag_only_past_the_limit(key, limit, side, of_max_en
     rule = "reliability" if "reliability" in name else name
     assert used[rule]["threshold"] == pytest.approx(threshold) and used[rule]["review"] == side
     assert used[rule]["basis"] == DEFAULT_BASIS
+
+
+@pytest.mark.parametrize("auc_cv, judged", [(0.8, True), (0.75, True), (0.7, False), (None, False)])
+def test_a_reliability_classifier_judges_only_with_a_cross_validated_auroc_of_075(auc_cv, judged):
+    summary = summary_with({"reliability": 0.1})
+    summary["reliability_model"] = {"file": "m.reliability.json", "cases": 25, "auc_train": 0.94, "auc_cv": auc_cv}
+    review = review_case(summary)
+    assert reliability_judges(summary) is judged and review["needed"] is judged
+    assert review["scores"][0]["value"] == 0.1  # shown either way
+    assert ("not used for review" in review["scores"][0]["rule"]) is not judged
+    if auc_cv == 0.7:
+        assert "AUROC is 0.70, below 0.75" in review["scores"][0]["rule"]
 
 
 def test_entropy_limits_scale_with_the_number_of_classes():
