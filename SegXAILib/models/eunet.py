@@ -57,7 +57,7 @@ from torch import nn
 
 from ..errors import SegXAIError
 from ..upsampling import upsample_to
-from .tangent import LinearMap, jvp_map, linearize
+from .tangent import LinearMap, jvp_map, linearize, linearize_from_channel
 
 FEEDS = ("decoder", "head")
 BASES = ("unet", "residual_unet", "attention_unet")
@@ -151,12 +151,8 @@ class MonaiUNetBackbone(DecoderTraversal):
 
     def decode_linearized(self, stage: int, h: torch.Tensor, skip: torch.Tensor | None
                           ) -> tuple[torch.Tensor, LinearMap]:
-        features, derivative = linearize(self._ups[stage], torch.cat([skip, h], dim=1))
-
-        def d_decode(dh: torch.Tensor) -> torch.Tensor:  # the skip does not move: a zero tangent
-            return derivative(torch.cat([dh.new_zeros(*dh.shape[:2], *skip.shape[1:]), dh], dim=2))
-
-        return features, d_decode
+        # the skip does not move: tangents live in the stream's channels only
+        return linearize_from_channel(self._ups[stage], torch.cat([skip, h], dim=1), skip.shape[1])
 
     def finish(self, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         return self._ups[-1](torch.cat([skip, h], dim=1))

@@ -75,18 +75,45 @@ def linearize(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LinearM
     return module(x), jvp_map(module, x)
 
 
+def linearize_from_channel(module: nn.Module, x: torch.Tensor, start: int) -> tuple[torch.Tensor, LinearMap]:
+    """:func:`linearize` for tangents that are zero in the channels of ``x`` before ``start`` (a
+    decoder block reading ``cat(skip, stream)`` moves only with the stream): the map takes tangents
+    of channels ``start:`` only, and a leading convolution reads just their weights."""
+    if type(module).forward is nn.Sequential.forward and len(module) > 0:
+        children = list(module)
+        x, first = linearize_from_channel(children[0], x, start)
+        maps = [first]
+        for child in children[1:]:
+            x, derivative = linearize(child, x)
+            maps.append(derivative)
+        return x, _chain(maps)
+    plain = getattr(module, "groups", None) == 1 and getattr(module, "padding_mode", None) == "zeros"
+    if plain and isinstance(module, _CONVOLUTIONS):
+        weight = module.weight[:, start:]  # (out, in, *kernel)
+        return module(x), _per_batch(lambda t: module._conv_forward(t, weight, None))
+    if plain and type(module) in _TRANSPOSED:
+        transposed, weight = _TRANSPOSED[type(module)], module.weight[start:]  # (in, out, *kernel)
+        return module(x), _per_batch(lambda t: transposed(t, weight, None, module.stride, module.padding,
+                                                          module.output_padding, 1, module.dilation))
+    value, derivative = linearize(module, x)
+    return value, lambda dx: derivative(torch.cat([dx.new_zeros(*dx.shape[:2], start, *dx.shape[3:]), dx], dim=2))
+
+
 def _sequence(modules: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, LinearMap]:
     maps = []
     for module in modules:
         x, derivative = linearize(module, x)
         maps.append(derivative)
+    return x, _chain(maps)
 
+
+def _chain(maps: list[LinearMap]) -> LinearMap:
     def chain(dx: torch.Tensor) -> torch.Tensor:
         for derivative in maps:
             dx = derivative(dx)
         return dx
 
-    return x, chain
+    return chain
 
 
 def _residual_unit(unit: ResidualUnit, x: torch.Tensor) -> tuple[torch.Tensor, LinearMap]:

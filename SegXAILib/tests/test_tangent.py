@@ -9,7 +9,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 from torch.func import jvp
 
-from SegXAILib.models.tangent import linearize
+from SegXAILib.models.tangent import linearize, linearize_from_channel
 
 
 def _reference(module: nn.Module, x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -69,3 +69,21 @@ def test_a_unet_decoder_block_and_its_linearity() -> None:
         # a linear map: the derivative along a combination is the combination of derivatives
         combined = derivative((2 * directions[0] - directions[1])[None])[0]
         torch.testing.assert_close(combined, 2 * expected[0] - expected[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("first", ["transposed conv", "conv", "other (jvp fallback)"])
+def test_tangents_in_the_last_channels_only(first: str) -> None:
+    # a decoder block reads cat(skip, stream) and only the stream moves: the map takes the stream's
+    # channels and must equal the full map on tangents that are zero in the skip's
+    torch.manual_seed(2)
+    lead = {"transposed conv": nn.ConvTranspose3d(6, 4, 3, stride=2, padding=1, output_padding=1),
+            "conv": nn.Conv3d(6, 4, 3, padding=1), "other (jvp fallback)": nn.Sigmoid()}[first]
+    block = nn.Sequential(nn.Sequential(lead, nn.InstanceNorm3d(4 if first != "other (jvp fallback)" else 6)),
+                          nn.PReLU()).eval()
+    x = torch.randn(1, 6, 5, 6, 4)
+    stream = torch.randn(3, 1, 4, 5, 6, 4)  # tangents of channels 2..5
+    with torch.no_grad():
+        value, derivative = linearize_from_channel(block, x, 2)
+        full = torch.cat([torch.zeros(3, 1, 2, 5, 6, 4), stream], dim=2)
+        torch.testing.assert_close(value, block(x))
+        torch.testing.assert_close(derivative(stream), _reference(block, x, full), rtol=1e-4, atol=1e-5)

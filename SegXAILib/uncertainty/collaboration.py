@@ -67,11 +67,17 @@ def _residual(prediction: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def _along(residual: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    """g(p) . R = delta(p) . up(dP)(p) at every voxel: (m, N, 1, *grid) from dP (m, N, n_classes, *grid_t)."""
-    upsampled = upsample_to(tangent.flatten(0, 1), residual.shape[2:]).unflatten(0, tangent.shape[:2])
-    along = upsampled[:, :, :1] * residual[:, :1]
-    for c in range(1, residual.shape[1]):  # in place: no (m, N, n_classes, *grid) product
-        along.addcmul_(upsampled[:, :, c:c + 1], residual[:, c:c + 1])
+    """g(p) . R = delta(p) . up(dP)(p) at every voxel: (m, N, 1, *grid) from dP (m, N, n_classes, *grid_t).
+
+    delta sums to zero over the classes (softmax minus one-hot), so delta . v = sum over c >= 1 of
+    delta_c (v_c - v_0): one class fewer to upsample, the costliest step, and the difference is taken
+    on the coarse grid (interpolation is linear).
+    """
+    relative = (tangent[:, :, 1:] - tangent[:, :, :1]).flatten(0, 1)
+    upsampled = upsample_to(relative, residual.shape[2:]).unflatten(0, tangent.shape[:2])
+    along = upsampled[:, :, :1] * residual[:, 1:2]
+    for c in range(1, upsampled.shape[2]):  # in place: no (m, N, n_classes, *grid) product
+        along.addcmul_(upsampled[:, :, c:c + 1], residual[:, c + 1:c + 2])
     return along
 
 
