@@ -158,9 +158,9 @@ def brain_scaled_spacing(volume: Volume, spacing: Any, brain_volume_ml: float) -
     :func:`~SegXAILib.data.brain_mask.estimate_brain_mask`, gives every brain the training size
     on the model grid (an isotropic scale, the part of atlas registration that matters here).
     """
-    from .data.brain_mask import estimate_brain_mask
+    from .data.brain_mask import estimate_brain_mask, mask_volume_ml
 
-    volume_ml = float(estimate_brain_mask(volume).sum() * np.prod(volume.spacing) / 1000.0)
+    volume_ml = mask_volume_ml(estimate_brain_mask(volume), volume.spacing)
     factor = (volume_ml / brain_volume_ml) ** (1.0 / 3.0)
     low, high = BRAIN_SCALE_LIMITS
     if not low <= factor <= high:

@@ -67,6 +67,11 @@ def estimate_brain_mask(t1: Volume) -> np.ndarray:
     return _upsample(mask, factors, t1.shape)
 
 
+def mask_volume_ml(mask: np.ndarray, spacing: np.ndarray) -> float:
+    """Volume of a (K, J, I) brain mask in mL, ``spacing`` in mm per voxel (any axis order)."""
+    return float(np.count_nonzero(mask) * np.prod(spacing) / 1000.0)
+
+
 def _distance(mask: np.ndarray, spacing: np.ndarray, outside: bool = False) -> np.ndarray:
     """Distance in mm from each True voxel to the nearest False one (``outside``: False to True)."""
     return ndimage.distance_transform_edt(~mask if outside else mask, sampling=spacing)

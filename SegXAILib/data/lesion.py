@@ -23,7 +23,7 @@ from scipy.special import ndtr
 
 from ..errors import SegXAIError
 from ..volume import Volume, write_volume
-from .brain_mask import estimate_brain_mask
+from .brain_mask import estimate_brain_mask, mask_volume_ml
 
 LABEL_NCR = 1
 """Necrotic / non-enhancing tumour core (BraTS label 1)."""
@@ -150,7 +150,7 @@ def synthesize_lesion(host: Volume, seed: int, brain_mask: np.ndarray | None = N
     factors = {lab: float(rng.uniform(*INTENSITY_FACTORS[lab])) for lab in BRATS_LABELS}
     shape = _LesionShape.draw(rng)
 
-    brain_ml = float(mask.sum() * np.prod(spacing) / 1000.0)
+    brain_ml = mask_volume_ml(mask, spacing)
     depth, offset = _depth_mm(mask, spacing)
     if brain_scale is None:
         brain_scale = min(1.0, (brain_ml / ADULT_BRAIN_ML) ** (1 / 3))
