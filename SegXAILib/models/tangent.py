@@ -18,7 +18,7 @@ Tangents carry the directions in a leading dimension: (m, N, C, *grid) for a val
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -82,11 +82,8 @@ def linearize_from_channel(module: nn.Module, x: torch.Tensor, start: int) -> tu
     if type(module).forward is nn.Sequential.forward and len(module) > 0:
         children = list(module)
         x, first = linearize_from_channel(children[0], x, start)
-        maps = [first]
-        for child in children[1:]:
-            x, derivative = linearize(child, x)
-            maps.append(derivative)
-        return x, _chain(maps)
+        x, rest = _sequence(children[1:], x)
+        return x, _chain([first, rest])
     plain = getattr(module, "groups", None) == 1 and getattr(module, "padding_mode", None) == "zeros"
     if plain and isinstance(module, _CONVOLUTIONS):
         weight = module.weight[:, start:]  # (out, in, *kernel)
@@ -99,7 +96,7 @@ def linearize_from_channel(module: nn.Module, x: torch.Tensor, start: int) -> tu
     return value, lambda dx: derivative(torch.cat([dx.new_zeros(*dx.shape[:2], start, *dx.shape[3:]), dx], dim=2))
 
 
-def _sequence(modules: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, LinearMap]:
+def _sequence(modules: Iterable[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, LinearMap]:
     maps = []
     for module in modules:
         x, derivative = linearize(module, x)
