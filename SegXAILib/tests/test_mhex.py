@@ -297,3 +297,19 @@ def test_summary_records_agreement_with_sampled_uncertainty(tmp_path, scan_file)
     assert main(args + ["--methods", "mhex-uncertainty", "--out", str(tmp_path / "one")]) == 0
     assert "agreement" not in json.loads((tmp_path / "one" / "summary.json").read_text(encoding="utf-8"))
     assert read_volume(scan).same_grid(read_volume(tmp_path / "both" / "segmentation.nii.gz"), atol=1e-6)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("route=bogus", "error: option 'route' of mhex-uncertainty must be one of sketch, exact, got 'bogus'"),
+    ("k=0", "error: option 'k' must be an integer >= 1, got 0")])
+def test_bad_uncertainty_options_exit_2_with_one_line(tmp_path, scan_file, capsys, option, message):
+    from SegXAILib.cli import main
+
+    card_path = make_card(tmp_path, architecture={"name": "eunet", "args": {
+        k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}})
+    out = tmp_path / "out"
+    assert main(["explain", str(scan_file), "--model", str(card_path), "--methods", "mhex-uncertainty",
+                 "--option", f"mhex-uncertainty.{option}", "--out", str(out), "--no-report", "--progress", "none"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == message
+    assert not out.exists()  # nothing half-written
