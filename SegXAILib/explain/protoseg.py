@@ -25,11 +25,12 @@ instead, and scores SAMs there.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,15 @@ def _interpolation_adjoint(maps: torch.Tensor, grid: Sequence[int]) -> torch.Ten
     return adjoint[0]
 
 
+Tile = tuple[slice, ...]
+"""A block of the network grid P (one slice per axis); the whole grid is the one tile of a small volume."""
+
+
+def _tile_key(tile: Tile) -> tuple[tuple[int, int], ...]:
+    """A hashable name of ``tile`` (slices are not hashable before Python 3.12)."""
+    return tuple((s.start, s.stop) for s in tile)
+
+
 class SoftMaskPrototypes:
     """One case's soft mask B, ready to run ProtoSeg on feature maps of any grid.
 
@@ -79,6 +89,10 @@ class SoftMaskPrototypes:
             (P >= S); feature maps then cover P, and only its first S voxels are the scan. Default S.
         resolution: ``input`` (features upsampled to P, then cropped to S: the paper) or ``feature``
             (B area-averaged onto each feature grid: faster per-unit maps).
+
+    A volume too large for one forward pass runs tile by tile (blocks of P, see :func:`tiles_of`):
+    methods taking ``tile`` read feature maps of that block, upsampled within it, and return maps of
+    the block's part of S. Prototypes are the case's, summed over tiles (:class:`PrototypeSums`).
 
     Empty B (``sum(B)`` below 1e-6) or full B (``sum(1 - B)`` below 1e-6): one region has no prototype, so
     every voxel is nearest to the other. A warning is issued and every logit is ``-inf`` (empty: p = 0, SAM
@@ -95,11 +109,11 @@ class SoftMaskPrototypes:
         if len(self.network_shape) != len(self.mask_shape) or any(
                 p < s for p, s in zip(self.network_shape, self.mask_shape)):
             raise ValueError(f"network grid {self.network_shape} must cover the mask grid {self.mask_shape}")
-        self._crop = tuple(slice(0, s) for s in self.mask_shape)
+        self.whole: Tile = tuple(slice(0, p) for p in self.network_shape)
         b = torch.as_tensor(soft_mask).detach().to("cpu", torch.float64).clamp(0.0, 1.0)
         # B and 1 - B on the network grid; the padding belongs to neither region (weight zero in both)
         self._regions = torch.zeros((2, *self.network_shape), dtype=torch.float64)
-        self._regions[(slice(None), *self._crop)] = torch.stack([b, 1.0 - b])
+        self._regions[(slice(None), *self.mask_part(self.whole))] = torch.stack([b, 1.0 - b])
         target_mass, background_mass = (float(m) for m in self._regions.flatten(1).sum(1))
         self.degenerate: str | None = None
         if target_mass < _MIN_MASS:
@@ -112,20 +126,33 @@ class SoftMaskPrototypes:
                           f"{'background' if self.degenerate == 'empty' else 'target'}", stacklevel=2)
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def region_weights(self, grid: Sequence[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-voxel weights of the target and background regions on ``grid``: (2, prod(grid)) and their sums (2,)."""
-        key = (tuple(grid), str(device))
+    def mask_part(self, tile: Tile) -> Tile:
+        """The voxels of S inside ``tile``, as slices of S (the tile minus the padding)."""
+        return tuple(slice(t.start, min(t.stop, s)) for t, s in zip(tile, self.mask_shape))
+
+    def forget(self, tile: Tile) -> None:
+        """Drop the cached weights of ``tile`` (a tiled run is done with it)."""
+        self._weights = {key: value for key, value in self._weights.items() if key[2] != _tile_key(tile)}
+
+    def region_weights(self, grid: Sequence[int], device: torch.device | str = "cpu", tile: Tile | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-voxel weights of the target and background regions on ``grid`` (the feature grid of ``tile``,
+        default the whole of P): (2, prod(grid)) and their sums (2,)."""
+        tile = tile or self.whole
+        key = (tuple(grid), str(device), _tile_key(tile))
         if key not in self._weights:
+            regions = self._regions[(slice(None), *tile)]
             if self.resolution == "input":
-                weights = _interpolation_adjoint(self._regions, grid)
+                weights = _interpolation_adjoint(regions, grid)
             else:
-                weights = F.interpolate(self._regions[None], size=tuple(grid), mode="area")[0]
+                weights = F.interpolate(regions[None], size=tuple(grid), mode="area")[0]
             weights = weights.flatten(1)
             self._weights[key] = (weights.to(device, torch.float32), weights.sum(1).to(device, torch.float32))
         return self._weights[key]
 
     def _centred(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prototypes of a few channels (c, *s), relative to each channel's plain mean ``shift`` (c, 1).
+        """Prototypes of a few channels (c, *s) on the whole of P, relative to each channel's plain mean
+        ``shift`` (c, 1).
 
         Returns ``f - shift`` (c, prod(s)), ``shift``, ``c_t - shift`` and ``c_b - shift`` (c, 1): float32
         sums of values near zero keep the digits that sums over a large common offset (50 +- 1) would lose.
@@ -146,11 +173,14 @@ class SoftMaskPrototypes:
         both = torch.cat(parts)
         return both[:, 0], both[:, 1]
 
-    def logits(self, features: torch.Tensor, per_unit: bool = False) -> torch.Tensor:
+    def logits(self, features: torch.Tensor, per_unit: bool = False, tile: Tile | None = None,
+               prototypes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``d_b - d_t`` on the features' grid: (*s), or (C, *s) with ``per_unit`` (each channel alone).
 
         ``sigmoid`` of it is ``softmax([-d_b, -d_t])[target]``; the SAM is where it is > 0. Computed as
         ``2 (f - m) . (c_t - c_b)``, a few channels at a time (each channel's prototypes are its own).
+        ``prototypes`` (``c_t, c_b``, float64 (C,)): given for the features of one ``tile`` (the case's,
+        from :class:`PrototypeSums`); default: computed from ``features``, which then cover all of P.
         """
         grid = tuple(features.shape[1:])
         shape = (features.shape[0], *grid) if per_unit else grid
@@ -159,7 +189,16 @@ class SoftMaskPrototypes:
         terms = []
         out = torch.zeros(features[0].numel(), device=features.device)
         for start in range(0, features.shape[0], _CHUNK):
-            centred, _, target, background = self._centred(features[start:start + _CHUNK])
+            chunk = features[start:start + _CHUNK]
+            if prototypes is None:
+                centred, _, target, background = self._centred(chunk)
+            else:
+                centred = chunk.reshape(chunk.shape[0], -1).float()
+                shift = centred.mean(1, keepdim=True)
+                centred = centred - shift
+                target, background = (p[start:start + _CHUNK, None].to(features.device) - shift.double()
+                                      for p in prototypes)
+                target, background = target.float(), background.float()
             term = 2 * (centred - (target + background) / 2) * (target - background)
             if per_unit:
                 terms.append(term)
@@ -167,18 +206,66 @@ class SoftMaskPrototypes:
                 out += term.sum(0)
         return torch.cat(terms).reshape(shape) if per_unit else out.reshape(shape)
 
-    def to_mask_grid(self, maps: torch.Tensor) -> torch.Tensor:
-        """Bring (K, *s) maps of a feature grid to the mask grid: upsample to the network grid, crop to S."""
+    def to_mask_grid(self, maps: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
+        """Bring (K, *s) maps of a feature grid of ``tile`` (default all of P) to that tile's part of S:
+        upsample to the tile's network grid, crop the padding."""
+        tile = tile or self.whole
+        part = self.mask_part(tile)
         if self.degenerate is not None:
             # maps from a degenerate mask are constant (and may be infinite, which interpolation turns into NaN)
-            return maps.flatten(1)[:, :1].reshape(-1, *([1] * len(self.mask_shape))).expand(-1, *self.mask_shape)
-        return upsample(maps, self.network_shape)[(slice(None), *self._crop)]
+            shape = tuple(s.stop - s.start for s in part)
+            return maps.flatten(1)[:, :1].reshape(-1, *([1] * len(shape))).expand(-1, *shape)
+        crop = tuple(slice(0, s.stop - s.start) for s in part)
+        return upsample(maps, [t.stop - t.start for t in tile])[(slice(None), *crop)]
 
-    def mask_on_grid(self, mask: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-        """A bool (*S) mask on a feature grid: voxels whose area is more than half inside it ((*grid) bool)."""
-        full = torch.zeros(self.network_shape, dtype=torch.float32)
-        full[self._crop] = torch.as_tensor(mask).to("cpu", torch.float32)
+    def mask_on_grid(self, mask: torch.Tensor, grid: Sequence[int], tile: Tile | None = None) -> torch.Tensor:
+        """A bool (*S) mask on a feature grid of ``tile``: voxels whose area is more than half inside it
+        ((*grid) bool)."""
+        tile = tile or self.whole
+        part = self.mask_part(tile)
+        full = torch.zeros([t.stop - t.start for t in tile], dtype=torch.float32)
+        full[tuple(slice(0, s.stop - s.start) for s in part)] = torch.as_tensor(mask)[part].to("cpu", torch.float32)
         return F.interpolate(full[None, None], size=tuple(grid), mode="area")[0, 0] > 0.5
+
+
+class PrototypeSums:
+    """``c_t`` and ``c_b`` of one layer, summed tile by tile (a volume too large for one forward pass).
+
+    Each tile adds its features weighted by B and 1 - B (its part of the case's region weights); the
+    sums are float64, of features centred on the first tile's channel means (see ``_centred``).
+    """
+
+    def __init__(self) -> None:
+        self._shift: torch.Tensor | None = None
+        self._sums = torch.zeros(0, 2, dtype=torch.float64)
+        self._mass = torch.zeros(2, dtype=torch.float64)
+
+    def add(self, features: torch.Tensor, prototypes: SoftMaskPrototypes, tile: Tile) -> None:
+        """Add the features (C, *s) of ``tile``."""
+        weights, totals = prototypes.region_weights(features.shape[1:], features.device, tile)
+        flat = features.reshape(features.shape[0], -1).float()
+        if self._shift is None:
+            self._shift = flat.mean(1, keepdim=True)
+            self._sums = torch.zeros(features.shape[0], 2, dtype=torch.float64)
+        self._sums += ((flat - self._shift) @ weights.T).double().cpu()
+        self._mass += totals.double().cpu()
+
+    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``c_t, c_b``, each float64 (C,)."""
+        both = self._shift.double().cpu() + self._sums / self._mass.clamp(min=_MIN_MASS)
+        return both[:, 0], both[:, 1]
+
+
+def tiles_of(shape: Sequence[int], tile: Sequence[int], multiple: Sequence[int]) -> list[Tile]:
+    """Blocks covering a grid of ``shape`` (each axis a multiple of ``multiple``): per axis as few blocks as
+    fit in ``tile`` voxels, of nearly equal sizes, each a multiple of ``multiple`` (a size the network takes)."""
+    per_axis = []
+    for size, most, k in zip(shape, tile, multiple):
+        most = max(k, most // k * k)
+        n = math.ceil(size / most)
+        bounds = [round(size // k * i / n) * k for i in range(n + 1)]
+        per_axis.append([slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+    return list(itertools.product(*per_axis))
 
 
 def prototype_segmentation(features: torch.Tensor, soft_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,18 +286,28 @@ def prototype_segmentation(features: torch.Tensor, soft_mask: torch.Tensor) -> t
     return torch.sigmoid(logits), logits > 0
 
 
-def _dice_matrix(sams: torch.Tensor, references: torch.Tensor) -> np.ndarray:
-    """Dice of every row of (K, N) bool ``sams`` with every row of (R, N) bool ``references``: (K, R) float64.
+def _overlap_counts(sams: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Overlaps (K, R), SAM sizes (K,) and reference sizes (R,) of (K, N) bool ``sams`` and (R, N) bool
+    ``references``, float64.
 
     One matrix product gives all overlaps and sizes (a single pass over the SAMs, which dominate the cost
     of per-unit scores at full resolution); float32 counts are exact below 2^24 voxels, float64 beyond.
     """
     dtype = torch.float32 if sams.shape[1] < 2**24 else torch.float64
     ones = torch.ones(1, sams.shape[1], dtype=dtype, device=sams.device)
-    counts = (sams.to(dtype) @ torch.cat([references.to(sams.device, dtype), ones]).T).double()  # (K, R + 1)
-    overlap, size = counts[:, :-1], counts[:, -1:]
-    total = size + references.sum(1, dtype=torch.float64).to(sams.device)
-    return torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).cpu().numpy()
+    counts = (sams.to(dtype) @ torch.cat([references.to(sams.device, dtype), ones]).T).double().cpu()  # (K, R + 1)
+    return counts[:, :-1], counts[:, -1], references.sum(1, dtype=torch.float64).cpu()
+
+
+def _dice_of_counts(overlap: torch.Tensor, size: torch.Tensor, reference_size: torch.Tensor) -> np.ndarray:
+    """Dice (K, R) from :func:`_overlap_counts` (summed over tiles); 1 where both masks are empty."""
+    total = size[:, None] + reference_size[None]
+    return torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).numpy()
+
+
+def _dice_matrix(sams: torch.Tensor, references: torch.Tensor) -> np.ndarray:
+    """Dice of every row of (K, N) bool ``sams`` with every row of (R, N) bool ``references``: (K, R) float64."""
+    return _dice_of_counts(*_overlap_counts(sams, references))
 
 
 def sa_score(sam: torch.Tensor, reference: torch.Tensor) -> float | np.ndarray:
@@ -230,7 +327,7 @@ def sa_score(sam: torch.Tensor, reference: torch.Tensor) -> float | np.ndarray:
 
 
 class _Scorer:
-    """SAMs of logits and their SA scores against the reference masks.
+    """SAMs of logits and their SA scores against the reference masks, summed over tiles.
 
     ``input`` resolution: SAMs on the mask grid (logits upsampled); ``feature``: SAMs on the feature grid,
     references area-averaged onto it and voxels mostly in the padding left out.
@@ -245,35 +342,48 @@ class _Scorer:
         self.names = list(references)
         self._references = torch.stack([references[name].bool() for name in self.names])
         self._on_grid: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._counts: dict[Any, list[torch.Tensor]] = {}
 
-    def _grid(self, grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """References (R, prod(grid)) and the voxels inside the scan (prod(grid),) on a scoring grid."""
-        key = (grid, str(device))
+    def _grid(self, grid: tuple[int, ...], device: torch.device, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
+        """References (R, prod(grid)) and the voxels inside the scan (prod(grid),) on a scoring grid of a tile."""
+        key = (grid, str(device), _tile_key(tile))
         if key not in self._on_grid:
-            references = self._references
-            inside = torch.ones(self.prototypes.mask_shape, dtype=torch.bool)
+            part = self.prototypes.mask_part(tile)
+            references = self._references[(slice(None), *part)]
+            inside = torch.ones([s.stop - s.start for s in part], dtype=torch.bool)
             if self.prototypes.resolution == "feature":
-                references = torch.stack([self.prototypes.mask_on_grid(r, grid) for r in references])
-                inside = self.prototypes.mask_on_grid(inside, grid)
+                references = torch.stack([self.prototypes.mask_on_grid(r, grid, tile) for r in self._references])
+                inside = self.prototypes.mask_on_grid(torch.ones(self.prototypes.mask_shape, dtype=torch.bool),
+                                                      grid, tile)
+            self._on_grid = {k: v for k, v in self._on_grid.items() if k[2] == key[2]}  # one tile at a time
             self._on_grid[key] = references.flatten(1).to(device), inside.flatten().to(device)
         return self._on_grid[key]
 
-    def sams(self, logits: torch.Tensor) -> torch.Tensor:
-        """(K, *s) logits -> (K, *grid) bool SAMs on the scoring grid."""
+    def sams(self, logits: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
+        """(K, *s) logits of ``tile`` (default all of P) -> (K, *grid) bool SAMs on the scoring grid."""
+        tile = tile or self.prototypes.whole
         if self.prototypes.resolution == "input":
-            return self.prototypes.to_mask_grid(logits) > 0
-        inside = self._grid(tuple(logits.shape[1:]), logits.device)[1]
+            return self.prototypes.to_mask_grid(logits, tile) > 0
+        inside = self._grid(tuple(logits.shape[1:]), logits.device, tile)[1]
         return (logits > 0) & inside.view(logits.shape[1:])
 
-    def scores(self, sams: torch.Tensor) -> dict[str, np.ndarray]:
-        """Reference name -> SA scores (K,) of (K, *grid) SAMs."""
-        references = self._grid(tuple(sams.shape[1:]), sams.device)[0]
-        scores = _dice_matrix(sams.flatten(1), references)
+    def add(self, key: Any, sams: torch.Tensor, tile: Tile | None = None) -> None:
+        """Count the overlaps of (K, *grid) SAMs of ``tile`` with the references, under ``key``."""
+        references = self._grid(tuple(sams.shape[1:]), sams.device, tile or self.prototypes.whole)[0]
+        counts = _overlap_counts(sams.flatten(1), references)
+        if key in self._counts:
+            self._counts[key] = [total + new for total, new in zip(self._counts[key], counts)]
+        else:
+            self._counts[key] = list(counts)
+
+    def scores(self, key: Any) -> dict[str, np.ndarray]:
+        """Reference name -> SA scores (K,) of the SAMs counted under ``key``."""
+        scores = _dice_of_counts(*self._counts[key])
         return {name: scores[:, i] for i, name in enumerate(self.names)}
 
-    def to_mask_grid(self, maps: torch.Tensor) -> torch.Tensor:
-        """(K, *grid) float maps of the scoring grid -> (K, *S)."""
-        return maps if self.prototypes.resolution == "input" else self.prototypes.to_mask_grid(maps)
+    def to_mask_grid(self, maps: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
+        """(K, *grid) float maps of the scoring grid of ``tile`` -> (K, *part of S)."""
+        return maps if self.prototypes.resolution == "input" else self.prototypes.to_mask_grid(maps, tile)
 
 
 def input_multiple(card: ModelCard) -> tuple[int, ...]:
@@ -300,15 +410,93 @@ def _pad_to_multiple(image: torch.Tensor, divisor: Sequence[int]) -> torch.Tenso
     return F.pad(image, pads, mode="replicate") if any(pads) else image
 
 
+WHOLE_VOLUME_VOXELS = 160**3
+"""Largest network grid ProtoSeg runs in one forward pass (about 2 GB at the bundled U-Net's widths);
+larger grids run in tiles of the card's patch size, twice (prototypes first, then the scores)."""
+
+_INPUT = "<input>"
+"""Key of the input intensities among the layers' prototypes (the input separableness)."""
+
+
+def _forward_with_hooks(network: nn.Module, modules: dict[str, nn.Module], image: torch.Tensor,
+                        on_output: Callable[[str, torch.Tensor], None]) -> None:
+    """One forward pass of ``image`` calling ``on_output(name, features (C, *s))`` with the first output of
+    each of ``modules`` (a module run twice is seen once), as it runs: nothing is kept for later."""
+    seen: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise SegXAIError(f"protoseg: layer {name} returns {type(output).__name__}, not a feature map; "
+                                  "choose a conv block")
+            if name not in seen:
+                seen.add(name)
+                on_output(name, output[0].detach().float())
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            network(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _TileScores:
+    """What ProtoSeg gathers from each layer's features, tile by tile: SAM overlaps for the SA curve and the
+    units' scores (in the scorer), the selected layers' probability maps and the last layer's unit-SAM counts
+    (the heat map, not yet divided by the number of units), on the mask grid.
+
+    ``case_prototypes``: layer -> ``c_t, c_b`` summed over tiles; empty for a whole-volume run, where each
+    layer's prototypes come from its own features.
+    """
+
+    def __init__(self, prototypes: SoftMaskPrototypes, scorer: _Scorer,
+                 case_prototypes: dict[str, tuple[torch.Tensor, torch.Tensor]], curve_names: set[str],
+                 selected: set[str], unit_names: list[str]) -> None:
+        self.prototypes, self.scorer, self.case_prototypes = prototypes, scorer, case_prototypes
+        self.curve_names, self.unit_names = curve_names | {_INPUT}, unit_names
+        self.maps = {name: torch.zeros(prototypes.mask_shape) for name in selected}
+        self.heat = torch.zeros(prototypes.mask_shape)
+        self.layer_info: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, features: torch.Tensor, tile: Tile) -> None:
+        """Score the features (C, *s) of layer ``name`` on ``tile``."""
+        prototypes, scorer = self.prototypes, self.scorer
+        part = prototypes.mask_part(tile)
+        case = self.case_prototypes.get(name)
+        logits = prototypes.logits(features, tile=tile, prototypes=case)
+        if name in self.curve_names:
+            scorer.add(("layer", name), scorer.sams(logits[None], tile), tile)
+            grid, tile_size = prototypes.network_shape, [t.stop - t.start for t in tile]
+            self.layer_info[name] = {"channels": int(features.shape[0]),
+                                     "shape": [f * p // t for f, p, t in zip(features.shape[1:], grid, tile_size)]}
+        if name in self.maps:
+            self.maps[name][part] = torch.sigmoid(prototypes.to_mask_grid(logits[None], tile)[0])
+        if name in self.unit_names:
+            for start in range(0, features.shape[0], _CHUNK):
+                chunk = None if case is None else tuple(p[start:start + _CHUNK] for p in case)
+                sams = scorer.sams(prototypes.logits(features[start:start + _CHUNK], True, tile, chunk), tile)
+                scorer.add(("units", name, start), sams, tile)
+                if name == self.unit_names[-1]:
+                    self.heat[part] += scorer.to_mask_grid(sams.sum(0, dtype=torch.float32)[None], tile)[0]
+
+
 class ProtoSegExplainer(Explainer):
     """Segmentation ability of every conv layer and of the last layers' units (ProtoSeg).
 
     One forward pass of the whole volume on the model grid (padded at the far end to a size the network
     accepts: prototypes are global to the case, so no sliding windows), with hooks on every conv block
     (:func:`.layers.conv_layers`: post-normalisation/activation outputs, the output layer excluded). Each
-    layer is scored as its output arrives and only the last two layers' outputs are kept, so memory stays
-    near that of one forward pass. B is the model's target probability (one-vs-rest: the target's channels
-    summed); G the ground truth when given, else the model's own mask.
+    layer is scored as its output arrives, so memory stays near that of one forward pass. B is the model's
+    target probability (one-vs-rest: the target's channels summed); G the ground truth when given, else the
+    model's own mask.
+
+    A grid above ``max_voxels`` (default :data:`WHOLE_VOLUME_VOXELS`, e.g. a CT) runs in tiles of the card's
+    patch size (:func:`tiles_of`), twice: the first pass sums every layer's prototypes over the tiles, the
+    second scores each tile against them. A tile's features are those of the network run on that tile
+    (as in sliding-window inference, without blending), upsampled within it.
 
     Options (``context.options["protoseg"]``):
         resolution: ``input`` (default, paper: features upsampled to the model grid) or ``feature``
@@ -317,6 +505,7 @@ class ProtoSegExplainer(Explainer):
             structures smaller than a feature voxel).
         layers: layers to return a SAM probability map for: roles (``last_decoder``, ``bottleneck``,
             ``decoder_all``) or module names, as a list or comma-separated; default ``last_decoder``.
+        max_voxels: the largest network grid run in one forward pass.
 
     Returns:
         maps: ``heat`` = mean of the unit SAMs of the last feature layer (paper Fig. 9), in [0, 1];
@@ -339,61 +528,50 @@ class ProtoSegExplainer(Explainer):
         options = context.method_options(self.name)
         resolution = options.get("resolution", "input")
         network = context.model.network
-        image = _pad_to_multiple(context.image.float(), input_multiple(context.model.card)).to(context.device)
+        card = context.model.card
+        image = _pad_to_multiple(context.image.float(), input_multiple(card)).to(context.device)
+        grid = tuple(image.shape[2:])
         # layers are found on small zero probes (16^3, 32^3, ...): any size the network takes gives the same layers
         layers = conv_layers(network)
         resolved = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in parse_layer_specs(options.get("layers"))}
         selected = {name for names in resolved.values() for name in names}
         unit_names = [name for name, _ in layers[-2:]]
+        modules = dict(network.named_modules())
+        hooked = {**dict(layers), **{name: modules[name] for name in selected}}
+        curve_names = {name for name, _ in layers}
 
         model_mask = torch.from_numpy(context.predicted_mask)
         reference = torch.from_numpy(np.asarray(context.label, dtype=bool)) if context.label is not None else model_mask
-        prototypes = SoftMaskPrototypes(torch.from_numpy(context.target_probability), image.shape[2:], resolution)
+        prototypes = SoftMaskPrototypes(torch.from_numpy(context.target_probability), grid, resolution)
         scorer = _Scorer(prototypes, {"reference": reference, "model": model_mask})
+        tiles = ([prototypes.whole] if math.prod(grid) <= int(options.get("max_voxels", WHOLE_VOLUME_VOXELS))
+                 else tiles_of(grid, card.patch_size, input_multiple(card)))
+        passes = 1 if len(tiles) == 1 or prototypes.degenerate else 2
+        case_prototypes = self._case_prototypes(network, image, tiles, hooked, prototypes, context) if passes == 2 else {}
 
-        curve: dict[str, dict[str, Any]] = {}
-        maps: dict[str, torch.Tensor] = {}
-        kept: dict[str, torch.Tensor] = {}
+        gathered = _TileScores(prototypes, scorer, case_prototypes, curve_names, selected, unit_names)
+        for n, tile in enumerate(tiles):
+            x = image[(slice(None), slice(None), *tile)]
+            gathered.add(_INPUT, x[0], tile)
+            _forward_with_hooks(network, hooked, x, lambda name, features: gathered.add(name, features, tile))
+            prototypes.forget(tile)
+            context.progress.update(self.name, (passes - 1 + (n + 1) / len(tiles)) / passes, f"tile {n + 1}/{len(tiles)}")
+        maps, heat, layer_info = gathered.maps, gathered.heat, gathered.layer_info
 
-        def hook_for(name: str, in_curve: bool):
-            # each layer is handled as it runs (not captured for later, as LayerCapture does): only the
-            # last two layers' features outlive their hook
-            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                if not isinstance(output, torch.Tensor):
-                    raise SegXAIError(f"protoseg: layer {name} returns {type(output).__name__}, not a feature map; "
-                                      "choose a conv block")
-                features = output[0].detach().float()
-                logits = prototypes.logits(features)
-                if in_curve and name not in curve:
-                    sam = scorer.sams(logits[None])
-                    curve[name] = {"layer": name, "sa": float(scorer.scores(sam)["reference"][0]),
-                                   "channels": int(features.shape[0]), "shape": list(features.shape[1:])}
-                    context.progress.update(self.name, len(curve) / (len(layers) + 2), f"layer {name}")
-                if name in selected and name not in maps:
-                    maps[name] = torch.sigmoid(prototypes.to_mask_grid(logits[None])[0])
-                if name in unit_names:
-                    kept.setdefault(name, features)
-            return hook
-
-        curve_names = {name for name, _ in layers}
-        modules = dict(network.named_modules())
-        hooked = {**dict(layers), **{name: modules[name] for name in selected}}
-        handles = [module.register_forward_hook(hook_for(name, name in curve_names)) for name, module in hooked.items()]
-        try:
-            with torch.no_grad():
-                network(image)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        units, model_scores, heat = self._unit_scores([(name, kept[name]) for name in unit_names], scorer)
-        context.progress.update(self.name, (len(layers) + 1) / (len(layers) + 2), "input separableness")
-        input_sam = scorer.sams(prototypes.logits(image[0])[None])
+        units: list[dict[str, Any]] = []
+        model_scores: list[float] = []
+        for name in unit_names:
+            for start in range(0, layer_info[name]["channels"], _CHUNK):
+                scores = scorer.scores(("units", name, start))
+                units += [{"layer": name, "unit": start + k, "sa": float(sa)} for k, sa in enumerate(scores["reference"])]
+                model_scores += scores["model"].tolist()
         scalars = {"mean_sa": float(np.mean(model_scores)),
-                   "input_separableness": float(scorer.scores(input_sam)["reference"][0])}
+                   "input_separableness": float(scorer.scores(("layer", _INPUT))["reference"][0])}
         if context.label is not None:
             scalars["mean_sa_label"] = float(np.mean([u["sa"] for u in units]))
-        context.progress.update(self.name, 1.0, "done")
+        heat /= layer_info[unit_names[-1]]["channels"]
+        curve = [{"layer": name, "sa": float(scorer.scores(("layer", name))["reference"][0]), **layer_info[name]}
+                 for name, _ in layers]
 
         explanation_maps = [ExplanationMap(
             self.name, heat.cpu().numpy().astype(np.float32), "heat", normalise=False,
@@ -406,27 +584,19 @@ class ProtoSegExplainer(Explainer):
             for name, p in maps.items()]
         metadata = {"reference": "label" if context.label is not None else "model", "resolution": resolution,
                     "unit_layers": unit_names, "layers": resolved,
-                    "soft_mask": prototypes.degenerate or "ok", "network_grid": list(image.shape[2:]),
+                    "soft_mask": prototypes.degenerate or "ok", "network_grid": list(grid), "tiles": len(tiles),
                     "seconds": round(time.perf_counter() - start_time, 3)}
-        return Explanation(self.name, explanation_maps, scalars,
-                           {"sa_per_layer": [curve[name] for name, _ in layers], "sa_per_unit": units}, metadata)
+        return Explanation(self.name, explanation_maps, scalars, {"sa_per_layer": curve, "sa_per_unit": units}, metadata)
 
-    @staticmethod
-    def _unit_scores(unit_layers: list[tuple[str, torch.Tensor]], scorer: _Scorer
-                     ) -> tuple[list[dict[str, Any]], list[float], torch.Tensor]:
-        """Per-unit SA (against the reference and the model's mask) and the last layer's unit-average heat map."""
-        units: list[dict[str, Any]] = []
-        model_scores: list[float] = []
-        heat = None
-        for index, (name, features) in enumerate(unit_layers):
-            last = index == len(unit_layers) - 1
-            for start in range(0, features.shape[0], _CHUNK):
-                sams = scorer.sams(scorer.prototypes.logits(features[start:start + _CHUNK], per_unit=True))
-                scores = scorer.scores(sams)
-                for unit, sa in enumerate(scores["reference"], start=start):
-                    units.append({"layer": name, "unit": unit, "sa": float(sa)})
-                model_scores += scores["model"].tolist()
-                if last:
-                    counts = sams.sum(0, dtype=torch.float32)
-                    heat = counts if heat is None else heat + counts
-        return units, model_scores, scorer.to_mask_grid((heat / unit_layers[-1][1].shape[0])[None])[0]
+    def _case_prototypes(self, network: nn.Module, image: torch.Tensor, tiles: list[Tile],
+                         hooked: dict[str, nn.Module], prototypes: SoftMaskPrototypes, context: ExplainContext
+                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The first of a tiled run's two passes: every layer's ``c_t, c_b`` (and the input's), summed over tiles."""
+        sums = {name: PrototypeSums() for name in [_INPUT, *hooked]}
+        for n, tile in enumerate(tiles):
+            x = image[(slice(None), slice(None), *tile)]
+            sums[_INPUT].add(x[0], prototypes, tile)
+            _forward_with_hooks(network, hooked, x, lambda name, features: sums[name].add(features, prototypes, tile))
+            prototypes.forget(tile)
+            context.progress.update(self.name, (n + 1) / len(tiles) / 2, f"prototypes, tile {n + 1}/{len(tiles)}")
+        return {name: s.prototypes() for name, s in sums.items()}

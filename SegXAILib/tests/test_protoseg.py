@@ -11,7 +11,7 @@ from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import ExplainContext
 from SegXAILib.explain.layers import conv_layers
 from SegXAILib.explain.protoseg import (ProtoSegExplainer, SoftMaskPrototypes, _interpolation_adjoint,
-                                        prototype_segmentation, sa_score, upsample)
+                                        prototype_segmentation, sa_score, tiles_of, upsample)
 from SegXAILib.inference import predict_probabilities
 from SegXAILib.metrics import dice
 from SegXAILib.models.card import ModelCard
@@ -241,3 +241,55 @@ def test_mean_sa_drops_on_a_noisy_copy(tmp_path):
         else:  # and still finds the blob in noise, so mu does not drop merely because the mask is empty
             assert context.predicted_mask.sum() > 0.3 * truth.sum()
     assert scores["noisy"] < 0.75 * scores["clean"]
+
+
+def test_tiles_cover_the_grid_once_in_sizes_the_network_takes():
+    grid, most, multiple = (120, 512, 40), (96, 96, 96), (8, 8, 8)
+    tiles = tiles_of(grid, most, multiple)
+    cover = np.zeros(grid, dtype=int)
+    for tile in tiles:
+        cover[tile] += 1
+        assert all(0 < s.stop - s.start <= 96 and (s.stop - s.start) % 8 == 0 for s in tile)
+    assert (cover == 1).all()
+    assert len(tiles) == 2 * 6 * 1  # as few per axis as fit: 120 -> 64 + 56, 512 -> 6 of 80-88, 40 -> 1
+
+
+def test_tiled_run_equals_whole_volume_where_tiles_cannot_differ(tmp_path):
+    """Tiles differ from one whole-volume pass only through what crosses their borders: the network's
+    receptive field, its normalisation and, at ``input`` resolution, upsampling. A U-Net of 1x1x1
+    convolutions without normalisation has none of the first two, so at ``feature`` resolution the two
+    runs agree exactly; at ``input`` resolution only the input separableness (nothing upsampled) does."""
+    architecture = {"name": "unet", "args": {"channels": [4, 8, 8], "strides": [2, 2], "kernel_size": 1,
+                                             "up_kernel_size": 1, "norm": None}}
+    model = load_from_card(ModelCard.load(make_card(tmp_path, architecture=architecture)))
+    torch.manual_seed(6)
+    shape = (30, 20, 36)  # pads to (32, 20, 36): tiles of 16 | 8, 12 | 12, 12, 12
+    image = (blob(shape, radius=0.6).float() + 0.3 * torch.randn(shape))[None, None]
+    for resolution in ("feature", "input"):
+        options = {"resolution": resolution, "layers": "decoder_all"}
+        whole = ProtoSegExplainer().explain(_context(model, image, options={"protoseg": options}))
+        tiled = ProtoSegExplainer().explain(_context(model, image, options={"protoseg": {**options, "max_voxels": 1000}}))
+        assert whole.metadata["tiles"] == 1 and tiled.metadata["tiles"] == 12
+        assert whole.scalars["input_separableness"] == pytest.approx(tiled.scalars["input_separableness"], abs=1e-9)
+        for a, b in zip(whole.curves["sa_per_layer"], tiled.curves["sa_per_layer"]):
+            assert (a["layer"], a["shape"], a["channels"]) == (b["layer"], b["shape"], b["channels"])
+        pairs = {"curve": [(a["sa"], b["sa"]) for a, b in zip(whole.curves["sa_per_layer"], tiled.curves["sa_per_layer"])],
+                 "units": [(a["sa"], b["sa"]) for a, b in zip(whole.curves["sa_per_unit"], tiled.curves["sa_per_unit"])],
+                 "mean_sa": [(whole.scalars["mean_sa"], tiled.scalars["mean_sa"])]}
+        # maps are upsampled within each tile: they agree away from the tiles' inner borders
+        away = np.ones(shape, dtype=bool)
+        for axis, borders in enumerate(([16], [8], [12, 24])):
+            for border in borders:
+                away[(slice(None),) * axis + (slice(border - 3, border + 3),)] = False
+        maps = {m.name: (m.array[away], n.array[away]) for m, n in zip(whole.maps, tiled.maps)}
+        assert list(maps) == ["protoseg-heat", "protoseg-layer-model_1_submodule_2"]
+        if resolution == "feature":
+            for values in pairs.values():
+                np.testing.assert_allclose(*zip(*values), atol=1e-6)
+            for a, b in maps.values():
+                np.testing.assert_allclose(a, b, atol=1e-6)
+        else:  # the prototypes move a little with the upsampling, which flips a few voxels' SAMs
+            for values in pairs.values():
+                np.testing.assert_allclose(*zip(*values), atol=0.05)
+            np.testing.assert_allclose(*maps["protoseg-layer-model_1_submodule_2"], atol=1e-3)
+            assert np.mean(np.not_equal(*maps["protoseg-heat"])) < 0.01
