@@ -403,7 +403,8 @@ def score_vs_dice(rows: Sequence[CaseRow], good_dice: float = GOOD_DICE) -> list
     (paper 002). Per score: ``cases``, Spearman's rho and p with Dice (scipy), and the AUROC of the score
     for telling the cases with Dice < ``good_dice`` (sklearn), the score oriented by its review rule
     (:mod:`SegXAILib.quality`): a score reviewed when *below* its threshold counts low values as
-    predicting a poor Dice; a score without a rule is taken as is (high = poor). NaN, with a ``note``,
+    predicting a poor Dice; a score without a rule is taken as is (high = poor). ``auroc`` is that AUROC,
+    ``dice_below`` the Dice it calls poor. NaN, with a ``note``,
     when the statistic is undefined (fewer than 3 cases, a constant score, one class only).
     """
     from scipy.stats import spearmanr
@@ -431,7 +432,7 @@ def score_vs_dice(rows: Sequence[CaseRow], good_dice: float = GOOD_DICE) -> list
         else:
             auroc = float(roc_auc_score(poor, -score if low_is_poor else score))
         table.append({"score": key, "cases": len(score), "spearman_rho": rho, "spearman_p": p,
-                      f"auroc_dice_below_{good_dice:g}": auroc,
+                      "auroc": auroc, "dice_below": good_dice,
                       "poor_when": "low" if low_is_poor else "high" if rule else "high (no review rule)",
                       "note": "; ".join(notes)})
     return table

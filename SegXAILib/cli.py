@@ -175,8 +175,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for row in failed:
         print(f"failed {row.case}: {row.error}")
     for row in result.prediction:
-        auroc = next(v for k, v in row.items() if k.startswith("auroc_"))
-        print(f"{row['score']:32s} Spearman rho with Dice {row['spearman_rho']:6.3f}  AUROC (Dice < 0.9) {auroc:.3f}  "
+        print(f"{row['score']:32s} Spearman rho with Dice {row['spearman_rho']:6.3f}  "
+              f"AUROC (Dice < {row['dice_below']:g}) {row['auroc']:.3f}  "
               f"({row['cases']} cases)")
     print(f"wrote {result.csv} and {result.html}")
     return 0

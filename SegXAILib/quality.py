@@ -203,7 +203,7 @@ def score_rows(summary: dict[str, Any], card_review: dict[str, Any] | None = Non
             text += f", calibrated: {used['basis']}"
         judged = ruled != "reliability" or reliability_judges(summary)
         if not judged:
-            auc = (summary.get("reliability_model") or {}).get("auc_cv")
+            auc = _classifier_auc(summary)
             text = (f"not used for review: the classifier's cross-validated AUROC is "
                     f"{f'{auc:.2f}' if is_finite_number(auc) else 'unknown'}, below {RELIABILITY_MIN_AUC_CV}")
         meaning = rule.meaning.format(target=target, method=method or "the pipeline", max_entropy=math.log(n_classes))
@@ -216,11 +216,15 @@ def reliability_judges(summary: dict[str, Any]) -> bool:
     """Whether the reliability score of ``summary`` may flag and order cases: unless the record of its
     classifier (``summary["reliability_model"]``) gives a cross-validated AUROC below
     :data:`RELIABILITY_MIN_AUC_CV`, or none (too few cases to cross-validate)."""
-    classifier = summary.get("reliability_model")
-    if classifier is None:
+    if summary.get("reliability_model") is None:
         return True
-    auc = classifier.get("auc_cv")
+    auc = _classifier_auc(summary)
     return is_finite_number(auc) and auc >= RELIABILITY_MIN_AUC_CV
+
+
+def _classifier_auc(summary: dict[str, Any]) -> Any:
+    """The cross-validated AUROC recorded for the reliability classifier of ``summary`` (None if none)."""
+    return (summary.get("reliability_model") or {}).get("auc_cv")
 
 
 def review_case(summary: dict[str, Any], card_review: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -79,8 +79,7 @@ def main() -> None:
         prediction = list(csv.DictReader(f))
     print("\n| score | cases | Spearman rho with Dice | AUROC for Dice < 0.9 |\n|---|---|---|---|")
     for row in prediction:
-        auroc = next(v for k, v in row.items() if k.startswith("auroc_"))
-        print(f"| {row['score']} | {row['cases']} | {_fmt(row['spearman_rho'])} | {_fmt(auroc)} |")
+        print(f"| {row['score']} | {row['cases']} | {_fmt(row['spearman_rho'])} | {_fmt(row['auroc'])} |")
 
 
 def _fmt(value: str | None) -> str:

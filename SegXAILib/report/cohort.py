@@ -88,10 +88,9 @@ def _cases(cases: Sequence[CohortCase], order_note: str) -> str:
 def _prediction(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return ""
-    auroc_key = next(k for k in rows[0] if k.startswith("auroc_dice_below_"))
-    threshold = auroc_key.rpartition("_")[2]
+    threshold = f"{float(rows[0]['dice_below']):g}"
     body = [[f"<code>{html.escape(str(r['score']))}</code>", str(r["cases"]), _number(r["spearman_rho"]),
-             _number(r["spearman_p"]), _number(r[auroc_key]), html.escape(str(r["poor_when"])),
+             _number(r["spearman_p"]), _number(r["auroc"]), html.escape(str(r["poor_when"])),
              html.escape(str(r["note"]))] for r in rows]
     return ("<section><h2>How well each score predicts Dice</h2>\n"
             f"<p>Over the cases with a label. Spearman's rho: rank correlation of the score with the Dice of the "

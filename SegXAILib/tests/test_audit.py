@@ -121,7 +121,8 @@ def test_with_labels_each_score_is_compared_with_dice(tmp_path, tiny_card):
         table = {r["score"]: r for r in csv.DictReader(f)}
     assert set(table) >= {"object_volume_ml", "protoseg.mean_sa", "tta.entropy_inside"}
     sa = table["protoseg.mean_sa"]
-    assert sa["cases"] == "4" and -1 <= float(sa["spearman_rho"]) <= 1 and 0 <= float(sa["auroc_dice_below_0.9"]) <= 1
+    assert sa["cases"] == "4" and -1 <= float(sa["spearman_rho"]) <= 1 and 0 <= float(sa["auroc"]) <= 1
+    assert float(sa["dice_below"]) == 0.9
     assert sa["poor_when"] == "low" and table["tta.entropy_inside"]["poor_when"] == "high"
     assert "How well each score predicts Dice" in (tmp_path / "out" / "audit.html").read_text(encoding="utf-8")
 
@@ -133,11 +134,11 @@ def test_score_vs_dice_statistics_and_undefined_cases():
     rows = [row(n, sa, d) for n, (sa, d) in enumerate([(0.1, 0.5), (0.2, 0.7), (0.5, 0.92), (0.9, 0.95)])]
     table = {r["score"]: r for r in score_vs_dice(rows)}
     assert table["protoseg.mean_sa"]["spearman_rho"] == pytest.approx(1.0)
-    assert table["protoseg.mean_sa"]["auroc_dice_below_0.9"] == 1.0  # low SA flags both poor cases
+    assert table["protoseg.mean_sa"]["auroc"] == 1.0  # low SA flags both poor cases
     assert table["tta.entropy_inside"]["spearman_rho"] == pytest.approx(-1.0)
-    assert table["tta.entropy_inside"]["auroc_dice_below_0.9"] == 1.0  # high entropy flags them
+    assert table["tta.entropy_inside"]["auroc"] == 1.0  # high entropy flags them
     good_only = score_vs_dice(rows[2:])[0]
-    assert math.isnan(good_only["auroc_dice_below_0.9"]) and "AUROC undefined" in good_only["note"]
+    assert math.isnan(good_only["auroc"]) and "AUROC undefined" in good_only["note"]
     assert math.isnan(good_only["spearman_rho"]) and "fewer than 3" in good_only["note"]
 
 
