@@ -4,6 +4,7 @@ For each seed, exactly what a user runs::
 
     segxai synth-lesion HOST --seed N --out DIR/N
     segxai explain DIR/N/image.nii.gz --model MODEL --methods all --out DIR/N/explain
+    segxai degrade DIR/N/image.nii.gz --kind noise --seed N --out DIR/N/noisy.nii.gz
     segxai explain DIR/N/noisy.nii.gz --model MODEL --methods protoseg --out DIR/N/noisy
 
 then, on the scan's grid, against the generated label:
@@ -12,8 +13,8 @@ then, on the scan's grid, against the generated label:
 - the Grad-CAM maximum for the whole tumour lies inside the true lesion dilated by 2 voxels;
 - TTA / ensemble / MC-dropout entropy is higher on the lesion border (within 1 voxel of the true
   boundary) than far from it (more than 5 voxels from the lesion);
-- mean SA mu of the clean scan is above that of a copy with Gaussian noise (sigma = 0.5 x the
-  brain's intensity standard deviation);
+- mean SA mu of the clean scan is above that of a noisy copy (``segxai degrade --kind noise``, its
+  default SNR of about 3, as the audit's degraded cases);
 - for the EU-Net: the MHEX+ CAM maximum inside the dilated lesion, the collaboration-gradient map
   finite with its zero-gradient count, and its agreement with the sampled uncertainties;
 - the review verdict's reasons.
@@ -33,15 +34,9 @@ from scipy import ndimage
 
 from SegXAILib.cli import main as segxai
 from SegXAILib.metrics import dice
-from SegXAILib.volume import Volume, read_volume, write_volume
+from SegXAILib.volume import read_volume
 
 UNCERTAINTY = ("tta", "ensemble", "mcdropout")
-
-
-def noisy_copy(image: Volume, path: Path, seed: int) -> None:
-    brain = image.array[image.array > np.percentile(image.array, 50)]
-    noise = np.random.default_rng(seed).normal(0, 0.5 * float(brain.std()), image.shape)
-    write_volume(image.with_array((image.array + noise).astype(np.float32)), path)
 
 
 def check_case(case: Path, model: str, seed: int, methods: str) -> dict[str, object]:
@@ -80,7 +75,7 @@ def check_case(case: Path, model: str, seed: int, methods: str) -> dict[str, obj
     if "protoseg" not in methods and methods != "all":
         return row
     noisy = case / "noisy.nii.gz"
-    noisy_copy(image, noisy, seed)
+    assert segxai(["degrade", str(case / "image.nii.gz"), "--kind", "noise", "--seed", str(seed), "--out", str(noisy)]) == 0
     assert segxai(["explain", str(noisy), "--model", model, "--methods", "protoseg", "--out", str(case / "noisy"),
                    "--progress", "none", "--no-report"]) == 0
     noisy_summary = json.loads((case / "noisy" / "summary.json").read_text(encoding="utf-8"))
