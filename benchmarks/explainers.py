@@ -6,7 +6,8 @@ machine state. Peak memory is the child's own peak resident set (``VmHWM``, see 
 
 Sizes: 96^3 and 128^3 (the model grid of a brain MRI) and a CT-sized scan of 512x512x120 on its
 own grid (sliding windows). The network is the bundled brain-lesion model's architecture; for
-timing, weights do not matter, but the bundled ones are used when present.
+timing, weights do not matter, but the bundled ones are used when present. Attention maps need an
+Attention U-Net, which no bundled model is: that row runs one with random weights.
 
 Targets on CPU (issues 3, 5 and 7): Grad-CAM <= 3x, ProtoSeg <= 2x, TTA (8) <= 9x, MHEX+ CAM <= 1.2x,
 collaboration uncertainty <= 10x, MiSuRe < 60x a forward pass; every method under 4 GB on the
@@ -30,14 +31,27 @@ TARGETS = {"gradcam": 3.0, "gradcampp": 3.0, "protoseg": 2.0, "tta": 9.0, "mhex"
            "misure": 60.0}
 
 
-MODELS = {"mhex": "brain-lesion-eunet", "mhex-uncertainty": "brain-lesion-eunet", "fusion": "brain-lesion-dual-encoder"}
+MODELS = {"mhex": "brain-lesion-eunet", "mhex-uncertainty": "brain-lesion-eunet", "fusion": "brain-lesion-dual-encoder",
+          "attention": "attention_unet, random weights"}
 """Methods that need a particular architecture; the others run on the U-Net ensemble."""
+
+UNBUNDLED = {"attention": {"name": "attention_unet", "args": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}}}
+"""Methods whose architecture no bundled model has: the U-Net's card with this architecture and
+random weights (seconds and memory do not depend on the weights)."""
 
 
 def model_for(method: str):
     """The bundled model a method runs on (EU-Net for MHEX+, dual encoder for fusion), loaded on the CPU."""
     from SegXAILib.models.registry import available_cards, load_model
 
+    if method in UNBUNDLED:
+        from dataclasses import replace
+
+        from SegXAILib.models.loaders import LoadedModel
+        from SegXAILib.models.networks import build_network
+
+        card = replace(load_model("brain-lesion-unet").card, architecture=UNBUNDLED[method])
+        return LoadedModel(card, build_network(card.architecture, card.input_channels, card.n_classes).eval(), "card")
     wanted = MODELS.get(method, "brain-lesion-unet")
     if wanted not in available_cards():
         raise SystemExit(f"model {wanted} is not installed")
@@ -81,8 +95,8 @@ def run_one(size: str, method: str, options: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="96,128,ct")
-    parser.add_argument("--methods", default="gradcam,gradcampp,protoseg,mcdropout,tta,ensemble,mhex,mhex-uncertainty,"
-                                             "fusion,misure")
+    parser.add_argument("--methods", default="gradcam,gradcampp,protoseg,attention,mcdropout,tta,ensemble,mhex,"
+                                             "mhex-uncertainty,fusion,misure")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                         help="method option, as for segxai explain (repeatable)")
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
