@@ -80,6 +80,23 @@ def _tile_key(tile: Tile) -> tuple[tuple[int, int], ...]:
     return tuple((s.start, s.stop) for s in tile)
 
 
+def _shape(block: Tile) -> tuple[int, ...]:
+    """The number of voxels along each axis of a block of slices."""
+    return tuple(s.stop - s.start for s in block)
+
+
+def _at_origin(block: Tile) -> Tile:
+    """Slices of ``block``'s shape from index 0 (the block's place in a tile-sized array)."""
+    return tuple(slice(0, n) for n in _shape(block))
+
+
+def _flat_centred(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, *s) features as float32 (C, prod(s)) centred on each channel's mean, and that mean (C, 1)."""
+    flat = features.reshape(features.shape[0], -1).float()
+    shift = flat.mean(1, keepdim=True)
+    return flat - shift, shift
+
+
 class SoftMaskPrototypes:
     """One case's soft mask B, ready to run ProtoSeg on feature maps of any grid.
 
@@ -158,9 +175,7 @@ class SoftMaskPrototypes:
         sums of values near zero keep the digits that sums over a large common offset (50 +- 1) would lose.
         """
         weights, totals = self.region_weights(features.shape[1:], features.device)
-        flat = features.reshape(features.shape[0], -1).float()
-        shift = flat.mean(1, keepdim=True)
-        centred = flat - shift
+        centred, shift = _flat_centred(features)
         sums = centred @ weights.T / totals  # (c, 2)
         return centred, shift, sums[:, :1], sums[:, 1:]
 
@@ -193,9 +208,7 @@ class SoftMaskPrototypes:
             if prototypes is None:
                 centred, _, target, background = self._centred(chunk)
             else:
-                centred = chunk.reshape(chunk.shape[0], -1).float()
-                shift = centred.mean(1, keepdim=True)
-                centred = centred - shift
+                centred, shift = _flat_centred(chunk)
                 target, background = (p[start:start + _CHUNK, None].to(features.device) - shift.double()
                                       for p in prototypes)
                 target, background = target.float(), background.float()
@@ -213,18 +226,17 @@ class SoftMaskPrototypes:
         part = self.mask_part(tile)
         if self.degenerate is not None:
             # maps from a degenerate mask are constant (and may be infinite, which interpolation turns into NaN)
-            shape = tuple(s.stop - s.start for s in part)
+            shape = _shape(part)
             return maps.flatten(1)[:, :1].reshape(-1, *([1] * len(shape))).expand(-1, *shape)
-        crop = tuple(slice(0, s.stop - s.start) for s in part)
-        return upsample(maps, [t.stop - t.start for t in tile])[(slice(None), *crop)]
+        return upsample(maps, _shape(tile))[(slice(None), *_at_origin(part))]
 
     def mask_on_grid(self, mask: torch.Tensor, grid: Sequence[int], tile: Tile | None = None) -> torch.Tensor:
         """A bool (*S) mask on a feature grid of ``tile``: voxels whose area is more than half inside it
         ((*grid) bool)."""
         tile = tile or self.whole
         part = self.mask_part(tile)
-        full = torch.zeros([t.stop - t.start for t in tile], dtype=torch.float32)
-        full[tuple(slice(0, s.stop - s.start) for s in part)] = torch.as_tensor(mask)[part].to("cpu", torch.float32)
+        full = torch.zeros(_shape(tile), dtype=torch.float32)
+        full[_at_origin(part)] = torch.as_tensor(mask)[part].to("cpu", torch.float32)
         return F.interpolate(full[None, None], size=tuple(grid), mode="area")[0, 0] > 0.5
 
 
@@ -243,10 +255,10 @@ class PrototypeSums:
     def add(self, features: torch.Tensor, prototypes: SoftMaskPrototypes, tile: Tile) -> None:
         """Add the features (C, *s) of ``tile``."""
         weights, totals = prototypes.region_weights(features.shape[1:], features.device, tile)
-        flat = features.reshape(features.shape[0], -1).float()
         if self._shift is None:
-            self._shift = flat.mean(1, keepdim=True)
+            self._shift = _flat_centred(features)[1]
             self._sums = torch.zeros(features.shape[0], 2, dtype=torch.float64)
+        flat = features.reshape(features.shape[0], -1).float()
         self._sums += ((flat - self._shift) @ weights.T).double().cpu()
         self._mass += totals.double().cpu()
 
@@ -350,11 +362,12 @@ class _Scorer:
         if key not in self._on_grid:
             part = self.prototypes.mask_part(tile)
             references = self._references[(slice(None), *part)]
-            inside = torch.ones([s.stop - s.start for s in part], dtype=torch.bool)
+            inside = torch.ones(_shape(part), dtype=torch.bool)
             if self.prototypes.resolution == "feature":
                 references = torch.stack([self.prototypes.mask_on_grid(r, grid, tile) for r in self._references])
-                inside = self.prototypes.mask_on_grid(torch.ones(self.prototypes.mask_shape, dtype=torch.bool),
-                                                      grid, tile)
+                # a view of S's size, so that only the tile's part is ever allocated
+                everywhere = torch.ones((), dtype=torch.bool).expand(self.prototypes.mask_shape)
+                inside = self.prototypes.mask_on_grid(everywhere, grid, tile)
             self._on_grid = {k: v for k, v in self._on_grid.items() if k[2] == key[2]}  # one tile at a time
             self._on_grid[key] = references.flatten(1).to(device), inside.flatten().to(device)
         return self._on_grid[key]
@@ -469,9 +482,8 @@ class _TileScores:
         logits = prototypes.logits(features, tile=tile, prototypes=case)
         if name in self.curve_names:
             scorer.add(("layer", name), scorer.sams(logits[None], tile), tile)
-            grid, tile_size = prototypes.network_shape, [t.stop - t.start for t in tile]
-            self.layer_info[name] = {"channels": int(features.shape[0]),
-                                     "shape": [f * p // t for f, p, t in zip(features.shape[1:], grid, tile_size)]}
+            self.layer_info[name] = {"channels": int(features.shape[0]), "shape": [
+                f * p // t for f, p, t in zip(features.shape[1:], prototypes.network_shape, _shape(tile))]}
         if name in self.maps:
             self.maps[name][part] = torch.sigmoid(prototypes.to_mask_grid(logits[None], tile)[0])
         if name in self.unit_names:
