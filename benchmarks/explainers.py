@@ -33,7 +33,7 @@ TARGETS = {"gradcam": 3.0, "gradcampp": 3.0, "protoseg": 2.0, "tta": 9.0, "mhex"
 
 MODELS = {"mhex": "brain-lesion-eunet", "mhex-uncertainty": "brain-lesion-eunet", "fusion": "brain-lesion-dual-encoder",
           "attention": "attention_unet, random weights"}
-"""Methods that need a particular architecture; the others run on the U-Net ensemble."""
+"""Methods that need a particular architecture (the model the table names); the others run on the U-Net ensemble."""
 
 UNBUNDLED = {"attention": {"name": "attention_unet", "args": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}}}
 """Methods whose architecture no bundled model has: the U-Net's card with this architecture and
@@ -42,7 +42,7 @@ random weights (seconds and memory do not depend on the weights)."""
 
 def model_for(method: str):
     """The bundled model a method runs on (EU-Net for MHEX+, dual encoder for fusion), loaded on the CPU."""
-    from SegXAILib.models.registry import available_cards, load_model
+    from SegXAILib.models.registry import available_cards, load_model, resolve_card
 
     if method in UNBUNDLED:
         from dataclasses import replace
@@ -50,7 +50,7 @@ def model_for(method: str):
         from SegXAILib.models.loaders import LoadedModel
         from SegXAILib.models.networks import build_network
 
-        card = replace(load_model("brain-lesion-unet").card, architecture=UNBUNDLED[method])
+        card = replace(resolve_card("brain-lesion-unet"), architecture=UNBUNDLED[method])
         return LoadedModel(card, build_network(card.architecture, card.input_channels, card.n_classes).eval(), "card")
     wanted = MODELS.get(method, "brain-lesion-unet")
     if wanted not in available_cards():
