@@ -109,6 +109,18 @@ class ExplainContext:
         return dict(self.options.get(method, {}))
 
 
+def int_option(options: dict[str, Any], key: str, default: int, minimum: int) -> int:
+    """``options[key]`` as an integer >= ``minimum`` (given as a number or as text on the command line)."""
+    value = options.get(key, default)
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise SegXAIError(f"option {key!r} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
 class Explainer(ABC):
     """Base class: subclasses set ``name`` and implement :meth:`explain`.
 

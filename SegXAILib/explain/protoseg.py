@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import SegXAIError
 from ..models.card import ModelCard
-from .base import ExplainContext, Explainer, Explanation, ExplanationMap
+from .base import ExplainContext, Explainer, Explanation, ExplanationMap, int_option
 from ..upsampling import upsample_to
 from .layers import conv_layers, parse_layer_specs, resolve_layers
 
@@ -556,7 +556,7 @@ class ProtoSegExplainer(Explainer):
         reference = torch.from_numpy(np.asarray(context.label, dtype=bool)) if context.label is not None else model_mask
         prototypes = SoftMaskPrototypes(torch.from_numpy(context.target_probability), grid, resolution)
         scorer = _Scorer(prototypes, {"reference": reference, "model": model_mask})
-        tiles = ([prototypes.whole] if math.prod(grid) <= int(options.get("max_voxels", WHOLE_VOLUME_VOXELS))
+        tiles = ([prototypes.whole] if math.prod(grid) <= int_option(options, "max_voxels", WHOLE_VOLUME_VOXELS, minimum=1)
                  else tiles_of(grid, card.patch_size, input_multiple(card)))
         passes = 1 if len(tiles) == 1 or prototypes.degenerate else 2
         case_prototypes = self._case_prototypes(network, image, tiles, hooked, prototypes, context) if passes == 2 else {}

@@ -293,3 +293,14 @@ def test_tiled_run_equals_whole_volume_where_tiles_cannot_differ(tmp_path):
                 np.testing.assert_allclose(*zip(*values), atol=0.05)
             np.testing.assert_allclose(*maps["protoseg-layer-model_1_submodule_2"], atol=1e-3)
             assert np.mean(np.not_equal(*maps["protoseg-heat"])) < 0.01
+
+
+@pytest.mark.parametrize("value, given", [("0", "0"), ("many", "'many'")])
+def test_bad_max_voxels_exits_2_with_one_line(tmp_path, tiny_card, scan_file, capsys, value, given):
+    from SegXAILib.cli import main
+
+    out = tmp_path / "out"
+    assert main(["explain", str(scan_file), "--model", str(tiny_card), "--methods", "protoseg", "--option",
+                 f"protoseg.max_voxels={value}", "--out", str(out), "--no-report", "--progress", "none"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: option 'max_voxels' must be an integer >= 1, got {given}"
+    assert not out.exists()  # nothing half-written

@@ -48,13 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SegXAIError
-from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
+from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable, int_option
 from ..inference import sliding_window_predict
 from ..metrics import dice
 from ..models.eunet import EUNet, StageOutput, upsample_to
 from ..models.loaders import LoadedModel
 from ..progress import Progress
-from .sampling import int_option
 
 ROUTES = ("sketch", "exact")
 _TINY = torch.finfo(torch.float32).tiny

@@ -30,7 +30,7 @@ from scipy import ndimage
 from torch import nn
 
 from ..errors import SegXAIError
-from ..explain.base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable
+from ..explain.base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable, int_option
 from ..inference import sliding_window_predict
 from ..models.loaders import LoadedModel, load_from_card
 from ..progress import Progress
@@ -45,18 +45,6 @@ def predict_softmax(network: nn.Module, image: torch.Tensor, patch_size: Sequenc
     with torch.inference_mode():
         logits = sliding_window_predict(network, image, patch_size, device, progress=progress, stage=stage)
         return torch.softmax(logits, dim=1)[0]
-
-
-def int_option(options: dict[str, Any], key: str, default: int, minimum: int) -> int:
-    """``options[key]`` as an integer >= ``minimum`` (given as a number or as text on the command line)."""
-    value = options.get(key, default)
-    try:
-        number = int(str(value))
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise SegXAIError(f"option {key!r} must be an integer >= {minimum}, got {value!r}")
-    return number
 
 
 class SampledUncertainty(Explainer):
