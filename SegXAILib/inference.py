@@ -20,6 +20,7 @@ from monai.inferers import sliding_window_inference
 
 from .errors import SegXAIError
 from .models.loaders import LoadedModel
+from .postprocessing import postprocess
 from .preprocessing import preprocess, resample_to_grid
 from .progress import Progress
 from .volume import Volume
@@ -184,6 +185,11 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
     start = time.perf_counter()
     probabilities = predict_probabilities(model, model_grid.array, device, progress, overlap)
     timings["inference"] = time.perf_counter() - start
+
+    if model.card.postprocessing:
+        start = time.perf_counter()
+        postprocess(probabilities, model_grid, model.card.postprocessing, [c.label for c in model.card.classes])
+        timings["postprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
     progress.update("resample", 0.0)

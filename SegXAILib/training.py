@@ -49,6 +49,7 @@ class TrainConfig:
     input_channels: int = 1
     groups: dict[str, list[int]] = field(default_factory=dict)
     default_target: str | None = None
+    postprocessing: dict[str, Any] = field(default_factory=dict)
     train_patch: list[int] = field(default_factory=lambda: [64, 64, 64])
     iterations: int = 3000
     batch_size: int = 2
@@ -87,7 +88,8 @@ class TrainConfig:
             "name": self.name, "description": self.description, "architecture": self.architecture,
             "input": {"channels": self.input_channels, "modality": self.modality}, "classes": self.classes,
             "groups": self.groups, "default_target": self.default_target, "preprocessing": self.preprocessing,
-            "patch_size": self.patch_size, "weights": weights[0] if len(weights) == 1 else weights, "validation": validation or {},
+            "postprocessing": self.postprocessing, "patch_size": self.patch_size,
+            "weights": weights[0] if len(weights) == 1 else weights, "validation": validation or {},
         }, root=out.parent)
 
 

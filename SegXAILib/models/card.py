@@ -30,7 +30,9 @@ Intensity normalisation kinds: ``zscore_foreground`` (MRI; mean/std inside the O
 foreground), ``percentile`` (``lower``/``upper`` percentiles to 0..1), ``ct_window``
 (``window: [low, high]`` in HU to 0..1, ``clip`` true/false). An optional
 ``"brain_volume_ml"`` in ``preprocessing`` scales the target spacing to the scan's brain size
-(see :func:`SegXAILib.preprocessing.brain_scaled_spacing`).
+(see :func:`SegXAILib.preprocessing.brain_scaled_spacing`). An optional ``postprocessing`` object,
+e.g. ``{"brain_margin_mm": 10}``, keeps a brain-lesion model's foreground within that many mm of the
+scan's brain (see :mod:`SegXAILib.postprocessing`).
 
 An optional ``review`` object calibrates the "review this case" thresholds for this model, e.g.
 ``"review": {"mean_sa_below": 0.05, "basis": "5th percentile of mean SA on 24 validation cases"}``:
@@ -49,6 +51,7 @@ from typing import Any
 
 from ..errors import SegXAIError
 from ..fileio import read_json_object
+from ..postprocessing import validate_postprocessing
 from ..quality import review_limits
 
 INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
@@ -78,6 +81,7 @@ class ModelCard:
     description: str = ""
     groups: dict[str, list[int]] = field(default_factory=dict)
     default_target: str | None = None
+    postprocessing: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     review: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +105,7 @@ class ModelCard:
                 description=str(data.get("description", "")),
                 groups={k: [int(x) for x in v] for k, v in data.get("groups", {}).items()},
                 default_target=data.get("default_target"),
+                postprocessing=dict(data.get("postprocessing", {})),
                 validation=dict(data.get("validation", {})),
                 review=dict(data.get("review", {})),
                 extra=dict(data.get("extra", {})),
@@ -126,6 +131,10 @@ class ModelCard:
         kind = self.preprocessing.get("intensity", {}).get("kind", "zscore_foreground")
         if kind not in INTENSITY_KINDS:
             raise SegXAIError(f"{source}: unknown intensity normalisation {kind!r}; use one of {INTENSITY_KINDS}")
+        try:
+            validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
+        except SegXAIError as exc:
+            raise SegXAIError(f"{source}: {exc}") from None
         for group, labels in self.groups.items():
             unknown = set(labels) - {c.label for c in self.classes}
             if unknown:
@@ -145,6 +154,7 @@ class ModelCard:
             "groups": self.groups,
             "default_target": self.default_target,
             "preprocessing": self.preprocessing,
+            **({"postprocessing": self.postprocessing} if self.postprocessing else {}),
             "patch_size": list(self.patch_size),
             "weights": self.weights,
             "validation": self.validation,
@@ -188,6 +198,10 @@ class ModelCard:
         for n, c in enumerate(self.classes):
             if target.lower() == c.name.lower() or target == str(c.label):
                 return c.name, [n]
+        try:
+            validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
+        except SegXAIError as exc:
+            raise SegXAIError(f"{source}: {exc}") from None
         for group, labels in self.groups.items():
             if target.lower() == group.lower():
                 return group, [by_label[label] for label in labels]
