@@ -176,6 +176,7 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
     progress = progress or Progress()
     device = device if isinstance(device, torch.device) else select_device(device)
     timings: dict[str, float] = {}
+    label_values = [c.label for c in model.card.classes]
 
     start = time.perf_counter()
     progress.update("preprocess", 0.0)
@@ -188,12 +189,12 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
 
     if model.card.postprocessing:
         start = time.perf_counter()
-        postprocess(probabilities, model_grid, model.card.postprocessing, [c.label for c in model.card.classes])
+        postprocess(probabilities, model_grid, model.card.postprocessing, label_values)
         timings["postprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
     progress.update("resample", 0.0)
-    labels = labels_on_grid(probabilities, model_grid, scan, [c.label for c in model.card.classes])
+    labels = labels_on_grid(probabilities, model_grid, scan, label_values)
     timings["resample"] = time.perf_counter() - start
     progress.update("resample", 1.0)
     return SegmentationResult(labels, probabilities, model_grid, scan, timings, str(device))

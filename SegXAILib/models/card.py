@@ -131,15 +131,12 @@ class ModelCard:
         kind = self.preprocessing.get("intensity", {}).get("kind", "zscore_foreground")
         if kind not in INTENSITY_KINDS:
             raise SegXAIError(f"{source}: unknown intensity normalisation {kind!r}; use one of {INTENSITY_KINDS}")
-        try:
-            validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
-        except SegXAIError as exc:
-            raise SegXAIError(f"{source}: {exc}") from None
         for group, labels in self.groups.items():
             unknown = set(labels) - {c.label for c in self.classes}
             if unknown:
                 raise SegXAIError(f"{source}: group {group!r} names labels {sorted(unknown)} that no class has")
-        try:
+        try:  # checks owned by the modules that apply these entries
+            validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
             review_limits(self.review)
         except SegXAIError as exc:
             raise SegXAIError(f"{source}: {exc}") from None
@@ -198,10 +195,6 @@ class ModelCard:
         for n, c in enumerate(self.classes):
             if target.lower() == c.name.lower() or target == str(c.label):
                 return c.name, [n]
-        try:
-            validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
-        except SegXAIError as exc:
-            raise SegXAIError(f"{source}: {exc}") from None
         for group, labels in self.groups.items():
             if target.lower() == group.lower():
                 return group, [by_label[label] for label in labels]
