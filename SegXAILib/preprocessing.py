@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.optimize import linear_sum_assignment
 
+from .bias_field import correct_bias_field
 from .errors import SegXAIError
 from .volume import Volume
 
@@ -170,11 +171,18 @@ def brain_scaled_spacing(volume: Volume, spacing: Any, brain_volume_ml: float) -
     return np.asarray(spacing, dtype=np.float64) * factor
 
 
+BIAS_FIELD_METHODS = ("n4",)
+"""Values of a card's ``preprocessing.bias_field``: ``n4`` (see :mod:`SegXAILib.bias_field`)."""
+
+
 def preprocess(scan: Volume, preprocessing: dict[str, Any]) -> Volume:
-    """Scan -> model grid: RAS orientation, target spacing (``None``: keep; scaled to the brain's
-    size when ``brain_volume_ml`` is given), intensity normalisation."""
+    """Scan -> model grid: RAS orientation, bias-field correction (when ``bias_field`` is ``n4``),
+    target spacing (``None``: keep; scaled to the brain's size when ``brain_volume_ml`` is given),
+    intensity normalisation."""
     validate_scan(scan)
     volume = reorient_to_ras(scan) if preprocessing.get("orientation", "RAS") == "RAS" else scan
+    if preprocessing.get("bias_field") == "n4":
+        volume = correct_bias_field(volume)  # before the brain-size estimate, which thresholds intensities
     if preprocessing.get("spacing") is not None:
         spacing = preprocessing["spacing"]
         if preprocessing.get("brain_volume_ml") is not None:

@@ -30,7 +30,8 @@ Intensity normalisation kinds: ``zscore_foreground`` (MRI; mean/std inside the O
 foreground), ``percentile`` (``lower``/``upper`` percentiles to 0..1), ``ct_window``
 (``window: [low, high]`` in HU to 0..1, ``clip`` true/false). An optional
 ``"brain_volume_ml"`` in ``preprocessing`` scales the target spacing to the scan's brain size
-(see :func:`SegXAILib.preprocessing.brain_scaled_spacing`). An optional ``postprocessing`` object,
+(see :func:`SegXAILib.preprocessing.brain_scaled_spacing`); ``"bias_field": "n4"`` divides the
+scan by its N4-estimated intensity inhomogeneity first (see :mod:`SegXAILib.bias_field`). An optional ``postprocessing`` object,
 e.g. ``{"brain_margin_mm": 10}``, keeps a brain-lesion model's foreground within that many mm of the
 scan's brain (see :mod:`SegXAILib.postprocessing`).
 
@@ -52,6 +53,7 @@ from typing import Any
 from ..errors import SegXAIError
 from ..fileio import read_json_object
 from ..postprocessing import validate_postprocessing
+from ..preprocessing import BIAS_FIELD_METHODS
 from ..quality import review_limits
 
 INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
@@ -131,6 +133,10 @@ class ModelCard:
         kind = self.preprocessing.get("intensity", {}).get("kind", "zscore_foreground")
         if kind not in INTENSITY_KINDS:
             raise SegXAIError(f"{source}: unknown intensity normalisation {kind!r}; use one of {INTENSITY_KINDS}")
+        bias_field = self.preprocessing.get("bias_field")
+        if bias_field is not None and bias_field not in BIAS_FIELD_METHODS:
+            raise SegXAIError(f"{source}: unknown bias_field correction {bias_field!r}; use one of "
+                              f"{BIAS_FIELD_METHODS} or leave it out")
         for group, labels in self.groups.items():
             unknown = set(labels) - {c.label for c in self.classes}
             if unknown:
