@@ -31,9 +31,9 @@ foreground), ``percentile`` (``lower``/``upper`` percentiles to 0..1), ``ct_wind
 (``window: [low, high]`` in HU to 0..1, ``clip`` true/false). An optional
 ``"brain_volume_ml"`` in ``preprocessing`` scales the target spacing to the scan's brain size
 (see :func:`SegXAILib.preprocessing.brain_scaled_spacing`); ``"bias_field": "n4"`` divides the
-scan by its N4-estimated intensity inhomogeneity first (see :mod:`SegXAILib.bias_field`). An optional ``postprocessing`` object,
-e.g. ``{"brain_margin_mm": 10}``, keeps a brain-lesion model's foreground within that many mm of the
-scan's brain (see :mod:`SegXAILib.postprocessing`).
+scan by its N4-estimated intensity inhomogeneity first (see :mod:`SegXAILib.bias_field`). An
+optional ``postprocessing`` object, e.g. ``{"brain_margin_mm": 10}``, keeps a brain-lesion model's
+foreground within that many mm of the scan's brain (see :mod:`SegXAILib.postprocessing`).
 
 An optional ``review`` object calibrates the "review this case" thresholds for this model, e.g.
 ``"review": {"mean_sa_below": 0.05, "basis": "5th percentile of mean SA on 24 validation cases"}``:
