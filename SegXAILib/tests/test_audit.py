@@ -72,6 +72,14 @@ def test_review_order_puts_failed_then_flagged_then_least_reliable_first():
         "failed", "flagged-a", "flagged-b", "sa-only", "fine", "unsure", "no-score"]
 
 
+def test_review_order_puts_the_most_uncertain_before_the_least_separable():
+    rows = [CaseRow("separable", "ok", "", {"tta.entropy_inside": 0.2, "protoseg.mean_sa": 0.3}, False),
+            CaseRow("inseparable", "ok", "", {"tta.entropy_inside": 0.3, "protoseg.mean_sa": 0.01}, False),
+            CaseRow("uncertain", "ok", "", {"tta.entropy_inside": 0.5, "protoseg.mean_sa": 0.9}, False),
+            CaseRow("sa-only", "ok", "", {"protoseg.mean_sa": 0.001}, False)]
+    assert [r.case for r in sorted(rows, key=review_order)] == ["uncertain", "inseparable", "separable", "sa-only"]
+
+
 def test_audit_records_the_failure_sorts_and_resumes(tmp_path, cohort, tiny_card, monkeypatch):
     out = tmp_path / "audit"
     rows = audit(cohort, tiny_card, out)
@@ -167,7 +175,7 @@ def test_local_workers_share_the_gpus_round_robin(tmp_path, monkeypatch):
 def test_degraded_copies_rank_before_the_clean_cases(tmp_path):
     """The bundled lesion model: degraded copies (noise, blur, another contrast) of a clean case rank
     nearer the top of the review order than clean cases; the order uses no label (ProtoSeg's mean SA
-    and its rule)."""
+    rule, then TTA's entropy inside the object)."""
     from SegXAILib.data.degrade import degrade
     from SegXAILib.data.lesion import synthesize_lesion, write_case
     from SegXAILib.data.samples import default_demo_host, load_host
@@ -182,11 +190,12 @@ def test_degraded_copies_rank_before_the_clean_cases(tmp_path):
     for kind in degraded:
         write_volume(degrade(scan, kind, seed=0), cases / kind / "image.nii.gz")
     assert main(["audit", str(cases), "--model", "brain-lesion-unet", "--out", str(tmp_path / "out"),
-                 "--methods", "protoseg", "--device", "cpu", "--progress", "none"]) == 0
+                 "--methods", "protoseg,tta", "--device", "cpu", "--progress", "none"]) == 0
     with open(tmp_path / "out" / "audit.csv", newline="", encoding="utf-8") as f:
         order = [row["case"] for row in csv.DictReader(f)]
-    # nearer the top on average, and the top case is degraded (measured: noise, gamma, clean, clean,
-    # blur: a 4 mm blur of this 1 mm scan leaves the last layers' separation, mean SA, intact)
+    # nearer the top on average, and the top case is degraded. Measured: noise (flagged: mean SA 0.017),
+    # gamma, blur (TTA entropy 0.53, 0.43: over-segmented to 148 and 125 mL, with a mean SA above the
+    # clean cases'), then the clean cases (entropy 0.21, 0.22)
     rank = {case: n for n, case in enumerate(order)}
     assert np.mean([rank[c] for c in degraded]) < np.mean([rank[c] for c in clean])
     assert order[0] in degraded
