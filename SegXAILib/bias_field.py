@@ -36,13 +36,13 @@ def correct_bias_field(volume: Volume) -> Volume:
     shrink = [max(1, int(round(N4_GRID_MM / s))) for s in image.GetSpacing()]
     coarse = sitk.Shrink(image, shrink)
     head = sitk.OtsuThreshold(coarse, 0, 1, 200)
-    if not sitk.GetArrayViewFromImage(head).any():
+    inside = sitk.GetArrayFromImage(head) > 0
+    if not inside.any():
         return volume.with_array(volume.array.astype(np.float32))
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
     n4.Execute(coarse, head)
     log_field = n4.GetLogBiasFieldAsImage(coarse)
-    inside = sitk.GetArrayViewFromImage(head) > 0
     log_field -= float(sitk.GetArrayViewFromImage(log_field)[inside].mean())
     # linear interpolation of the coarse field; outside the coarse grid's extent, the nearest edge
     log_field_on_scan = sitk.Resample(log_field, image, sitk.Transform(), sitk.sitkLinear, 0.0,
