@@ -18,7 +18,8 @@ Outputs in ``DIR``:
   ``report.html`` only with ``reports=True``, as it costs a few seconds of drawing per case),
   ``thumbnail.png`` for the cohort page, and ``error.txt`` when the case failed;
 - ``audit.csv``: one row per case, in :func:`review_order`; columns ``case``, ``status`` (``ok`` or
-  ``failed``), ``review_needed``, ``review_reasons``, then every case-level score of the summaries
+  ``failed``), ``review_needed``, ``review_reasons`` (the summary's, plus any acquisition outlier of the
+  cohort, :func:`flag_image_outliers`), then every case-level score of the summaries
   (``reliability`` first when a reliability model lies beside the card, ``object_volume_ml``,
   ``protoseg.mean_sa``, ``<method>.entropy_inside`` ...), ``target``, ``dice`` (only when some case
   has a label) and ``error``;
@@ -60,13 +61,14 @@ import numpy as np
 
 from .errors import Cancelled, SegXAIError
 from .fileio import atomic_write_text
+from .image_quality import IMAGE_SCORES, MIN_COHORT, OUTLIER_Z, cohort_outliers
 from .progress import Progress
 from .quality import RELIABILITY_MIN_AUC_CV, is_finite_number, reliability_judges
 from .reliability import GOOD_DICE
 from .volume import FILE_SUFFIXES, Volume, read_volume
 
-__all__ = ["AuditCase", "AuditResult", "AuditSettings", "CaseRow", "audit_case", "find_cases", "review_order",
-           "run_audit", "run_cases", "score_vs_dice", "write_audit"]
+__all__ = ["AuditCase", "AuditResult", "AuditSettings", "CaseRow", "audit_case", "find_cases", "flag_image_outliers",
+           "review_order", "run_audit", "run_cases", "score_vs_dice", "write_audit"]
 
 DEFAULT_METHODS = "protoseg,misure,tta"
 """Methods that yield every reliability feature (:mod:`SegXAILib.reliability`) and every case score rule."""
@@ -84,7 +86,9 @@ model can be confidently wrong: a blurred or re-contrasted scan over-segmented t
 lesion keeps a high mean SA, while its repeated predictions disagree."""
 
 ORDER_NOTE = ("Most in need of review first: failed cases (no result at all), then the cases with a score past its "
-              "review threshold, then the rest; within each group the lowest reliability first (when its "
+              "review threshold or a scan unlike the rest of the cohort (its noise, smoothness or dark-tissue "
+              f"contrast a modified z-score beyond {OUTLIER_Z} from the cohort's median, among at least "
+              f"{MIN_COHORT} cases), then the rest; within each group the lowest reliability first (when its "
               f"classifier's cross-validated AUROC reaches {RELIABILITY_MIN_AUC_CV}), then the highest "
               "uncertainty inside the object (TTA entropy), then the lowest mean SA \u03bc (missing values "
               "last), then by name. The order uses no Dice.")
@@ -364,6 +368,20 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Any]:
 
 
 # ------------------------------------------------------------------ tables
+def flag_image_outliers(rows: Sequence[CaseRow]) -> list[CaseRow]:
+    """``rows`` with those whose scan stands out from the cohort's (:func:`~SegXAILib.image_quality.cohort_outliers`
+    on the ``image.*`` scores of the explained cases) marked for review, the reasons added.
+
+    Computed afresh at every write and never stored in a case's summary: it depends on the whole cohort.
+    """
+    explained = [row for row in rows if row.status == "ok"]
+    scores = [{name: float(value) if is_finite_number(value := row.scores.get(f"image.{name}")) else math.nan
+               for name in IMAGE_SCORES} for row in explained]
+    outlying = {row.case: reasons for row, reasons in zip(explained, cohort_outliers(scores)) if reasons}
+    return [replace(row, review_needed=True, review_reasons=[*row.review_reasons, *outlying[row.case]])
+            if row.case in outlying else row for row in rows]
+
+
 def review_order(row: CaseRow) -> tuple:
     """Sort key of :data:`ORDER_NOTE`: ascending order lists the cases most in need of review first."""
     keys = tuple(sign * float(row.scores[key]) if is_finite_number(row.scores.get(key))
@@ -449,7 +467,7 @@ def write_audit(out: Path, rows: Sequence[CaseRow], settings: AuditSettings, cas
     from .fileio import write_csv_rows
     from .report.cohort import CohortCase, write_cohort_page
 
-    rows = sorted(rows, key=review_order)
+    rows = sorted(flag_image_outliers(rows), key=review_order)
     table = csv_rows(rows)
     csv_path = write_csv_rows(Path(out) / "audit.csv", table)
     prediction = score_vs_dice(rows) if any(row.dice is not None for row in rows) else []

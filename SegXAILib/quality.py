@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import SegXAIError
+from .image_quality import IMAGE_SCORES
 
 __all__ = ["ScoreRule", "ScoreRow", "SCORE_RULES", "DEFAULT_BASIS", "is_finite_number", "reliability_judges",
            "review_case", "review_limits", "score_rows"]
@@ -193,7 +194,9 @@ def score_rows(summary: dict[str, Any], card_review: dict[str, Any] | None = Non
         by = f" ({method})" if method else ""
         ruled = rule_name(name)
         if ruled is None:
-            rows.append(ScoreRow(key, name.replace("_", " ") + by, value, _unknown_score_meaning(summary, method, name),
+            image_score = method == "image" and name in IMAGE_SCORES
+            label = f"Scan {IMAGE_SCORES[name]}" if image_score else name.replace("_", " ") + by
+            rows.append(ScoreRow(key, label, value, _unknown_score_meaning(summary, method, name),
                                  "", False))
             continue
         rule, used = SCORE_RULES[ruled], thresholds[ruled]
@@ -270,7 +273,11 @@ def _n_classes(summary: dict[str, Any]) -> int:
 
 
 def _unknown_score_meaning(summary: dict[str, Any], method: str, name: str) -> str:
-    """A score without a rule: a ``*_inside`` mean explained by its map's own description."""
+    """A score without a rule: a ``*_inside`` mean explained by its map's own description, an image score
+    by :data:`SegXAILib.image_quality.IMAGE_SCORES`."""
+    if method == "image" and name in IMAGE_SCORES:
+        return (f"The scan's {IMAGE_SCORES[name]}, measured on the scan itself (no model involved). An audit "
+                "flags a case whose value is far from the rest of its cohort's.")
     if name.endswith("_inside"):
         variant = name[: -len("_inside")]
         for item in summary.get("maps", []):

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import SegXAIError
 from ..fileio import OutputFolder
+from ..image_quality import image_quality
 from ..inference import SegmentationResult, segment, select_device
 from ..models.loaders import LoadedModel
 from ..outputs import segmentation_summary
@@ -96,7 +97,8 @@ def map_on_scan(item: ExplanationMap, result: SegmentationResult) -> Volume:
 
 
 def case_scores(run: ExplainResult) -> dict[str, Any]:
-    """Case-level quality scores: mean SA mu, mean uncertainty inside the object, object volume.
+    """Case-level quality scores: mean SA mu, mean uncertainty inside the object, object volume, and the
+    scan's acquisition quality (:func:`SegXAILib.image_quality.image_quality`, as ``image.<name>``).
 
     Explainers report scalars; those named ``mean_sa`` or ``*_inside`` (a mean inside the predicted
     object) are case-level scores and are collected here as ``<method>.<name>``.
@@ -104,6 +106,9 @@ def case_scores(run: ExplainResult) -> dict[str, Any]:
     labels = run.segmentation.labels
     voxels = int(np.isin(labels.array, run.label_values).sum())
     scores: dict[str, Any] = {"object_volume_ml": round(voxels * float(np.prod(labels.spacing)) / 1000, 4)}
+    scan = run.segmentation.scan
+    scores |= {f"image.{name}": value if np.isfinite(value) else None  # None: JSON null, not NaN
+               for name, value in image_quality(scan.array, scan.spacing).items()}
     for explanation in run.explanations:
         for key, value in explanation.scalars.items():
             if key == "mean_sa" or key.endswith("_inside"):

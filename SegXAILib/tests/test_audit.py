@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import SegXAILib.cli
-from SegXAILib.audit import CaseRow, find_cases, review_order, score_vs_dice
+from SegXAILib.audit import CaseRow, find_cases, flag_image_outliers, review_order, score_vs_dice
 from SegXAILib.cli import main
 from SegXAILib.errors import SegXAIError
 from SegXAILib.volume import read_volume, write_volume
@@ -78,6 +78,26 @@ def test_review_order_puts_the_most_uncertain_before_the_least_separable():
             CaseRow("uncertain", "ok", "", {"tta.entropy_inside": 0.5, "protoseg.mean_sa": 0.9}, False),
             CaseRow("sa-only", "ok", "", {"protoseg.mean_sa": 0.001}, False)]
     assert [r.case for r in sorted(rows, key=review_order)] == ["uncertain", "inseparable", "separable", "sa-only"]
+
+
+def test_a_scan_unlike_its_cohort_is_flagged_and_listed_before_the_rest():
+    def image(noise):
+        return {"image.noise": noise, "image.fwhm_mm": 2.0, "image.dark_ratio": 0.6}
+
+    rows = [CaseRow(f"clean{n}", "ok", "", {"tta.entropy_inside": 0.5 + 0.01 * n, **image(0.02 + 0.001 * (n % 3))},
+                    False) for n in range(8)]
+    rows += [CaseRow("noisy", "ok", "", {"tta.entropy_inside": 0.1, **image(0.3)}, False, ["earlier reason"]),
+             CaseRow("failed", "failed", "", error="corrupt")]
+    flagged = flag_image_outliers(rows)
+    assert [r.case for r in flagged] == [r.case for r in rows] and rows[8].review_needed is False  # a new list
+    noisy = flagged[8]
+    assert noisy.review_needed and noisy.review_reasons[0] == "earlier reason" and "noise" in noisy.review_reasons[1]
+    assert not any(r.review_needed for r in flagged[:8]) and flagged[9] is rows[9]
+    # the most certain case of all, but its scan stands out: listed right after the failed one
+    assert [r.case for r in sorted(flagged, key=review_order)][:3] == ["failed", "noisy", "clean7"]
+    # without the image scores (summaries written before them) nothing is flagged
+    bare = [CaseRow(r.case, r.status, "", {"tta.entropy_inside": 0.1}, False) for r in rows]
+    assert flag_image_outliers(bare) == bare
 
 
 def test_audit_records_the_failure_sorts_and_resumes(tmp_path, cohort, tiny_card, monkeypatch):

@@ -9,8 +9,10 @@ import pytest
 
 from SegXAILib.cli import main
 from SegXAILib.errors import SegXAIError
+from SegXAILib.image_quality import image_quality
 from SegXAILib.models.card import ModelCard
 from SegXAILib.quality import DEFAULT_BASIS, reliability_judges, review_case
+from SegXAILib.volume import read_volume
 
 from .conftest import make_card
 
@@ -149,5 +151,13 @@ def test_explain_writes_the_cards_verdict_into_the_summary_and_the_report(tmp_pa
     assert review["needed"] and "protoseg.mean_sa" in flagged(summary, card.review)
     assert review["thresholds"]["mean_sa"]["basis"] == card.review["basis"]
     assert [s["key"] for s in review["scores"]] == list(summary["scores"])
+    # the scan's own acquisition scores, measured on the input scan: never flagged for one case alone
+    written = read_volume(scan_file)
+    measured = image_quality(written.array, written.spacing)
+    for name, value in measured.items():  # undefined (NaN) is written as JSON null
+        assert summary["scores"][f"image.{name}"] == (None if math.isnan(value) else pytest.approx(value))
+    assert summary["scores"]["image.noise"] > 0
+    assert not any(s["review"] for s in review["scores"] if s["key"].startswith("image."))
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Review this case" in page and "calibrated: test: every mean SA is below 1.01" in page
+    assert "Scan noise (1/SNR)" in page and "measured on the scan itself" in page
