@@ -67,8 +67,8 @@ from .quality import RELIABILITY_MIN_AUC_CV, is_finite_number, reliability_judge
 from .reliability import GOOD_DICE
 from .volume import FILE_SUFFIXES, Volume, read_volume
 
-__all__ = ["AuditCase", "AuditResult", "AuditSettings", "CaseRow", "audit_case", "find_cases", "flag_image_outliers",
-           "review_order", "run_audit", "run_cases", "score_vs_dice", "write_audit"]
+__all__ = ["AuditCase", "AuditResult", "AuditSettings", "CaseRow", "audit_case", "classifier_note", "find_cases",
+           "flag_image_outliers", "review_order", "run_audit", "run_cases", "score_vs_dice", "write_audit"]
 
 DEFAULT_METHODS = "protoseg,misure,tta"
 """Methods that yield every reliability feature (:mod:`SegXAILib.reliability`) and every case score rule."""
@@ -135,6 +135,7 @@ class CaseRow:
         dice: Dice of the explained target with the label, ``None`` without a label.
         earlier: an earlier run had explained it (it was skipped).
         reliability_judges: its reliability score may order it (:func:`~SegXAILib.quality.reliability_judges`).
+        reliability_model: ``summary["reliability_model"]``, the record of the classifier that scored it.
     """
 
     case: str
@@ -149,6 +150,7 @@ class CaseRow:
     error: str = ""
     earlier: bool = False
     reliability_judges: bool = True
+    reliability_model: dict[str, Any] | None = None
 
 
 @dataclass
@@ -159,6 +161,7 @@ class AuditResult:
     prediction: list[dict[str, Any]]
     csv: Path
     html: Path
+    classifier: str | None = None
 
     @property
     def skipped(self) -> int:
@@ -224,7 +227,8 @@ def audit_case(case: AuditCase, settings: AuditSettings, folder: Path, progress:
         review = summary.get("review") or {}
         row = CaseRow(case.name, "ok", str(folder), dict(summary.get("scores") or {}), bool(review.get("needed")),
                       list(review.get("reasons") or []), summary["target"]["name"], has_label=case.label is not None,
-                      earlier=earlier, reliability_judges=reliability_judges(summary))
+                      earlier=earlier, reliability_judges=reliability_judges(summary),
+                      reliability_model=summary.get("reliability_model"))
         segmentation = _thumbnail(summary, folder)
         if case.label is not None:
             row.dice = _target_dice(segmentation, case.label, summary["target"]["labels"])
@@ -461,6 +465,22 @@ def score_vs_dice(rows: Sequence[CaseRow], good_dice: float = GOOD_DICE) -> list
     return table
 
 
+def classifier_note(rows: Sequence[CaseRow]) -> str | None:
+    """What the reliability classifier that scored the cohort is worth, from its record in the summaries
+    (its cross-validated AUROC for telling Dice < 0.9, whether it judges); ``None`` when no case has one."""
+    record = next((row.reliability_model for row in rows if row.reliability_model), None)
+    if record is None:
+        return None
+    auc, trained = record.get("auc_cv"), record.get("auc_train")
+    judges = reliability_judges({"reliability_model": record})
+    return (f"{Path(str(record.get('file', 'reliability model'))).name}, fitted on {record.get('cases', '?')} labelled "
+            f"cases: cross-validated AUROC for Dice < {GOOD_DICE:g} "
+            f"{f'{auc:.3f}' if is_finite_number(auc) else 'unknown'}"
+            + (f" (training {trained:.3f})" if is_finite_number(trained) else "")
+            + ("; it flags and orders cases" if judges else
+               f"; below {RELIABILITY_MIN_AUC_CV}, so it is shown but neither flags nor orders cases"))
+
+
 # ------------------------------------------------------------------ the command
 def write_audit(out: Path, rows: Sequence[CaseRow], settings: AuditSettings, cases_dir: Path) -> AuditResult:
     """Sort ``rows`` for review and write ``audit.csv``, ``scores_vs_dice.csv`` (with labels), ``audit.html``."""
@@ -484,8 +504,11 @@ def write_audit(out: Path, rows: Sequence[CaseRow], settings: AuditSettings, cas
              "Cases": f"{len(rows)} ({sum(r.status != 'ok' for r in rows)} failed, "
                       f"{sum(bool(r.review_needed) for r in rows)} to review, "
                       f"{sum(r.dice is not None for r in rows)} with a label)"}
+    classifier = classifier_note(rows)
+    if classifier:
+        facts["Reliability classifier"] = classifier
     html_path = write_cohort_page(Path(out) / "audit.html", facts, cases, prediction, ORDER_NOTE)
-    return AuditResult(rows, prediction, csv_path, html_path)
+    return AuditResult(rows, prediction, csv_path, html_path, classifier)
 
 
 def run_audit(cases_dir: str | Path, settings: AuditSettings, out: str | Path, workers: int | str | None = None,

@@ -174,6 +174,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
           f"{sum(bool(row.review_needed) for row in result.rows)} to review")
     for row in failed:
         print(f"failed {row.case}: {row.error}")
+    if result.classifier:
+        print(f"reliability classifier: {result.classifier}")
     for row in result.prediction:
         print(f"{row['score']:32s} Spearman rho with Dice {row['spearman_rho']:6.3f}  "
               f"AUROC (Dice < {row['dice_below']:g}) {row['auroc']:.3f}  "

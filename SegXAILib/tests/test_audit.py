@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import SegXAILib.cli
-from SegXAILib.audit import CaseRow, find_cases, flag_image_outliers, review_order, score_vs_dice
+from SegXAILib.audit import (AuditSettings, CaseRow, classifier_note, find_cases, flag_image_outliers, review_order,
+                             score_vs_dice, write_audit)
 from SegXAILib.cli import main
 from SegXAILib.errors import SegXAIError
 from SegXAILib.volume import read_volume, write_volume
@@ -98,6 +100,22 @@ def test_a_scan_unlike_its_cohort_is_flagged_and_listed_before_the_rest():
     # without the image scores (summaries written before them) nothing is flagged
     bare = [CaseRow(r.case, r.status, "", {"tta.entropy_inside": 0.1}, False) for r in rows]
     assert flag_image_outliers(bare) == bare
+
+
+def test_the_reliability_classifiers_auroc_is_in_the_audits_output(tmp_path):
+    record = {"file": "/models/m.reliability.json", "cases": 48, "auc_cv": 0.699, "auc_train": 0.943}
+    rows = [CaseRow("a", "failed", str(tmp_path / "a"), error="corrupt"),
+            CaseRow("b", "ok", str(tmp_path / "b"), {"reliability": 0.2}, False, reliability_model=record)]
+    note = classifier_note(rows)
+    assert note == ("m.reliability.json, fitted on 48 labelled cases: cross-validated AUROC for Dice < 0.9 0.699 "
+                    "(training 0.943); below 0.75, so it is shown but neither flags nor orders cases")
+    assert classifier_note(rows[:1]) is None
+    assert classifier_note([replace(rows[1], reliability_model={**record, "auc_cv": 0.81})]).endswith(
+        "0.810 (training 0.943); it flags and orders cases")
+    result = write_audit(tmp_path / "out", rows, AuditSettings(model="m"), tmp_path)
+    assert result.classifier == note
+    page = result.html.read_text(encoding="utf-8")
+    assert "Reliability classifier" in page and "AUROC for Dice &lt; 0.9 0.699" in page
 
 
 def test_audit_records_the_failure_sorts_and_resumes(tmp_path, cohort, tiny_card, monkeypatch):
