@@ -85,10 +85,11 @@ model's labelled cohort (AUROC for Dice < 0.9: 0.91 against 0.54, README "Auditi
 model can be confidently wrong: a blurred or re-contrasted scan over-segmented to three times the
 lesion keeps a high mean SA, while its repeated predictions disagree."""
 
-ORDER_NOTE = ("Most in need of review first: failed cases (no result at all), then the cases with a score past its "
-              "review threshold or a scan unlike the rest of the cohort (its noise, smoothness or dark-tissue "
-              f"contrast a modified z-score beyond {OUTLIER_Z} from the cohort's median, among at least "
-              f"{MIN_COHORT} cases), then the rest; within each group the lowest reliability first (when its "
+ORDER_NOTE = ("Most in need of review first: failed cases (no result at all), then the cases whose scan is unlike "
+              "the rest of the cohort (its noise, smoothness or dark-tissue contrast a modified z-score beyond "
+              f"{OUTLIER_Z} from the cohort's median, among at least {MIN_COHORT} cases: the model's scores and "
+              "thresholds were calibrated on scans of the usual acquisition, so on these their verdict is an "
+              "extrapolation), then the cases with a score past its review threshold, then the rest; within each group the lowest reliability first (when its "
               f"classifier's cross-validated AUROC reaches {RELIABILITY_MIN_AUC_CV}), then the highest "
               "uncertainty inside the object (TTA entropy), then the lowest mean SA \u03bc (missing values "
               "last), then by name. The order uses no Dice.")
@@ -136,6 +137,7 @@ class CaseRow:
         earlier: an earlier run had explained it (it was skipped).
         reliability_judges: its reliability score may order it (:func:`~SegXAILib.quality.reliability_judges`).
         reliability_model: ``summary["reliability_model"]``, the record of the classifier that scored it.
+        unusual_scan: its scan stands out from the cohort's (:func:`flag_image_outliers`).
     """
 
     case: str
@@ -151,6 +153,7 @@ class CaseRow:
     earlier: bool = False
     reliability_judges: bool = True
     reliability_model: dict[str, Any] | None = None
+    unusual_scan: bool = False
 
 
 @dataclass
@@ -382,15 +385,15 @@ def flag_image_outliers(rows: Sequence[CaseRow]) -> list[CaseRow]:
     scores = [{name: float(value) if is_finite_number(value := row.scores.get(f"image.{name}")) else math.nan
                for name in IMAGE_SCORES} for row in explained]
     outlying = {row.case: reasons for row, reasons in zip(explained, cohort_outliers(scores)) if reasons}
-    return [replace(row, review_needed=True, review_reasons=[*row.review_reasons, *outlying[row.case]])
-            if row.case in outlying else row for row in rows]
+    return [replace(row, review_needed=True, review_reasons=[*row.review_reasons, *outlying[row.case]],
+                    unusual_scan=True) if row.case in outlying else row for row in rows]
 
 
 def review_order(row: CaseRow) -> tuple:
     """Sort key of :data:`ORDER_NOTE`: ascending order lists the cases most in need of review first."""
     keys = tuple(sign * float(row.scores[key]) if is_finite_number(row.scores.get(key))
                  and (key != "reliability" or row.reliability_judges) else math.inf for key, sign in ORDER_SCORES)
-    return (row.status == "ok", not row.review_needed, *keys, row.case)
+    return (row.status == "ok", not row.unusual_scan, not row.review_needed, *keys, row.case)
 
 
 def score_columns(rows: Sequence[CaseRow]) -> list[str]:

@@ -95,8 +95,10 @@ def test_a_scan_unlike_its_cohort_is_flagged_and_listed_before_the_rest():
     noisy = flagged[8]
     assert noisy.review_needed and noisy.review_reasons[0] == "earlier reason" and "noise" in noisy.review_reasons[1]
     assert not any(r.review_needed for r in flagged[:8]) and flagged[9] is rows[9]
-    # the most certain case of all, but its scan stands out: listed right after the failed one
-    assert [r.case for r in sorted(flagged, key=review_order)][:3] == ["failed", "noisy", "clean7"]
+    # the most certain case of all, but its scan stands out: listed right after the failed one, before a
+    # case flagged by the model's own scores (whose calibration the unusual scan puts in doubt)
+    flagged.append(CaseRow("unreliable", "ok", "", {"reliability": 0.01, **image(0.021)}, True, ["unreliable"]))
+    assert [r.case for r in sorted(flagged, key=review_order)][:4] == ["failed", "noisy", "unreliable", "clean7"]
     # without the image scores (summaries written before them) nothing is flagged
     bare = [CaseRow(r.case, r.status, "", {"tta.entropy_inside": 0.1}, False) for r in rows]
     assert flag_image_outliers(bare) == bare
