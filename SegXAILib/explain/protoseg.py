@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import SegXAIError
 from ..models.card import ModelCard
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap, int_option
-from ..upsampling import upsample_to
+from ..upsampling import upsample_separable
 from .layers import conv_layers, parse_layer_specs, resolve_layers
 
 RESOLUTIONS = ("input", "feature")
@@ -54,21 +54,17 @@ _MIN_MASS = 1e-6
 
 
 def upsample(maps: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Linear/bilinear/trilinear interpolation (``align_corners=False``) of (K, *s) maps to (K, *shape)."""
-    return upsample_to(maps[None], shape)[0]
+    """Linear/bilinear/trilinear interpolation (``align_corners=False``) of (K, *s) maps to (K, *shape), as
+    matrix products per axis (the many per-unit maps are the bulk of ProtoSeg's cost)."""
+    return upsample_separable(maps, shape)
 
 
 def _interpolation_adjoint(maps: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Adjoint of :func:`upsample` from ``grid`` to ``maps``' grid: (K, *S) -> (K, *grid).
 
-    ``sum(upsample(x) * y) == sum(x * adjoint(y))`` for every x on ``grid``: it is the backward pass of the
-    interpolation, O(S) work.
+    ``sum(upsample(x) * y) == sum(x * adjoint(y))`` for every x on ``grid``.
     """
-    coarse = torch.zeros((1, maps.shape[0], *grid), dtype=maps.dtype, device=maps.device, requires_grad=True)
-    with torch.enable_grad():
-        fine = upsample(coarse[0], maps.shape[1:])
-        (adjoint,) = torch.autograd.grad(fine, coarse, grad_outputs=maps)
-    return adjoint[0]
+    return upsample_separable(maps, grid, adjoint=True)
 
 
 Tile = tuple[slice, ...]
@@ -299,7 +295,7 @@ def prototype_segmentation(features: torch.Tensor, soft_mask: torch.Tensor) -> t
 
 
 def _overlap_counts(sams: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Overlaps (K, R), SAM sizes (K,) and reference sizes (R,) of (K, N) bool ``sams`` and (R, N) bool
+    """Overlaps (K, R), SAM sizes (K,) and reference sizes (R,) of (K, N) ``sams`` (bool or 0 / 1) and (R, N) bool
     ``references``, float64.
 
     One matrix product gives all overlaps and sizes (a single pass over the SAMs, which dominate the cost
@@ -373,12 +369,15 @@ class _Scorer:
         return self._on_grid[key]
 
     def sams(self, logits: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
-        """(K, *s) logits of ``tile`` (default all of P) -> (K, *grid) bool SAMs on the scoring grid."""
+        """(K, *s) logits of ``tile`` (default all of P) -> (K, *grid) SAMs on the scoring grid, as float32 0 / 1
+        (what the overlap counts multiply: ``gt`` into a float tensor is one pass, ``(x > 0).float()`` two)."""
         tile = tile or self.prototypes.whole
         if self.prototypes.resolution == "input":
-            return self.prototypes.to_mask_grid(logits, tile) > 0
-        inside = self._grid(tuple(logits.shape[1:]), logits.device, tile)[1]
-        return (logits > 0) & inside.view(logits.shape[1:])
+            logits = self.prototypes.to_mask_grid(logits, tile)
+        sams = torch.gt(logits, 0, out=torch.empty(logits.shape, dtype=torch.float32, device=logits.device))
+        if self.prototypes.resolution == "feature":
+            sams *= self._grid(tuple(logits.shape[1:]), logits.device, tile)[1].view(logits.shape[1:])
+        return sams
 
     def add(self, key: Any, sams: torch.Tensor, tile: Tile | None = None) -> None:
         """Count the overlaps of (K, *grid) SAMs of ``tile`` with the references, under ``key``."""

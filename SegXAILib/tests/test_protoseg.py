@@ -16,6 +16,7 @@ from SegXAILib.inference import predict_probabilities
 from SegXAILib.metrics import dice
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import load_from_card
+from SegXAILib.upsampling import upsample_to
 
 from .conftest import make_card
 
@@ -66,6 +67,14 @@ def test_coarse_features_equal_explicit_upsampling(coarse, fine):
     p_ref, sam_ref, margin = numpy_protoseg(explicit.numpy(), soft.numpy())
     np.testing.assert_allclose(p.numpy(), p_ref, atol=2e-6)
     np.testing.assert_array_equal(sam.numpy()[np.abs(margin) > 1e-5], sam_ref[np.abs(margin) > 1e-5])
+
+
+@pytest.mark.parametrize("coarse,fine", [((5, 7), (16, 19)), ((3, 4, 5), (9, 13, 16)), ((6, 6, 6), (12, 6, 24))])
+def test_separable_upsampling_equals_f_interpolate(coarse, fine):
+    # ProtoSeg upsamples by one matrix product per axis; it must be the interpolation the rest of SegXAI uses
+    torch.manual_seed(3)
+    x = torch.randn(3, *coarse, dtype=torch.float64)
+    np.testing.assert_allclose(upsample(x, fine).numpy(), upsample_to(x[None], fine)[0].numpy(), rtol=0, atol=1e-12)
 
 
 def test_interpolation_adjoint_is_the_transpose_of_upsampling():
