@@ -22,7 +22,8 @@ from .errors import SegXAIError
 from .models.loaders import LoadedModel
 from .postprocessing import postprocess
 from .preprocessing import preprocess, resample_to_grid
-from .progress import Progress
+from .progress import Progress, part_of
+from .symmetries import augment, invert, mirrorings
 from .volume import Volume
 
 
@@ -138,19 +139,33 @@ class SegmentationResult:
 
 
 def predict_probabilities(model: LoadedModel, image: np.ndarray, device: torch.device,
-                          progress: Progress | None = None, overlap: float = 0.25) -> np.ndarray:
-    """Softmax probabilities (n_classes, D, H, W) for a preprocessed (C, D, H, W) or (D, H, W) array."""
+                          progress: Progress | None = None, overlap: float = 0.25,
+                          mirror_axes: Sequence[int] = ()) -> np.ndarray:
+    """Softmax probabilities (n_classes, D, H, W) for a preprocessed (C, D, H, W) or (D, H, W) array.
+
+    ``mirror_axes``: test-time mirroring (nnU-Net's default): the mean of the softmax of the scan flipped
+    along every combination of these model-grid axes, each flipped back (2^n sliding-window passes).
+    A model trained with random flips sees each mirror image as another scan; averaging them removes
+    part of the prediction's dependence on the scan's exact voxels. The default is one plain pass.
+    """
     x = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 4 else image[None]))[None]
     if x.shape[1] != model.card.input_channels:
         raise SegXAIError(f"model {model.card.name!r} expects {model.card.input_channels} input channel(s) but "
                           f"the scan has {x.shape[1]}; choose a model made for this kind of scan")
+    progress = progress or Progress()
+    transforms = mirrorings(mirror_axes)
     model.network.to(device).eval()
+    total = None
     with torch.inference_mode():
-        logits = sliding_window_predict(model.network, x, model.card.patch_size, device, overlap, progress)
-        if logits.shape[1] != model.card.n_classes:
-            raise SegXAIError(f"model {model.card.name!r} returns {logits.shape[1]} channels but its card "
-                              f"lists {model.card.n_classes} classes; fix the card's classes")
-        return torch.softmax(logits, dim=1)[0].numpy()
+        for n, transform in enumerate(transforms):
+            logits = sliding_window_predict(model.network, augment(x, transform), model.card.patch_size, device,
+                                            overlap, part_of(progress, n, len(transforms)))
+            if logits.shape[1] != model.card.n_classes:
+                raise SegXAIError(f"model {model.card.name!r} returns {logits.shape[1]} channels but its card "
+                                  f"lists {model.card.n_classes} classes; fix the card's classes")
+            probabilities = invert(torch.softmax(logits, dim=1), transform)
+            total = probabilities if total is None else total.add_(probabilities)
+        return (total[0] / len(transforms)).numpy()
 
 
 def labels_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume,
@@ -184,7 +199,8 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    probabilities = predict_probabilities(model, model_grid.array, device, progress, overlap)
+    probabilities = predict_probabilities(model, model_grid.array, device, progress, overlap,
+                                          model.card.inference.get("mirror_axes", ()))
     timings["inference"] = time.perf_counter() - start
 
     if model.card.postprocessing:

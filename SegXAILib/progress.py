@@ -54,6 +54,14 @@ class Progress:
             self.callback(stage, min(max(float(fraction), 0.0), 1.0), message)
 
 
+def part_of(progress: Progress, index: int, count: int) -> Progress:
+    """A :class:`Progress` for part ``index`` of ``count`` equal parts of a step: its fractions land in
+    ``[index / count, (index + 1) / count]`` of ``progress``; cancelling either cancels both."""
+    def forward(stage: str, fraction: float, message: str) -> None:
+        progress.update(stage, (index + fraction) / count, message)
+    return Progress(forward, progress.cancel_event)
+
+
 class TqdmProgress:
     """A progress callback drawing one tqdm bar per stage (command line, stderr)."""
 

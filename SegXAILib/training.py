@@ -50,6 +50,7 @@ class TrainConfig:
     groups: dict[str, list[int]] = field(default_factory=dict)
     default_target: str | None = None
     postprocessing: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
     train_patch: list[int] = field(default_factory=lambda: [64, 64, 64])
     iterations: int = 3000
     batch_size: int = 2
@@ -88,7 +89,7 @@ class TrainConfig:
             "name": self.name, "description": self.description, "architecture": self.architecture,
             "input": {"channels": self.input_channels, "modality": self.modality}, "classes": self.classes,
             "groups": self.groups, "default_target": self.default_target, "preprocessing": self.preprocessing,
-            "postprocessing": self.postprocessing, "patch_size": self.patch_size,
+            "postprocessing": self.postprocessing, "inference": self.inference, "patch_size": self.patch_size,
             "weights": weights[0] if len(weights) == 1 else weights, "validation": validation or {},
         }, root=out.parent)
 

@@ -33,7 +33,10 @@ foreground), ``percentile`` (``lower``/``upper`` percentiles to 0..1), ``ct_wind
 (see :func:`SegXAILib.preprocessing.brain_scaled_spacing`); ``"bias_field": "n4"`` divides the
 scan by its N4-estimated intensity inhomogeneity first (see :mod:`SegXAILib.bias_field`). An
 optional ``postprocessing`` object, e.g. ``{"brain_margin_mm": 10}``, keeps a brain-lesion model's
-foreground within that many mm of the scan's brain (see :mod:`SegXAILib.postprocessing`).
+foreground within that many mm of the scan's brain (see :mod:`SegXAILib.postprocessing`). An
+optional ``inference`` object, e.g. ``{"mirror_axes": [0, 1, 2]}``, averages the segmentation's
+probabilities over the scan mirrored along every combination of those model-grid axes (test-time
+mirroring, as nnU-Net; 2^n forward passes; see :func:`SegXAILib.inference.predict_probabilities`).
 
 An optional ``review`` object calibrates the "review this case" thresholds for this model, e.g.
 ``"review": {"mean_sa_below": 0.05, "basis": "5th percentile of mean SA on 24 validation cases"}``:
@@ -55,6 +58,7 @@ from ..fileio import read_json_object
 from ..postprocessing import validate_postprocessing
 from ..preprocessing import BIAS_FIELD_METHODS
 from ..quality import review_limits
+from ..symmetries import mirrorings
 
 INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
 
@@ -84,6 +88,7 @@ class ModelCard:
     groups: dict[str, list[int]] = field(default_factory=dict)
     default_target: str | None = None
     postprocessing: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     review: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +113,7 @@ class ModelCard:
                 groups={k: [int(x) for x in v] for k, v in data.get("groups", {}).items()},
                 default_target=data.get("default_target"),
                 postprocessing=dict(data.get("postprocessing", {})),
+                inference=dict(data.get("inference", {})),
                 validation=dict(data.get("validation", {})),
                 review=dict(data.get("review", {})),
                 extra=dict(data.get("extra", {})),
@@ -143,6 +149,10 @@ class ModelCard:
                 raise SegXAIError(f"{source}: group {group!r} names labels {sorted(unknown)} that no class has")
         try:  # checks owned by the modules that apply these entries
             validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
+            unknown = set(self.inference) - {"mirror_axes"}
+            if unknown:
+                raise SegXAIError(f"unknown inference setting(s) {sorted(unknown)}; the one setting is mirror_axes")
+            mirrorings(self.inference.get("mirror_axes", []))
             review_limits(self.review)
         except SegXAIError as exc:
             raise SegXAIError(f"{source}: {exc}") from None
@@ -158,6 +168,7 @@ class ModelCard:
             "default_target": self.default_target,
             "preprocessing": self.preprocessing,
             **({"postprocessing": self.postprocessing} if self.postprocessing else {}),
+            **({"inference": self.inference} if self.inference else {}),
             "patch_size": list(self.patch_size),
             "weights": self.weights,
             "validation": self.validation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,11 +11,14 @@ import torch
 from torch import nn
 
 from SegXAILib.errors import Cancelled, SegXAIError
-from SegXAILib.inference import segment, sliding_window_predict, window_count
+from SegXAILib.inference import predict_probabilities, segment, sliding_window_predict, window_count
+from SegXAILib.models.card import ModelCard
+from SegXAILib.models.loaders import load_from_card
 from SegXAILib.models.registry import load_model
 from SegXAILib.preprocessing import (normalise_intensity, reorient_to_ras, resample_to_grid,
                                      resample_to_spacing, validate_scan)
 from SegXAILib.progress import Progress
+from SegXAILib.symmetries import mirrorings
 from SegXAILib.volume import Volume
 
 from .conftest import oblique_scan
@@ -137,3 +141,42 @@ def test_scans_smaller_than_a_window_are_padded_with_their_background():
     d0, h0, w0 = pads[4], pads[2], pads[0]
     expected = padded[..., d0:d0 + 6, h0:h0 + 7, w0:w0 + 8]
     assert torch.allclose(stitched, expected, atol=1e-5)
+
+
+def test_mirrorings_are_every_flip_combination_identity_first():
+    transforms = mirrorings([2, 0, 1])
+    assert [t.flips for t in transforms] == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert [t.flips for t in mirrorings([])] == [()]
+    for bad in ([0, 0], [3], "01", [1.0]):
+        with pytest.raises(SegXAIError, match="mirror_axes must be distinct spatial axes"):
+            mirrorings(bad)
+
+
+def test_mirrored_prediction_is_the_mean_over_flipped_scans(tiny_card):
+    # the tiny U-Net with random weights is far from mirror-symmetric, so each flip predicts differently
+    model = load_from_card(ModelCard.load(tiny_card))
+    image = np.random.default_rng(3).standard_normal((20, 16, 24)).astype(np.float32)
+    plain = predict_probabilities(model, image, torch.device("cpu"))
+    by_hand = np.mean([np.flip(predict_probabilities(model, np.flip(image, axes).copy(), torch.device("cpu")),
+                               [a + 1 for a in axes]) for axes in [(), (0,), (2,), (0, 2)]], axis=0)
+    mirrored = predict_probabilities(model, image, torch.device("cpu"), mirror_axes=(2, 0))
+    np.testing.assert_allclose(mirrored, by_hand, atol=1e-6)
+    assert np.abs(mirrored - plain).max() > 1e-3
+
+
+def test_segment_mirrors_as_the_card_says_and_the_card_checks_the_axes(tiny_card, tmp_path):
+    card = ModelCard.load(tiny_card)
+    scan = oblique_scan()
+    plain = segment(scan, load_from_card(card), "cpu")
+    mirrored_card = replace(card, inference={"mirror_axes": [0, 1, 2]})
+    mirrored = segment(scan, load_from_card(mirrored_card), "cpu")
+    expected = predict_probabilities(load_from_card(card), plain.model_grid.array, torch.device("cpu"),
+                                     mirror_axes=(0, 1, 2))
+    np.testing.assert_allclose(mirrored.probabilities, expected, atol=1e-6)
+    assert np.abs(mirrored.probabilities - plain.probabilities).max() > 1e-3
+    assert ModelCard.load(mirrored_card.save(tmp_path / "mirrored.json")).inference == {"mirror_axes": [0, 1, 2]}
+    for inference, message in [({"mirror_axes": [0, 3]}, "mirror_axes must be distinct"),
+                               ({"mirror_axes": 2}, "mirror_axes must be distinct"),
+                               ({"flips": [0]}, "unknown inference setting")]:
+        with pytest.raises(SegXAIError, match=message):
+            ModelCard.from_dict({**card.to_dict(), "inference": inference})
