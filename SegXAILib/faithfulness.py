@@ -148,23 +148,22 @@ def _reference(f: ProbabilityFn, image: torch.Tensor, reference: torch.Tensor | 
 
 def region_scores(model: LoadedModel | nn.Module | ProbabilityFn, image: torch.Tensor, keeps: Sequence[np.ndarray],
                   channels: Sequence[int], baseline: float = 0.0, reference: torch.Tensor | None = None,
-                  batch_size: int = 1, foreground_first: bool = False) -> list[dict[str, float]]:
+                  batch_size: int = 1) -> list[dict[str, float]]:
     """``dice_explained``, ``perturbation_ratio`` and ``image_preserved`` of each kept region (module docstring).
 
     Args:
         image: X_0, (1, C, *S).
         keeps: bool (*S) masks of the voxels kept.
         reference: f(X_0), (n_classes, *S); computed when not given.
-        foreground_first: the model's labelling rule (:func:`SegXAILib.inference.target_mask`).
     """
     f = probability_fn(model)
-    reference_mask = target_mask(_reference(f, image, reference), channels, foreground_first)
+    reference_mask = target_mask(_reference(f, image, reference), channels)
     objects = int(reference_mask.sum())
     images = (perturbed(image, keep, baseline) for keep in keeps)
     scores = []
     for keep, probabilities in zip(keeps, _batched(f, images, batch_size)):
         kept = int(keep.sum())
-        scores.append({"dice_explained": dice(target_mask(probabilities, channels, foreground_first), reference_mask),
+        scores.append({"dice_explained": dice(target_mask(probabilities, channels), reference_mask),
                        "perturbation_ratio": kept / objects if objects else math.nan,
                        "image_preserved": kept / keep.size})
     return scores
@@ -173,10 +172,8 @@ def region_scores(model: LoadedModel | nn.Module | ProbabilityFn, image: torch.T
 def binarised_scores(model: LoadedModel | nn.Module | ProbabilityFn, image: torch.Tensor, saliency: np.ndarray,
                      channels: Sequence[int], baseline: float = 0.0,
                      thresholds: Sequence[float] = TABLE1_THRESHOLDS, top_fractions: Sequence[float] = TOP_FRACTIONS,
-                     reference: torch.Tensor | None = None, batch_size: int = 1, seed: int = 0,
-                     foreground_first: bool = False) -> dict[str, float]:
-    """Scores (a) and (b) of a (*S) map for each threshold and top fraction (``foreground_first``: as
-    :func:`region_scores`).
+                     reference: torch.Tensor | None = None, batch_size: int = 1, seed: int = 0) -> dict[str, float]:
+    """Scores (a) and (b) of a (*S) map for each threshold and top fraction.
 
     Returns:
         ``<score>_gt<t>`` (keep = scaled map > t) and ``<score>_top<100 q>pct`` for score in dice_explained,
@@ -191,8 +188,7 @@ def binarised_scores(model: LoadedModel | nn.Module | ProbabilityFn, image: torc
     order = ranking(saliency, seed)
     keeps.update({f"top{100 * q:g}pct": first_voxels(order, round(q * order.size), saliency.shape)
                   for q in top_fractions})
-    scores = region_scores(model, image, list(keeps.values()), channels, baseline, reference, batch_size,
-                           foreground_first)
+    scores = region_scores(model, image, list(keeps.values()), channels, baseline, reference, batch_size)
     return {f"{score}_{name}": value for name, row in zip(keeps, scores) for score, value in row.items()}
 
 
@@ -227,15 +223,13 @@ class Curve:
 
 def perturbation_curves(model: LoadedModel | nn.Module | ProbabilityFn, image: torch.Tensor, saliency: np.ndarray,
                         channels: Sequence[int], baseline: float = 0.0, steps: int = 10,
-                        reference: torch.Tensor | None = None, batch_size: int = 1, seed: int = 0,
-                        foreground_first: bool = False) -> dict[str, Curve]:
-    """Deletion and insertion curves (c) of a (*S) map over K = ``steps`` steps: ``{"deletion", "insertion"}``
-    (``foreground_first``: as :func:`region_scores`)."""
+                        reference: torch.Tensor | None = None, batch_size: int = 1, seed: int = 0) -> dict[str, Curve]:
+    """Deletion and insertion curves (c) of a (*S) map over K = ``steps`` steps: ``{"deletion", "insertion"}``."""
     if steps < 1:
         raise SegXAIError(f"the curves need at least one step, got {steps}")
     f = probability_fn(model)
     reference = _reference(f, image, reference)
-    reference_mask = target_mask(reference, channels, foreground_first)
+    reference_mask = target_mask(reference, channels)
     region = reference_mask if reference_mask.any() else np.ones_like(reference_mask)
     shape = tuple(np.shape(saliency))
     order = ranking(saliency, seed)
@@ -243,8 +237,7 @@ def perturbation_curves(model: LoadedModel | nn.Module | ProbabilityFn, image: t
 
     def scores(probabilities: torch.Tensor) -> tuple[float, float]:
         target = probabilities[list(channels)].sum(0).numpy()
-        return float(target[region].mean()), dice(target_mask(probabilities, channels, foreground_first),
-                                                  reference_mask)
+        return float(target[region].mean()), dice(target_mask(probabilities, channels), reference_mask)
 
     def kept(inserting: bool, k: int) -> np.ndarray:
         top = first_voxels(order, counts[k], shape)
@@ -341,11 +334,9 @@ def evaluate_maps(folder: str | Path, model: LoadedModel | str | None = None, st
             saliency = minmax(resample_to_grid(read_volume(folder / item["file"]), grid).array.astype(np.float64))
             row: dict[str, Any] = {"map": item["file"], "method": item["method"], "variant": item.get("variant") or "",
                                    "class": item.get("class", summary["target"]["name"])}
-            rule = loaded.card.foreground_first
             row.update(binarised_scores(counted, image, saliency, channels, baseline, thresholds, top_fractions,
-                                        reference, batch_size, foreground_first=rule))
-            curves = perturbation_curves(counted, image, saliency, channels, baseline, steps, reference, batch_size,
-                                         foreground_first=rule)
+                                        reference, batch_size))
+            curves = perturbation_curves(counted, image, saliency, channels, baseline, steps, reference, batch_size)
             for name, curve in curves.items():
                 row[f"{name}_auc_probability"] = curve.auc_probability
                 row[f"{name}_auc_dice"] = curve.auc_dice

@@ -92,13 +92,8 @@ def sliding_window_predict(
         with_coord=with_coord)
 
 
-def target_mask(probabilities: np.ndarray | torch.Tensor, channels: Sequence[int],
-                foreground_first: bool = False) -> np.ndarray:
-    """Bool (*S): the voxels labelled with one of ``channels`` by (n_classes, *S) probabilities.
-
-    The label is the argmax (the first index wins a tie); with ``foreground_first`` (a card's
-    ``inference.foreground_first``) channel 0, the background, keeps a voxel only where it holds at least
-    half the probability, and elsewhere the most probable other class is the label.
+def target_mask(probabilities: np.ndarray | torch.Tensor, channels: Sequence[int]) -> np.ndarray:
+    """Bool (*S): the argmax of (n_classes, *S) probabilities is one of ``channels`` (the first index wins a tie).
 
     Compared as the target channels' maximum against the other channels' (an argmax only on tied voxels):
     several times faster than an argmax over the class axis, which matters where a mask is taken after
@@ -107,21 +102,14 @@ def target_mask(probabilities: np.ndarray | torch.Tensor, channels: Sequence[int
     p = probabilities.detach().cpu().numpy() if isinstance(probabilities, torch.Tensor) else np.asarray(probabilities)
     inside = np.zeros(p.shape[0], bool)
     inside[list(channels)] = True
-    foreground = None
-    if foreground_first:
-        foreground = p[0] < 0.5
-        if inside[0]:  # a target holding the background: its voxels are the background's plus the rest's
-            return ~foreground | target_mask(p, [c for c in channels if c != 0], True)
-        p, inside = p[1:], inside[1:]
     if inside.all() or not inside.any():
-        mask = np.full(p.shape[1:], inside.all())
-    else:
-        target, other = p[inside].max(0), p[~inside].max(0)
-        mask = target > other
-        tied = target == other
-        if tied.any():
-            mask[tied] = inside[p[:, tied].argmax(0)]
-    return mask if foreground is None else mask & foreground
+        return np.full(p.shape[1:], inside.all())
+    target, other = p[inside].max(0), p[~inside].max(0)
+    mask = target > other
+    tied = target == other
+    if tied.any():
+        mask[tied] = inside[p[:, tied].argmax(0)]
+    return mask
 
 
 @dataclass
@@ -181,28 +169,18 @@ def predict_probabilities(model: LoadedModel, image: np.ndarray, device: torch.d
 
 
 def labels_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume,
-                   label_values: Sequence[int], foreground_first: bool = False) -> Volume:
-    """The labels of model-grid probabilities on the scan's grid, one class at a time (a running argmax).
-
-    ``foreground_first``: the rule of :func:`target_mask`: the background (channel 0) where its probability
-    is at least one half, else the most probable other class.
-    """
-    best = background = None
+                   label_values: Sequence[int]) -> Volume:
+    """Argmax of model-grid probabilities, taken on the scan's grid one class at a time."""
+    best = None
     index = np.zeros(scan.shape, dtype=np.uint8)
     for c in range(probabilities.shape[0]):
         p = resample_to_grid(model_grid.with_array(probabilities[c]), scan).array
-        if foreground_first and c == 0:
-            background = p >= 0.5
-            continue
         if best is None:
             best = p.copy()
-            index[:] = c
         else:
             better = p > best
             index[better] = c
             np.maximum(best, p, out=best)
-    if background is not None:
-        index[background] = 0
     dtype = np.uint8 if max(label_values) < 256 else np.uint16
     return scan.with_array(np.asarray(label_values, dtype=dtype)[index])
 
@@ -232,7 +210,7 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
 
     start = time.perf_counter()
     progress.update("resample", 0.0)
-    labels = labels_on_grid(probabilities, model_grid, scan, label_values, model.card.foreground_first)
+    labels = labels_on_grid(probabilities, model_grid, scan, label_values)
     timings["resample"] = time.perf_counter() - start
     progress.update("resample", 1.0)
     return SegmentationResult(labels, probabilities, model_grid, scan, timings, str(device))

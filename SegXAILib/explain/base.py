@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ..errors import SegXAIError
-from ..inference import target_mask
 from ..models.loaders import LoadedModel
 from ..progress import Progress
 
@@ -98,9 +97,8 @@ class ExplainContext:
 
     @property
     def predicted_mask(self) -> np.ndarray:
-        """The model's mask of the target: the voxels labelled with one of its channels, (D, H, W) bool
-        (the argmax, or the card's foreground-first rule: :func:`SegXAILib.inference.target_mask`)."""
-        return target_mask(self.probabilities, self.channels, self.model.card.foreground_first)
+        """The model's mask of the target: argmax falls in one of the target's channels, (D, H, W) bool."""
+        return np.isin(self.probabilities.argmax(0), self.channels)
 
     @property
     def target_probability(self) -> np.ndarray:

@@ -258,15 +258,13 @@ class SufficientRegion:
 
 def sufficient_region(predictor: CropPredictor, image: torch.Tensor, m0: np.ndarray, channels: list[int],
                       options: MiSuReOptions, align: tuple[int, ...],
-                      on_check: Callable[[int, float], None] = lambda d, s: None,
-                      foreground_first: bool = False) -> SufficientRegion:
+                      on_check: Callable[[int, float], None] = lambda d, s: None) -> SufficientRegion:
     """Dilate M_0 until Dice(target mask of f(X'), M_0) >= tau or the cap (module docstring, stage 1).
 
     Args:
         image: X_0, (1, C, *S).
         m0: the model's target mask, bool (*S), non-empty.
         on_check: called with (dilations, Dice) after each pass.
-        foreground_first: the model's labelling rule (:func:`SegXAILib.inference.target_mask`).
     """
     structure = ball(options.radius, m0.ndim)
     mask, dilations, scores = m0, 0, []
@@ -276,7 +274,7 @@ def sufficient_region(predictor: CropPredictor, image: torch.Tensor, m0: np.ndar
         x = torch.where(kept, image[(..., *box.slices)], torch.tensor(predictor.baseline, dtype=image.dtype))
         probabilities = predictor(x)
         predicted = np.zeros_like(m0)
-        predicted[box.slices] = target_mask(probabilities[0], channels, foreground_first)
+        predicted[box.slices] = target_mask(probabilities[0], channels)
         scores.append(dice(predicted, m0))
         on_check(dilations, scores[-1])
         if scores[-1] >= options.tau or dilations >= options.max_dilations or mask.all():
@@ -471,7 +469,7 @@ class MiSuRe(Explainer):
         stage1 = sufficient_region(
             predictor, image, m0, context.channels, options, align,
             lambda d, s: progress.update(self.name, 0.1 * d / max(options.max_dilations, 1),
-                                         f"dilation {d}: Dice {s:.3f}"), card.foreground_first)
+                                         f"dilation {d}: Dice {s:.3f}"))
         seconds_stage1 = time.perf_counter() - start
 
         sr = stage1.mask
@@ -503,7 +501,7 @@ class MiSuRe(Explainer):
         fine = torch.from_numpy(msr[crop.slices])
         x_msr = image[(..., *crop.slices)] * fine + b * (1 - fine)
         explained = np.zeros_like(m0)
-        explained[crop.slices] = target_mask(predictor(x_msr)[0], context.channels, card.foreground_first)
+        explained[crop.slices] = target_mask(predictor(x_msr)[0], context.channels)
         progress.update(self.name, 1.0, "done")
 
         objects = int(m0.sum())

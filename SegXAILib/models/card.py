@@ -36,10 +36,7 @@ optional ``postprocessing`` object, e.g. ``{"brain_margin_mm": 10}``, keeps a br
 foreground within that many mm of the scan's brain (see :mod:`SegXAILib.postprocessing`). An
 optional ``inference`` object, e.g. ``{"mirror_axes": [0, 1, 2]}``, averages the segmentation's
 probabilities over the scan mirrored along every combination of those model-grid axes (test-time
-mirroring, as nnU-Net; 2^n forward passes; see :func:`SegXAILib.inference.predict_probabilities`);
-``"foreground_first": true`` labels a voxel background only where the background holds at least half
-the probability, else with the most probable other class (the decision for "any lesion" first, as
-region-based BraTS models do; :func:`SegXAILib.inference.target_mask`).
+mirroring, as nnU-Net; 2^n forward passes; see :func:`SegXAILib.inference.predict_probabilities`).
 
 An optional ``review`` object calibrates the "review this case" thresholds for this model, e.g.
 ``"review": {"mean_sa_below": 0.05, "basis": "5th percentile of mean SA on 24 validation cases"}``:
@@ -152,23 +149,13 @@ class ModelCard:
                 raise SegXAIError(f"{source}: group {group!r} names labels {sorted(unknown)} that no class has")
         try:  # checks owned by the modules that apply these entries
             validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
-            unknown = set(self.inference) - {"mirror_axes", "foreground_first"}
+            unknown = set(self.inference) - {"mirror_axes"}
             if unknown:
-                raise SegXAIError(f"unknown inference setting(s) {sorted(unknown)}; the settings are mirror_axes "
-                                  "and foreground_first")
+                raise SegXAIError(f"unknown inference setting(s) {sorted(unknown)}; the one setting is mirror_axes")
             mirrorings(self.inference.get("mirror_axes", []))
-            if not isinstance(self.inference.get("foreground_first", False), bool):
-                raise SegXAIError("inference.foreground_first must be true or false")
-            if self.foreground_first and self.classes[0].label != 0:
-                raise SegXAIError("inference.foreground_first needs the background (label 0) as the first class")
             review_limits(self.review)
         except SegXAIError as exc:
             raise SegXAIError(f"{source}: {exc}") from None
-
-    @property
-    def foreground_first(self) -> bool:
-        """Whether labels are decided background first (:func:`SegXAILib.inference.target_mask`)."""
-        return bool(self.inference.get("foreground_first", False))
 
     def to_dict(self) -> dict[str, Any]:
         return {

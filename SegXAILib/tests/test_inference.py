@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from SegXAILib.errors import Cancelled, SegXAIError
-from SegXAILib.inference import (labels_on_grid, predict_probabilities, segment, sliding_window_predict, target_mask,
-                                 window_count)
+from SegXAILib.inference import predict_probabilities, segment, sliding_window_predict, window_count
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import load_from_card
 from SegXAILib.models.registry import load_model
@@ -181,42 +180,3 @@ def test_segment_mirrors_as_the_card_says_and_the_card_checks_the_axes(tiny_card
                                ({"flips": [0]}, "unknown inference setting")]:
         with pytest.raises(SegXAIError, match=message):
             ModelCard.from_dict({**card.to_dict(), "inference": inference})
-
-
-def _labels_by_hand(p: np.ndarray, foreground_first: bool) -> np.ndarray:
-    """Channel index per voxel: the argmax, or background only where it holds at least half the probability."""
-    if not foreground_first:
-        return p.argmax(0)
-    return np.where(p[0] < 0.5, 1 + p[1:].argmax(0), 0)
-
-
-def test_foreground_first_labels_on_known_voxels_and_against_the_rule_by_hand():
-    # columns: background 0.45 but the lesion classes together 0.55 -> class 1; background wins at 0.6 and at
-    # exactly 0.5; class 1 wins outright; a tie between the lesion classes goes to the first
-    p = np.array([[0.45, 0.6, 0.3, 0.5, 0.4], [0.35, 0.1, 0.4, 0.3, 0.3], [0.20, 0.3, 0.3, 0.2, 0.3]])
-    assert target_mask(p, [1]).tolist() == [False, False, True, False, False]
-    assert target_mask(p, [1], foreground_first=True).tolist() == [True, False, True, False, True]
-    assert target_mask(p, [1, 2], foreground_first=True).tolist() == [True, False, True, False, True]
-    assert target_mask(p, [0], foreground_first=True).tolist() == [False, True, False, True, False]
-    rng = np.random.default_rng(5)
-    p = rng.dirichlet([1.0, 0.6, 0.6, 0.6], size=(6, 7, 8)).transpose(3, 0, 1, 2)
-    for rule in (False, True):
-        by_hand = _labels_by_hand(p, rule)
-        for channels in ([1], [2, 3], [1, 2, 3], [0], [0, 2]):
-            np.testing.assert_array_equal(target_mask(p, channels, rule), np.isin(by_hand, channels))
-        grid = Volume(p[0].astype(np.float32), spacing=(1.0, 1.5, 2.0))
-        labels = labels_on_grid(p.astype(np.float32), grid, grid, [0, 1, 2, 4], rule)
-        np.testing.assert_array_equal(labels.array, np.array([0, 1, 2, 4])[by_hand])
-    assert (_labels_by_hand(p, True) > 0).sum() > (_labels_by_hand(p, False) > 0).sum()
-
-
-def test_card_checks_foreground_first(tiny_card):
-    card = ModelCard.load(tiny_card)
-    assert not card.foreground_first
-    assert ModelCard.from_dict({**card.to_dict(), "inference": {"foreground_first": True}}).foreground_first
-    with pytest.raises(SegXAIError, match="foreground_first must be true or false"):
-        ModelCard.from_dict({**card.to_dict(), "inference": {"foreground_first": "yes"}})
-    shuffled = card.to_dict()
-    shuffled["classes"] = shuffled["classes"][1:] + shuffled["classes"][:1]
-    with pytest.raises(SegXAIError, match="needs the background"):
-        ModelCard.from_dict({**shuffled, "inference": {"foreground_first": True}})
