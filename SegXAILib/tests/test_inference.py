@@ -14,6 +14,7 @@ from SegXAILib.errors import Cancelled, SegXAIError
 from SegXAILib.inference import predict_probabilities, segment, sliding_window_predict, window_count
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import load_from_card
+from SegXAILib.outputs import segmentation_summary
 from SegXAILib.models.registry import load_model
 from SegXAILib.preprocessing import (normalise_intensity, reorient_to_ras, resample_to_grid,
                                      resample_to_spacing, validate_scan)
@@ -175,6 +176,10 @@ def test_segment_mirrors_as_the_card_says_and_the_card_checks_the_axes(tiny_card
     np.testing.assert_allclose(mirrored.probabilities, expected, atol=1e-6)
     assert np.abs(mirrored.probabilities - plain.probabilities).max() > 1e-3
     assert ModelCard.load(mirrored_card.save(tmp_path / "mirrored.json")).inference == {"mirror_axes": [0, 1, 2]}
+    # summary.json says how the segmentation was predicted
+    summary = segmentation_summary(mirrored, mirrored_card, "scan", {}, {})
+    assert summary["model"]["inference"] == {"mirror_axes": [0, 1, 2]}
+    assert "inference" not in segmentation_summary(plain, card, "scan", {}, {})["model"]
     for inference, message in [({"mirror_axes": [0, 3]}, "mirror_axes must be distinct"),
                                ({"mirror_axes": 2}, "mirror_axes must be distinct"),
                                ({"flips": [0]}, "unknown inference setting")]:
