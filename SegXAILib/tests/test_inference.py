@@ -14,8 +14,8 @@ from SegXAILib.errors import Cancelled, SegXAIError
 from SegXAILib.inference import predict_probabilities, segment, sliding_window_predict, window_count
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import load_from_card
-from SegXAILib.outputs import segmentation_summary
 from SegXAILib.models.registry import load_model
+from SegXAILib.outputs import segmentation_summary
 from SegXAILib.preprocessing import (normalise_intensity, reorient_to_ras, resample_to_grid,
                                      resample_to_spacing, validate_scan)
 from SegXAILib.progress import Progress
