@@ -17,7 +17,9 @@ Two identities keep this cheap and exact:
   so the SAM of the upsampled features is the upsampled one-channel map ``d_b - d_t`` of the coarse
   features, and the prototypes over the fine grid are sums over the coarse grid weighted by the
   *adjoint* of the upsampling applied to B. So "features upsampled to full resolution" never
-  materialises C channels at full resolution; only per-unit maps are upsampled, a few channels at a time.
+  materialises C channels at full resolution; only per-unit maps are upsampled, and those only slab by slab:
+  each slab of fine rows is interpolated, thresholded and counted against the references while it is in the
+  cache (:func:`_count_upsampled_sams`), so no full-resolution unit map is ever whole.
 
 The faster ``resolution="feature"`` mode area-averages B (and the reference mask) onto each feature grid
 instead, and scores SAMs there.
@@ -41,7 +43,7 @@ from torch import nn
 from ..errors import SegXAIError
 from ..models.card import ModelCard
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap, int_option
-from ..upsampling import upsample_separable
+from ..upsampling import interpolation_matrix, upsample_separable
 from .layers import conv_layers, parse_layer_specs, resolve_layers
 
 RESOLUTIONS = ("input", "feature")
@@ -208,12 +210,16 @@ class SoftMaskPrototypes:
                 target, background = (p[start:start + _CHUNK, None].to(features.device) - shift.double()
                                       for p in prototypes)
                 target, background = target.float(), background.float()
-            term = 2 * (centred - (target + background) / 2) * (target - background)
+            # 2 (f - m)(c_t - c_b) = scale f + offset: one fused pass per unit, one matrix-vector product for the sum
+            scale = 2 * (target - background)
+            offset = -scale * (target + background) / 2
             if per_unit:
-                terms.append(term)
+                terms.append(torch.addcmul(offset, centred, scale))
             else:
-                out += term.sum(0)
-        return torch.cat(terms).reshape(shape) if per_unit else out.reshape(shape)
+                out += scale[:, 0] @ centred + offset.sum()
+        if not per_unit:
+            return out.reshape(shape)
+        return (terms[0] if len(terms) == 1 else torch.cat(terms)).reshape(shape)
 
     def to_mask_grid(self, maps: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
         """Bring (K, *s) maps of a feature grid of ``tile`` (default all of P) to that tile's part of S:
@@ -334,6 +340,51 @@ def sa_score(sam: torch.Tensor, reference: torch.Tensor) -> float | np.ndarray:
     return float(scores[0]) if sam.ndim == reference.ndim else scores
 
 
+_SLAB_VALUES = 2**18
+"""Upsampled logits per slab (1 MiB of float32): with their SAMs and the slab's references they stay in a core's
+cache, where whole upsampled maps (48 units of a 96^3 grid: 170 MB) would go through memory several times."""
+
+
+def _count_upsampled_sams(logits: torch.Tensor, grid: Sequence[int], crop: Sequence[int], weights: torch.Tensor,
+                          sam_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Overlaps of the SAMs of (K, *s) logits, upsampled to ``grid`` (:func:`upsample`) and cropped to its first
+    ``crop`` voxels per axis, with each row of (W, prod(crop)) 0 / 1 ``weights``.
+
+    Returns the overlaps (K, W) float64 and, with ``sam_sum``, how many of the K SAMs hold each voxel
+    ((*crop) float32). The upsampled maps are never whole: every axis but the first is upsampled on the
+    coarse grid ("planes"), then slab after slab of fine rows along the first axis is interpolated from two
+    planes per row, thresholded and counted by one matrix product with the slab's weights.
+    """
+    k, rows_in = logits.shape[0], logits.shape[1]
+    planes = upsample(logits, (rows_in, *grid[1:]))[(slice(None), slice(None), *(slice(0, n) for n in crop[1:]))]
+    planes = planes.reshape(k, rows_in, -1)
+    plane = planes.shape[2]
+    # fine row j is lerp(planes[low_j], planes[high_j], share_j): linear interpolation mixes two neighbouring
+    # coarse rows (an edge row takes one: share 0, or 1 of itself)
+    mixing = interpolation_matrix(rows_in, grid[0])[:crop[0]]
+    low = (mixing != 0).int().argmax(1)
+    high = (low + 1).clamp(max=rows_in - 1)
+    share = mixing.gather(1, high[:, None]).to(logits.device, logits.dtype)
+    one_row = list(zip(low.tolist(), high.tolist(), share[:, 0].tolist()))
+    weights = weights.to(logits.device, logits.dtype).view(weights.shape[0], crop[0], plane)
+    counts = torch.zeros(weights.shape[0], k, dtype=torch.float64, device=logits.device)
+    total = torch.empty(crop[0], plane, device=logits.device) if sam_sum else None
+    step = max(1, _SLAB_VALUES // (k * plane))
+    for start in range(0, crop[0], step):
+        rows = slice(start, min(start + step, crop[0]))
+        if step == 1:  # views of the two planes
+            a, b, t = one_row[start]
+            slab = torch.lerp(planes[:, a], planes[:, b], t)[:, None]
+        else:
+            slab = torch.lerp(planes[:, low[rows]], planes[:, high[rows]], share[rows])
+        sams = torch.gt(slab, 0, out=torch.empty(slab.shape, dtype=logits.dtype, device=logits.device))
+        # float32 counts are exact: a slab holds far fewer than 2^24 voxels
+        counts += weights[:, rows].reshape(weights.shape[0], -1) @ sams.view(k, -1).T
+        if total is not None:
+            torch.sum(sams, 0, out=total[rows])
+    return counts.T.cpu(), None if total is None else total.view(tuple(crop))
+
+
 class _Scorer:
     """SAMs of logits and their SA scores against the reference masks, summed over tiles.
 
@@ -353,7 +404,9 @@ class _Scorer:
         self._counts: dict[Any, list[torch.Tensor]] = {}
 
     def _grid(self, grid: tuple[int, ...], device: torch.device, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
-        """References (R, prod(grid)) and the voxels inside the scan (prod(grid),) on a scoring grid of a tile."""
+        """What the SAMs on a scoring grid of a tile are counted against: (R + 1, prod(grid)) float32 0 / 1 rows,
+        the references then the voxels that count (every voxel of S at ``input`` resolution, those mostly
+        inside S on a feature grid; the references lie inside them), and the references' sizes (R,) float64."""
         key = (grid, str(device), _tile_key(tile))
         if key not in self._on_grid:
             part = self.prototypes.mask_part(tile)
@@ -365,37 +418,37 @@ class _Scorer:
                 everywhere = torch.ones((), dtype=torch.bool).expand(self.prototypes.mask_shape)
                 inside = self.prototypes.mask_on_grid(everywhere, grid, tile)
             self._on_grid = {k: v for k, v in self._on_grid.items() if k[2] == key[2]}  # one tile at a time
-            self._on_grid[key] = references.flatten(1).to(device), inside.flatten().to(device)
+            weights = torch.cat([references.flatten(1), inside.flatten()[None]]).to(device, torch.float32)
+            self._on_grid[key] = weights, references.flatten(1).sum(1, dtype=torch.float64)
         return self._on_grid[key]
 
-    def sams(self, logits: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
-        """(K, *s) logits of ``tile`` (default all of P) -> (K, *grid) SAMs on the scoring grid, as float32 0 / 1
-        (what the overlap counts multiply: ``gt`` into a float tensor is one pass, ``(x > 0).float()`` two)."""
+    def add(self, key: Any, logits: torch.Tensor, tile: Tile | None = None, sam_sum: bool = False
+            ) -> torch.Tensor | None:
+        """Count the overlaps of the SAMs of (K, *s) logits of ``tile`` (default all of P) with the references,
+        under ``key``; with ``sam_sum``, return the number of the K SAMs that hold each voxel of the tile's part
+        of S ((*part) float32)."""
         tile = tile or self.prototypes.whole
         if self.prototypes.resolution == "input":
-            logits = self.prototypes.to_mask_grid(logits, tile)
-        sams = torch.gt(logits, 0, out=torch.empty(logits.shape, dtype=torch.float32, device=logits.device))
-        if self.prototypes.resolution == "feature":
-            sams *= self._grid(tuple(logits.shape[1:]), logits.device, tile)[1].view(logits.shape[1:])
-        return sams
-
-    def add(self, key: Any, sams: torch.Tensor, tile: Tile | None = None) -> None:
-        """Count the overlaps of (K, *grid) SAMs of ``tile`` with the references, under ``key``."""
-        references = self._grid(tuple(sams.shape[1:]), sams.device, tile or self.prototypes.whole)[0]
-        counts = _overlap_counts(sams.flatten(1), references)
-        if key in self._counts:
-            self._counts[key] = [total + new for total, new in zip(self._counts[key], counts)]
+            grid, crop = _shape(tile), _shape(self.prototypes.mask_part(tile))
         else:
-            self._counts[key] = list(counts)
+            grid = crop = tuple(logits.shape[1:])
+        weights, reference_sizes = self._grid(crop, logits.device, tile)
+        if self.prototypes.degenerate is not None:  # constant infinite logits: interpolating them gives NaN
+            logits = torch.sign(logits)
+        counts, total = _count_upsampled_sams(logits, grid, crop, weights, sam_sum)
+        counts = [counts[:, :-1], counts[:, -1], reference_sizes]
+        if key in self._counts:
+            self._counts[key] = [old + new for old, new in zip(self._counts[key], counts)]
+        else:
+            self._counts[key] = counts
+        if total is None or self.prototypes.resolution == "input":
+            return total
+        return self.prototypes.to_mask_grid((total * weights[-1].view(crop))[None], tile)[0]
 
     def scores(self, key: Any) -> dict[str, np.ndarray]:
         """Reference name -> SA scores (K,) of the SAMs counted under ``key``."""
         scores = _dice_of_counts(*self._counts[key])
         return {name: scores[:, i] for i, name in enumerate(self.names)}
-
-    def to_mask_grid(self, maps: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
-        """(K, *grid) float maps of the scoring grid of ``tile`` -> (K, *part of S)."""
-        return maps if self.prototypes.resolution == "input" else self.prototypes.to_mask_grid(maps, tile)
 
 
 def input_multiple(card: ModelCard) -> tuple[int, ...]:
@@ -430,10 +483,16 @@ _INPUT = "<input>"
 """Key of the input intensities among the layers' prototypes (the input separableness)."""
 
 
+class _AllLayersSeen(Exception):
+    """Raised by the last hooked layer: what the network computes after it (its head, at full resolution the
+    costliest layer of a U-Net) is not needed."""
+
+
 def _forward_with_hooks(network: nn.Module, modules: dict[str, nn.Module], image: torch.Tensor,
                         on_output: Callable[[str, torch.Tensor], None]) -> None:
     """One forward pass of ``image`` calling ``on_output(name, features (C, *s))`` with the first output of
-    each of ``modules`` (a module run twice is seen once), as it runs: nothing is kept for later."""
+    each of ``modules`` (a module run twice is seen once), as it runs: nothing is kept for later. The pass
+    stops once every module has been seen."""
     seen: set[str] = set()
 
     def hook_for(name: str):
@@ -444,12 +503,16 @@ def _forward_with_hooks(network: nn.Module, modules: dict[str, nn.Module], image
             if name not in seen:
                 seen.add(name)
                 on_output(name, output[0].detach().float())
+                if len(seen) == len(modules):
+                    raise _AllLayersSeen
         return hook
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
     try:
         with torch.no_grad():
             network(image)
+    except _AllLayersSeen:
+        pass
     finally:
         for handle in handles:
             handle.remove()
@@ -480,7 +543,7 @@ class _TileScores:
         case = self.case_prototypes.get(name)
         logits = prototypes.logits(features, tile=tile, prototypes=case)
         if name in self.curve_names:
-            scorer.add(("layer", name), scorer.sams(logits[None], tile), tile)
+            scorer.add(("layer", name), logits[None], tile)
             self.layer_info[name] = {"channels": int(features.shape[0]), "shape": [
                 f * p // t for f, p, t in zip(features.shape[1:], prototypes.network_shape, _shape(tile))]}
         if name in self.maps:
@@ -488,10 +551,11 @@ class _TileScores:
         if name in self.unit_names:
             for start in range(0, features.shape[0], _CHUNK):
                 chunk = None if case is None else tuple(p[start:start + _CHUNK] for p in case)
-                sams = scorer.sams(prototypes.logits(features[start:start + _CHUNK], True, tile, chunk), tile)
-                scorer.add(("units", name, start), sams, tile)
-                if name == self.unit_names[-1]:
-                    self.heat[part] += scorer.to_mask_grid(sams.sum(0, dtype=torch.float32)[None], tile)[0]
+                logits = prototypes.logits(features[start:start + _CHUNK], True, tile, chunk)
+                in_heat = name == self.unit_names[-1]
+                sams_per_voxel = scorer.add(("units", name, start), logits, tile, sam_sum=in_heat)
+                if in_heat:
+                    self.heat[part] += sams_per_voxel
 
 
 class ProtoSegExplainer(Explainer):
@@ -500,7 +564,8 @@ class ProtoSegExplainer(Explainer):
     One forward pass of the whole volume on the model grid (padded at the far end to a size the network
     accepts: prototypes are global to the case, so no sliding windows), with hooks on every conv block
     (:func:`.layers.conv_layers`: post-normalisation/activation outputs, the output layer excluded). Each
-    layer is scored as its output arrives, so memory stays near that of one forward pass. B is the model's
+    layer is scored as its output arrives, so memory stays near that of one forward pass, and the pass stops
+    after the last of them (the network's head is not needed). B is the model's
     target probability (one-vs-rest: the target's channels summed); G the ground truth when given, else the
     model's own mask.
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from SegXAILib.errors import SegXAIError
+from SegXAILib.explain import protoseg
 from SegXAILib.explain.base import ExplainContext
 from SegXAILib.explain.layers import conv_layers
 from SegXAILib.explain.protoseg import (ProtoSegExplainer, SoftMaskPrototypes, _interpolation_adjoint,
@@ -75,6 +76,23 @@ def test_separable_upsampling_equals_f_interpolate(coarse, fine):
     torch.manual_seed(3)
     x = torch.randn(3, *coarse, dtype=torch.float64)
     np.testing.assert_allclose(upsample(x, fine).numpy(), upsample_to(x[None], fine)[0].numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("slab_values", [1, 3 * 4 * 13 * 20, 10**9])  # rows per slab: 1, 3 (the last 2), all
+def test_slab_counts_equal_counts_of_whole_upsampled_maps(monkeypatch, slab_values):
+    """SAMs are counted slab by slab of fine rows; the counts and the per-voxel SAM sums must be those of the whole
+    upsampled, cropped maps."""
+    monkeypatch.setattr(protoseg, "_SLAB_VALUES", slab_values)
+    torch.manual_seed(7)
+    logits = torch.randn(4, 3, 4, 5).double()  # float64: no near-ties between the two routes
+    grid, crop = (12, 16, 20), (11, 13, 20)
+    weights = (torch.rand(3, *crop) < 0.4).double()
+    whole = upsample_to(logits[None], grid)[0, :, :11, :13] > 0
+    expected = whole.flatten(1).double() @ weights.flatten(1).T
+    counts, total = protoseg._count_upsampled_sams(logits, grid, crop, weights.flatten(1), sam_sum=True)
+    np.testing.assert_array_equal(counts.numpy(), expected.numpy())
+    np.testing.assert_array_equal(total.numpy(), whole.sum(0).numpy())
+    assert protoseg._count_upsampled_sams(logits, grid, crop, weights.flatten(1))[1] is None
 
 
 def test_interpolation_adjoint_is_the_transpose_of_upsampling():
@@ -195,6 +213,22 @@ def test_explainer_on_tiny_unet_matches_brute_force(tiny_card):
     np.testing.assert_allclose(heat, np.mean([unit_sams[last, k] for k in range(4)], 0), atol=1e-6)
     np.testing.assert_allclose(maps["protoseg-layer-model_1_submodule_2"], protoseg_of(features[last])[0], atol=1e-5)
     assert explanation.scalars["input_separableness"] == pytest.approx(dice(numpy_protoseg(image[0].numpy(), soft)[1], mask))
+
+
+def test_forward_pass_stops_after_the_last_feature_layer(tiny_card):
+    model = load_from_card(ModelCard.load(tiny_card))
+    torch.manual_seed(8)
+    image = (blob((20, 20, 20), radius=0.5).float() + 0.2 * torch.randn(20, 20, 20))[None, None]
+    context = _context(model, image)
+    head_outputs = []  # grids the output conv (after every feature layer) writes; layer discovery probes 16^3, 32^3
+    head = dict(model.network.named_modules())["model.2"]
+    handle = head.register_forward_hook(lambda module, inputs, output: head_outputs.append(tuple(output.shape[2:])))
+    explanation = ProtoSegExplainer().explain(context)
+    assert (20, 20, 20) not in head_outputs and len(explanation.curves["sa_per_layer"]) == 4
+    with torch.no_grad():  # the network is left as it was: ProtoSeg's hooks are gone, the head runs
+        assert model.network(image).shape == (1, 3, 20, 20, 20)
+    handle.remove()
+    assert head_outputs[-1] == (20, 20, 20)
 
 
 def test_explainer_with_label_feature_resolution_and_layer_option(tiny_card):
