@@ -29,6 +29,16 @@ Tuned on Colin27 with skull: Dice 0.966 with ch2bet; 0.04 % of the mask lies > 3
 _WORK_SPACING_MM = 2.0
 """Finer grids are block-averaged to about this spacing first: a mask needs no more, and it is ~8x faster."""
 
+SCALP_GAP_MM = 5.0
+SCALP_FRACTION = 0.05
+"""A scan is a head with scalp (not a skull-stripped brain) when its head voxels more than SCALP_GAP_MM outside
+the mask add up to more than SCALP_FRACTION of the mask's volume: 0.2-0.8 in heads (0.2 where the mask has
+taken the neck and face as well), below 0.005 in skull-stripped brains (Colin27, MNI152, a macaque)."""
+
+ATLAS_MARGIN_MM = 8.0
+"""In a head with scalp the mask keeps only what lies within this distance of the registered atlas brain
+(:mod:`.atlas_brain`): registration places a brain to a few mm, a neck or a face lies farther."""
+
 
 def estimate_brain_mask(t1: Volume) -> np.ndarray:
     """Estimate the brain of a T1-weighted volume.
@@ -36,8 +46,10 @@ def estimate_brain_mask(t1: Volume) -> np.ndarray:
     Steps, on a grid of about 2 mm: smooth (sigma 1 mm); threshold a little above the Otsu level
     that separates the head from the background (two Otsu levels, see :data:`_THRESHOLD_FRACTION`);
     open with a ball of :data:`OPENING_RADIUS_MM`, keeping only the largest piece, to cut the
-    brain from the scalp; close and fill holes. Balls are in mm (distance transforms with the
-    voxel spacing), so any spacing and orientation give the same physical mask.
+    brain from the scalp; close and fill holes. In a head with scalp (:data:`SCALP_FRACTION`), keep only what
+    lies within :data:`ATLAS_MARGIN_MM` of Colin27's brain registered onto the scan (:mod:`.atlas_brain`): a
+    brain joined thickly to a neck or a face survives the opening with them. Balls are in mm (distance
+    transforms with the voxel spacing), so any spacing and orientation give the same physical mask.
 
     Args:
         t1: a T1 volume, shape (K, J, I), any dtype, spacing, orientation.
@@ -64,7 +76,25 @@ def estimate_brain_mask(t1: Volume) -> np.ndarray:
     dilated = _distance(brain, spacing, outside=True) <= CLOSING_RADIUS_MM
     closed = _distance(dilated, spacing) > CLOSING_RADIUS_MM
     mask = ndimage.binary_fill_holes(closed | brain)
+    scalp = (image > head_level) & (_distance(mask, spacing, outside=True) > SCALP_GAP_MM)
+    if np.count_nonzero(scalp) > SCALP_FRACTION * np.count_nonzero(mask):
+        mask = _within_atlas_brain(t1, mask, factors, spacing)
     return _upsample(mask, factors, t1.shape)
+
+
+def _within_atlas_brain(t1: Volume, mask: np.ndarray, factors: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The part of a head's ``mask`` (working grid) within :data:`ATLAS_MARGIN_MM` of the registered atlas brain,
+    its largest piece with holes filled; ``mask`` itself without the atlas (mricron-data missing) or where the
+    registration failed (less than half of the atlas brain kept)."""
+    from .atlas_brain import atlas_brain
+
+    atlas = atlas_brain(t1)
+    if atlas is None:
+        return mask
+    atlas = _block_mean(atlas.astype(np.float32), factors) > 0.5
+    near = _distance(atlas, spacing, outside=True) <= ATLAS_MARGIN_MM
+    kept = ndimage.binary_fill_holes(_largest_component(mask & near))
+    return kept if np.count_nonzero(kept) >= 0.5 * np.count_nonzero(atlas) else mask
 
 
 def mask_volume_ml(mask: np.ndarray, spacing: np.ndarray) -> float:
