@@ -255,9 +255,13 @@ def cmd_synth_dataset(args: argparse.Namespace) -> int:
 
     first, _, last = args.seeds.partition(":")
     seeds = range(int(first), int(last)) if last else [int(first)]
+    for name, value in (("--host-blur", args.host_blur), ("--host-noise", args.host_noise)):
+        if value is not None and not value >= 0:
+            raise SegXAIError(f"{name} must be a number >= 0 (the largest degradation drawn), got {value}")
     low, _, high = (args.host_scale or "").partition(":")
     host_scale = (float(low), float(high)) if args.host_scale else None
-    written = synthesize_dataset(args.hosts.split(","), seeds, Path(args.out), _progress(args), host_scale)
+    written = synthesize_dataset(args.hosts.split(","), seeds, Path(args.out), _progress(args), host_scale,
+                                 args.host_blur, args.host_noise)
     print(f"wrote {len(written)} cases to {args.out}")
     return 0
 
@@ -407,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", required=True, help="FIRST:STOP (stop excluded), e.g. 0:200")
     p.add_argument("--host-scale", default=None, metavar="LOW:HIGH",
                    help="shrink/grow each host by a seeded factor in this range, e.g. 0.45:1.0")
+    p.add_argument("--host-blur", type=float, default=None, metavar="MM",
+                   help="blur each host before the lesion is drawn, by a seeded FWHM between 0 and this, e.g. 7")
+    p.add_argument("--host-noise", type=float, default=None, metavar="STD",
+                   help="add Rician noise to each host before the lesion is drawn, of a seeded std between 0 and "
+                        "this fraction of the tissue level, e.g. 0.08")
     p.add_argument("--out", required=True)
     add_progress(p)
     p.set_defaults(func=cmd_synth_dataset)

@@ -96,15 +96,23 @@ class TrainConfig:
 
 # --------------------------------------------------------------------- data
 def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path, progress: Progress | None = None,
-                       host_scale: tuple[float, float] | None = None) -> list[Path]:
+                       host_scale: tuple[float, float] | None = None, host_blur: float | None = None,
+                       host_noise: float | None = None) -> list[Path]:
     """Write one lesion case per seed, cycling through the sample ``hosts``; returns the case folders.
 
     ``host_scale`` (low, high): each case's host is first shrunk or grown by a factor drawn from the
     seed (its voxel spacing scaled), so that the model also sees smaller and larger heads than the
     two human hosts; lesion sizes stay those of an adult brain (``brain_scale=1``), so a shrunken
     head holds a lesion that is large for it.
+
+    ``host_blur`` (mm) and ``host_noise`` (std / tissue level): each case's host is then degraded
+    (:func:`~SegXAILib.data.degrade.degrade`) by a blur of FWHM and Rician noise drawn from the seed
+    between 0 and these, *before* the lesion is drawn: a blurrier or noisier head than the templates,
+    holding a lesion as sharp as the generator draws it, as another scanner shows one. The lesion's
+    place and labels are those of the undegraded host (same seed, same brain mask).
     """
     from .data.brain_mask import estimate_brain_mask
+    from .data.degrade import degrade
     from .data.lesion import synthesize_lesion, write_case
     from .data.samples import load_host
 
@@ -121,6 +129,11 @@ def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path, pr
             if host_scale is not None:
                 factor = np.random.default_rng([seed, 1]).uniform(*host_scale)
                 volume = Volume(volume.array, volume.spacing * factor, volume.origin * factor, volume.direction)
+            strengths = np.random.default_rng([seed, 2]).uniform(0.0, 1.0, 2)
+            if host_blur:
+                volume = degrade(volume, "blur", strengths[0] * host_blur)
+            if host_noise:
+                volume = degrade(volume, "noise", strengths[1] * host_noise, seed=seed)
             write_case(synthesize_lesion(volume, seed=seed, brain_mask=masks[host], brain_scale=1.0), folder)
         written.append(folder)
         progress.update("synthesize", (n + 1) / len(seeds), folder.name)

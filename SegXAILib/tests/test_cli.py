@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from SegXAILib.cli import main
 from SegXAILib.volume import Volume, read_volume, write_volume
@@ -131,6 +132,30 @@ def test_synth_lesion_and_ct_phantom_commands(tmp_path):
     assert run_cli("ct-phantom", "--out", tmp_path / "ct", "--shape", 16, 32, 32) == 0
     ct = read_volume(tmp_path / "ct" / "image.nii.gz")
     assert ct.shape == (16, 32, 32) and ct.array.dtype == np.int16 and ct.array.min() <= -900
+
+
+def test_synth_dataset_degrades_hosts_before_drawing_the_lesion(tmp_path):
+    from SegXAILib.data.brain_mask import estimate_brain_mask
+    from SegXAILib.data.degrade import degrade
+    from SegXAILib.data.lesion import synthesize_lesion
+    from SegXAILib.data.samples import mni152_t1
+
+    args = ["synth-dataset", "--hosts", "mni152", "--seeds", "6:7", "--progress", "none"]
+    assert run_cli(*args, "--out", tmp_path / "clean") == 0
+    assert run_cli(*args, "--host-blur", 6, "--host-noise", 0.05, "--out", tmp_path / "degraded") == 0
+    clean, degraded = (tmp_path / name / "mni152_00006" for name in ("clean", "degraded"))
+    label = read_volume(degraded / "label.nii.gz").array
+    assert np.array_equal(label, read_volume(clean / "label.nii.gz").array)  # same place, same labels
+    # the host is degraded, then the lesion drawn into it (as sharp as in a clean host), placed by the clean host's mask
+    blur, noise = np.random.default_rng([6, 2]).uniform(0.0, 1.0, 2) * (6, 0.05)
+    clean_host = mni152_t1()
+    host = degrade(degrade(clean_host, "blur", blur), "noise", noise, seed=6)
+    expected = synthesize_lesion(host, seed=6, brain_mask=estimate_brain_mask(clean_host), brain_scale=1.0).image.array
+    image = read_volume(degraded / "image.nii.gz").array
+    np.testing.assert_allclose(image, expected, rtol=1e-6, atol=1e-4)
+    outside = ~ndimage.binary_dilation(label > 0, iterations=8)
+    assert not np.allclose(image[outside], read_volume(clean / "image.nii.gz").array[outside], atol=1.0)
+    assert run_cli(*args, "--host-blur", -1, "--out", tmp_path / "bad") == 2
 
 
 def test_synth_dataset_shrinks_hosts_by_a_seeded_factor(tmp_path):
