@@ -66,7 +66,7 @@ def image_quality(array: np.ndarray, spacing: Sequence[float]) -> dict[str, floa
     Returns:
         ``{"noise", "fwhm_mm", "dark_ratio"}``; NaN where undefined (no foreground, a constant foreground).
     """
-    from .preprocessing import foreground_mask
+    from .preprocessing import foreground_mask, no_signal_level
 
     step = max(1, round((array.size / _SAMPLE_VOXELS) ** (1 / 3)))
     x = np.asarray(array[::step, ::step, ::step], dtype=np.float64)
@@ -78,7 +78,7 @@ def image_quality(array: np.ndarray, spacing: Sequence[float]) -> dict[str, floa
     nan = {name: math.nan for name in IMAGE_SCORES}
     if inner.sum() < 27:
         return nan
-    zero = min(0.0, float(x.min()))  # no signal
+    zero = no_signal_level(x)
     dark, median = np.percentile(x[foreground] - zero, [10, 50])
     if not median > 0:
         return nan

@@ -118,6 +118,11 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     return array > threshold
 
 
+def no_signal_level(array: np.ndarray) -> float:
+    """The intensity of no signal: 0 for a magnitude image, its minimum for a shifted one (e.g. z-scored)."""
+    return min(0.0, float(array.min()))
+
+
 def normalise_intensity(array: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """Intensity normalisation named by a card's ``preprocessing.intensity`` entry; float32 out."""
     kind = spec.get("kind", "zscore_foreground")

@@ -75,7 +75,9 @@ def degrade(scan: Volume, kind: Degradation, strength: float | None = None, seed
     elif kind == "bias":
         array = array * np.exp(_bias_field(array.shape, strength, rng))
     else:
-        zero = min(float(array.min()), 0.0)  # no signal: 0 for magnitude images
+        from ..preprocessing import no_signal_level
+
+        zero = no_signal_level(array)
         level = _tissue_level(array) - zero
         array = zero + level * np.power(np.maximum(array - zero, 0.0) / level, strength)
     return scan.with_array(array.astype(np.float32, copy=False))

@@ -22,6 +22,7 @@ from scipy import ndimage
 from scipy.special import ndtr
 
 from ..errors import SegXAIError
+from ..preprocessing import no_signal_level
 from ..volume import Volume, write_volume
 from .brain_mask import estimate_brain_mask, mask_volume_ml
 
@@ -119,7 +120,7 @@ def host_levels(host: Volume, brain_mask: np.ndarray) -> HostLevels:
     if values.size == 0:
         raise SegXAIError("the brain mask is empty; give a T1 MRI of a head or a brain mask with brain in it")
     wm, dark = np.percentile(values, [_WM_PERCENTILE, _DARK_PERCENTILE])
-    levels = HostLevels(wm=float(wm), dark=float(dark), zero=min(0.0, float(host.array.min())))
+    levels = HostLevels(wm=float(wm), dark=float(dark), zero=no_signal_level(host.array))
     if not levels.wm > levels.zero:
         raise SegXAIError("the host has no brain signal above its background; give a T1 MRI with a visible brain")
     return levels
