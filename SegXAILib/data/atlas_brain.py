@@ -56,7 +56,8 @@ def atlas_brain(t1: Volume) -> np.ndarray | None:
     if atlas is None:
         return None
     atlas_head, atlas_mask = atlas
-    fixed = _coarse(t1.to_sitk())
+    scan = t1.to_sitk()
+    fixed = _coarse(scan)
     initial = sitk.CenteredTransformInitializer(fixed, atlas_head, sitk.AffineTransform(3),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     registration = sitk.ImageRegistrationMethod()
@@ -71,5 +72,5 @@ def atlas_brain(t1: Volume) -> np.ndarray | None:
     registration.SetInitialTransform(initial, inPlace=False)
     registration.SetNumberOfThreads(1)
     transform = registration.Execute(fixed, atlas_head)
-    warped = sitk.Resample(atlas_mask, t1.to_sitk(), transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    warped = sitk.Resample(atlas_mask, scan, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(warped) > 0
