@@ -134,7 +134,7 @@ def test_synth_lesion_and_ct_phantom_commands(tmp_path):
     assert ct.shape == (16, 32, 32) and ct.array.dtype == np.int16 and ct.array.min() <= -900
 
 
-def test_synth_dataset_degrades_hosts_before_drawing_the_lesion(tmp_path):
+def test_synth_dataset_degrades_hosts_before_drawing_the_lesion(tmp_path, capsys):
     from SegXAILib.data.brain_mask import estimate_brain_mask
     from SegXAILib.data.degrade import degrade
     from SegXAILib.data.lesion import synthesize_lesion
@@ -155,7 +155,11 @@ def test_synth_dataset_degrades_hosts_before_drawing_the_lesion(tmp_path):
     np.testing.assert_allclose(image, expected, rtol=1e-6, atol=1e-4)
     outside = ~ndimage.binary_dilation(label > 0, iterations=8)
     assert not np.allclose(image[outside], read_volume(clean / "image.nii.gz").array[outside], atol=1.0)
+    capsys.readouterr()
     assert run_cli(*args, "--host-blur", -1, "--out", tmp_path / "bad") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --host-blur must be a number >= 0")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_synth_dataset_shrinks_hosts_by_a_seeded_factor(tmp_path):
