@@ -5,6 +5,11 @@
 trained on heads whose field of view ends at the skull base meets necks, faces and bright vessels
 in other scanners' heads, and finds "lesions" there; a lesion of the brain never lies outside it.
 The margin covers the cortex the conservative mask leaves out.
+
+``{"min_fraction_in_brain": F}``: each connected piece of the foreground (the model grid's argmax,
+26-connected) is kept only if at least the fraction ``F`` of its voxels lies inside that brain. A
+lesion of the brain lies in the brain; what the margin lets through at the brain's surface, the
+dura, sinuses and sulcal fluid of another scanner's head, lies mostly outside it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from scipy import ndimage
 from .errors import SegXAIError
 from .volume import Volume
 
-POSTPROCESSING_KEYS = ("brain_margin_mm",)
+POSTPROCESSING_KEYS = ("brain_margin_mm", "min_fraction_in_brain")
 
 
 def validate_postprocessing(spec: dict[str, Any], label_values: Sequence[int]) -> None:
@@ -30,35 +35,75 @@ def validate_postprocessing(spec: dict[str, Any], label_values: Sequence[int]) -
         margin = spec["brain_margin_mm"]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
             raise SegXAIError(f"postprocessing brain_margin_mm must be a number of mm >= 0, got {margin!r}")
-        if 0 not in label_values:
-            raise SegXAIError("postprocessing brain_margin_mm needs a background class (label 0)")
+    if "min_fraction_in_brain" in spec:
+        fraction = spec["min_fraction_in_brain"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise SegXAIError(f"postprocessing min_fraction_in_brain must be a number in (0, 1], got {fraction!r}")
+    if spec and 0 not in label_values:
+        raise SegXAIError(f"postprocessing {sorted(spec)[0]} needs a background class (label 0)")
 
 
 def postprocess(probabilities: np.ndarray, model_grid: Volume, spec: dict[str, Any],
                 label_values: Sequence[int]) -> np.ndarray:
     """Apply ``spec`` to softmax ``probabilities`` (n_classes, K, J, I) on ``model_grid``; in place, returned."""
+    from .data.brain_mask import estimate_brain_mask
+
+    if not spec:
+        return probabilities
+    brain = estimate_brain_mask(model_grid)
+    background = list(label_values).index(0)
     if "brain_margin_mm" in spec:
-        restrict_to_brain(probabilities, model_grid, float(spec["brain_margin_mm"]), list(label_values).index(0))
+        restrict_to_brain(probabilities, brain, model_grid.spacing, float(spec["brain_margin_mm"]), background)
+    if "min_fraction_in_brain" in spec:
+        drop_pieces_outside_brain(probabilities, brain, float(spec["min_fraction_in_brain"]), background)
     return probabilities
 
 
-def restrict_to_brain(probabilities: np.ndarray, model_grid: Volume, margin_mm: float,
+def _set_background(probabilities: np.ndarray, where: np.ndarray, background: int) -> None:
+    probabilities[:, where] = 0.0
+    probabilities[background, where] = 1.0
+
+
+def restrict_to_brain(probabilities: np.ndarray, brain: np.ndarray, spacing: Sequence[float], margin_mm: float,
                       background: int) -> np.ndarray:
     """Give channel ``background`` all the probability outside the brain grown by ``margin_mm``.
 
     Args:
-        probabilities: softmax, shape (n_classes, K, J, I) on ``model_grid``; changed in place.
-        model_grid: the preprocessed scan whose brain is estimated.
-        margin_mm: how far outside the estimated brain foreground is still allowed.
+        probabilities: softmax, shape (n_classes, K, J, I); changed in place.
+        brain: bool (K, J, I), the brain on the same grid.
+        spacing: the grid's spacing in mm, (I, J, K) order.
+        margin_mm: how far outside the brain foreground is still allowed.
         background: index of the background channel.
 
     Returns:
         ``probabilities``, still summing to 1 at every voxel.
     """
-    from .data.brain_mask import estimate_brain_mask
+    outside = ndimage.distance_transform_edt(~brain, sampling=tuple(spacing)[::-1]) > margin_mm
+    _set_background(probabilities, outside, background)
+    return probabilities
 
-    brain = estimate_brain_mask(model_grid)
-    outside = ndimage.distance_transform_edt(~brain, sampling=model_grid.spacing[::-1]) > margin_mm
-    probabilities[:, outside] = 0.0
-    probabilities[background, outside] = 1.0
+
+def drop_pieces_outside_brain(probabilities: np.ndarray, brain: np.ndarray, min_fraction: float,
+                              background: int) -> np.ndarray:
+    """Give channel ``background`` all the probability of each foreground piece that lies less than
+    ``min_fraction`` inside ``brain``.
+
+    Pieces are the 26-connected components of the voxels whose argmax is not ``background``. Every
+    voxel around a dropped piece already has background as its argmax, so interpolating the edited
+    probabilities onto the scan's grid (a convex combination) cannot bring the piece back.
+
+    Args:
+        probabilities: softmax, shape (n_classes, K, J, I); changed in place.
+        brain: bool (K, J, I), the brain on the same grid.
+        min_fraction: the share of a piece's voxels that must lie in the brain for it to stay.
+        background: index of the background channel.
+
+    Returns:
+        ``probabilities``, still summing to 1 at every voxel.
+    """
+    pieces, n = ndimage.label(probabilities.argmax(0) != background, structure=np.ones((3, 3, 3)))
+    if n:
+        in_brain = ndimage.mean(brain, pieces, np.arange(1, n + 1))
+        dropped = np.concatenate([[False], in_brain < min_fraction])
+        _set_background(probabilities, dropped[pieces], background)
     return probabilities
