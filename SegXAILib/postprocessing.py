@@ -23,7 +23,13 @@ from scipy import ndimage
 from .errors import SegXAIError
 from .volume import Volume
 
-POSTPROCESSING_KEYS = ("brain_margin_mm", "min_fraction_in_brain")
+_VALID_VALUES = {
+    "brain_margin_mm": (lambda v: v >= 0, "a number of mm >= 0"),
+    "min_fraction_in_brain": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+}
+"""Each key of a card's ``postprocessing``: which numbers it takes, and how the error message says so."""
+
+POSTPROCESSING_KEYS = tuple(_VALID_VALUES)
 
 
 def validate_postprocessing(spec: dict[str, Any], label_values: Sequence[int]) -> None:
@@ -31,14 +37,10 @@ def validate_postprocessing(spec: dict[str, Any], label_values: Sequence[int]) -
     unknown = set(spec) - set(POSTPROCESSING_KEYS)
     if unknown:
         raise SegXAIError(f"unknown postprocessing {sorted(unknown)}; use any of {POSTPROCESSING_KEYS}")
-    if "brain_margin_mm" in spec:
-        margin = spec["brain_margin_mm"]
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-            raise SegXAIError(f"postprocessing brain_margin_mm must be a number of mm >= 0, got {margin!r}")
-    if "min_fraction_in_brain" in spec:
-        fraction = spec["min_fraction_in_brain"]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise SegXAIError(f"postprocessing min_fraction_in_brain must be a number in (0, 1], got {fraction!r}")
+    for key, value in spec.items():
+        valid, expected = _VALID_VALUES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+            raise SegXAIError(f"postprocessing {key} must be {expected}, got {value!r}")
     if spec and 0 not in label_values:
         raise SegXAIError(f"postprocessing {sorted(spec)[0]} needs a background class (label 0)")
 
