@@ -145,6 +145,13 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.loadCatalogue()
         self.updateResults()
 
+    def onReload(self) -> None:
+        """Reload SegXAILogic and SegXAILib with this file, so that an edit of the logic needs no restart."""
+        from SegXAILogic.reload import forgetModules
+
+        forgetModules()
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self._timer.stop()
