@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -64,11 +65,12 @@ from .fileio import atomic_write_text
 from .image_quality import IMAGE_SCORES, MIN_COHORT, OUTLIER_Z, cohort_outliers
 from .progress import Progress
 from .quality import RELIABILITY_MIN_AUC_CV, is_finite_number, reliability_judges
-from .reliability import GOOD_DICE
+from .reliability import GOOD_DICE, ReliabilityModel, case_features, fit_reliability, reliability_path
 from .volume import FILE_SUFFIXES, Volume, read_volume
 
 __all__ = ["AuditCase", "AuditResult", "AuditSettings", "CaseRow", "audit_case", "classifier_note", "find_cases",
-           "flag_image_outliers", "review_order", "run_audit", "run_cases", "score_vs_dice", "write_audit"]
+           "flag_image_outliers", "review_order", "run_audit", "run_cases", "score_vs_dice", "train_reliability",
+           "write_audit"]
 
 DEFAULT_METHODS = "protoseg,misure,tta"
 """Methods that yield every reliability feature (:mod:`SegXAILib.reliability`) and every case score rule."""
@@ -89,7 +91,8 @@ ORDER_NOTE = ("Most in need of review first: failed cases (no result at all), th
               "the rest of the cohort (its noise, smoothness or dark-tissue contrast a modified z-score beyond "
               f"{OUTLIER_Z} from the cohort's median, among at least {MIN_COHORT} cases: the model's scores and "
               "thresholds were calibrated on scans of the usual acquisition, so on these their verdict is an "
-              "extrapolation), then the cases with a score past its review threshold, then the rest; within each group the lowest reliability first (when its "
+              "extrapolation), then the cases with a score past its review threshold, then the rest; within each "
+              "group the lowest reliability first (when its "
               f"classifier's cross-validated AUROC reaches {RELIABILITY_MIN_AUC_CV}), then the highest "
               "uncertainty inside the object (TTA entropy), then the lowest mean SA \u03bc (missing values "
               "last), then by name. The order uses no Dice.")
@@ -244,7 +247,7 @@ def audit_case(case: AuditCase, settings: AuditSettings, folder: Path, progress:
 
 
 def _explain(case: AuditCase, settings: AuditSettings, folder: Path, progress: Progress) -> None:
-    from .cli import run_explain
+    from .case import run_explain
 
     device = settings.device
     if settings.gpus:
@@ -369,7 +372,8 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Any]:
                                    env=WORKER_ENV)
         except RuntimeError as exc:  # "Nanny failed to start": the workers' processes could not start
             raise SegXAIError(f"could not start {workers} Dask worker processes ({exc}); run without --workers, "
-                              "or from a script file or the segxai command (workers re-import the main module)") from None
+                              "or from a script file or the segxai command (workers re-import the main module)"
+                              ) from None
         with cluster, Client(cluster) as client:
             yield client
 
@@ -458,7 +462,8 @@ def score_vs_dice(rows: Sequence[CaseRow], good_dice: float = GOOD_DICE) -> list
             rho, p = (float(v) for v in spearmanr(score, dice))
         poor = dice < good_dice
         if poor.all() or not poor.any():
-            notes.append(f"AUROC undefined: all {len(poor)} cases have Dice {'<' if poor.any() else '>='} {good_dice:g}")
+            side = "<" if poor.any() else ">="
+            notes.append(f"AUROC undefined: all {len(poor)} cases have Dice {side} {good_dice:g}")
         else:
             auroc = float(roc_auc_score(poor, -score if low_is_poor else score))
         table.append({"score": key, "cases": len(score), "spearman_rho": rho, "spearman_p": p,
@@ -522,10 +527,10 @@ def run_audit(cases_dir: str | Path, settings: AuditSettings, out: str | Path, w
     Args:
         require_labels: audit only the cases with a label (``segxai train-reliability``); an error if none.
     """
-    from .explain.registry import parse_methods
+    from .methods import check_options, parse_methods
     from .models.registry import resolve_card
 
-    parse_methods(settings.methods)  # a typo fails before any case runs
+    check_options(settings.options, parse_methods(settings.methods))  # a typo fails before any case runs
     resolve_card(settings.model).target_channels(settings.target)
     cases = find_cases(cases_dir)
     if require_labels:
@@ -535,3 +540,39 @@ def run_audit(cases_dir: str | Path, settings: AuditSettings, out: str | Path, w
                               "image.<ext> and label.<ext>")
     rows = run_cases(cases, settings, Path(out), workers, scheduler, progress)
     return write_audit(Path(out), rows, settings, Path(cases_dir).resolve())
+
+
+# ------------------------------------------------------------------ training a reliability model
+def train_reliability(cases_dir: str | Path, settings: AuditSettings, out: str | Path | None = None,
+                      work: str | Path | None = None, workers: int | str | None = None,
+                      scheduler: str | None = None, progress: Progress | None = None) -> tuple[ReliabilityModel, Path]:
+    """Audit every labelled case of ``cases_dir``, fit the reliability model on the explanations and save it.
+
+    Args:
+        settings: model, methods, device, options, target (default: the card's default target); the saved
+            model judges explanations of that target only.
+        out: where to save (default :func:`~SegXAILib.reliability.reliability_path` of the card).
+        work: folder for the explained cases and their audit (kept, and resumable); default a temporary
+            folder removed afterwards.
+        workers, scheduler: as :func:`run_audit` (cases as Dask tasks).
+
+    Returns:
+        The model and the path it was saved to.
+    """
+    from .models.registry import resolve_card
+
+    card = resolve_card(settings.model)
+    target, _ = card.target_channels(settings.target)
+    with tempfile.TemporaryDirectory(prefix="segxai-reliability-") as scratch:
+        result = run_audit(cases_dir, settings, Path(work or scratch), workers, scheduler, progress,
+                           require_labels=True)
+        usable = [row for row in result.rows if row.status == "ok" and row.dice is not None]
+        if not usable:
+            raise SegXAIError(f"no case of {cases_dir} could be explained; see {result.csv}")
+        features = [case_features(json.loads((Path(row.folder) / "summary.json").read_text(encoding="utf-8")))
+                    for row in usable]
+    reliability = fit_reliability(features, [row.dice for row in usable], card.name, target,
+                                  methods=settings.methods)
+    failed = [row.case for row in result.rows if row.status != "ok"]
+    reliability = replace(reliability, training={**reliability.training, "failed_cases": failed})
+    return reliability, reliability.save(out or reliability_path(card))

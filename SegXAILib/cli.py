@@ -1,4 +1,5 @@
-"""The ``segxai`` command line: argument parsing only; each command calls into the library.
+"""The ``segxai`` command line: argument parsing and printing only; each command calls into the library
+(a case: :mod:`SegXAILib.case`). No module imports this one.
 
 Every user error ends as one ``error: ...`` line on stderr and exit code 2, with no output
 files left behind (outputs are staged and published only when a command succeeds).
@@ -7,9 +8,7 @@ files left behind (outputs are staged and published only when a command succeeds
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .errors import Cancelled, SegXAIError
 from .progress import Progress, TqdmProgress, json_progress_line
 
 DEFAULT_MODEL = "brain-lesion-unet"
+MODEL_HELP = "name from 'segxai models', card .json or MONAI bundle folder"
 
 
 # ------------------------------------------------------------------ helpers
@@ -35,12 +35,13 @@ def _format(fmt: str) -> str:
     return fmt
 
 
-def _read_host(spec: str):
-    """A host scan: a sample name (mni152, colin27) or a path."""
-    from .data.samples import SAMPLE_HOSTS, load_host
-    from .volume import read_volume
+def _options(args: argparse.Namespace) -> dict[str, dict]:
+    """``--option METHOD.NAME=VALUE`` pairs, checked against the methods' declared options."""
+    from .methods import check_options, parse_option_pairs
 
-    return load_host(spec) if spec in SAMPLE_HOSTS else read_volume(spec)
+    options = parse_option_pairs(args.option)
+    check_options(options)
+    return options
 
 
 # ----------------------------------------------------------------- commands
@@ -63,75 +64,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt: str,
-                progress: Progress) -> dict:
-    """Read, segment and write; the same function serves ``segment`` and ``demo``."""
-    from .fileio import OutputFolder
-    from .inference import segment
-    from .models.registry import load_model
-    from .outputs import write_segmentation
-    from .volume import read_volume
-
-    start = time.perf_counter()
-    scan = read_volume(scan_path)
-    model = load_model(model_spec)
-    load_seconds = time.perf_counter() - start
-    result = segment(scan, model, device=device, progress=progress)
-    with OutputFolder(out_dir) as out:
-        summary = write_segmentation(out, result, model.card, scan_path, fmt,
-                                     {"read_and_load": load_seconds, **result.timings})
-    return summary
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, dict]:
-    """``["gradcam.layer=bottleneck", "tta.transforms=4"]`` -> ``{"gradcam": {"layer": "bottleneck"}, ...}``."""
-    options: dict[str, dict] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        method, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise SegXAIError(f"bad --option {pair!r}; write METHOD.NAME=VALUE, e.g. gradcam.layer=bottleneck")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        options.setdefault(method, {})[name] = parsed
-    return options
-
-
-def run_explain(scan_path: str, model_spec: str, methods: str, target: str | None, out_dir: Path, device: str,
-                fmt: str, progress: Progress, label_path: str | None = None,
-                options: dict | None = None, report: bool = True) -> dict:
-    """Read, segment, explain and write; the same function serves ``explain``, ``demo`` and Slicer."""
-    from .explain.pipeline import explain_scan, write_explain_outputs
-    from .explain.registry import parse_methods
-    from .fileio import OutputFolder
-    from .models.registry import load_model
-    from .volume import read_volume
-
-    start = time.perf_counter()
-    names = parse_methods(methods)
-    scan = read_volume(scan_path)
-    label = read_volume(label_path) if label_path else None
-    model = load_model(model_spec)
-    model.card.target_channels(target)  # an unknown class fails before any work
-    load_seconds = time.perf_counter() - start
-    run = explain_scan(scan, model, names, target, device, progress, label, options)
-    with OutputFolder(out_dir) as out:
-        summary = write_explain_outputs(out, run, model, scan_path, fmt,
-                                        {"read_and_load": load_seconds, **run.segmentation.timings})
-    if report:
-        from .report import write_report
-
-        progress.update("report", 0.0)
-        write_report(out_dir)  # reads the published summary.json and the files it names
-        progress.update("report", 1.0)
-    return summary
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
+    from .case import run_explain
+
     summary = run_explain(args.scan, args.model, args.methods, args.target, Path(args.out), args.device,
-                          _format(args.format), _progress(args), args.label, parse_options(args.option),
+                          _format(args.format), _progress(args), args.label, _options(args),
                           report=not args.no_report)
     for item in summary["maps"]:
         print(f"{item['file']:48s} {item['description']}")
@@ -161,7 +98,7 @@ def _audit_settings(args: argparse.Namespace, **extra):
     """How ``audit`` and ``train-reliability`` explain each case (:class:`SegXAILib.audit.AuditSettings`)."""
     from .audit import AuditSettings
 
-    return AuditSettings(args.model, args.methods, device=args.device, options=parse_options(args.option), **extra)
+    return AuditSettings(args.model, args.methods, device=args.device, options=_options(args), **extra)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -185,7 +122,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_train_reliability(args: argparse.Namespace) -> int:
-    from .reliability import train_reliability
+    from .audit import train_reliability
 
     model, path = train_reliability(args.cases, _audit_settings(args), args.out, args.work, args.workers,
                                     args.scheduler, _progress(args))
@@ -204,6 +141,8 @@ def cmd_train_reliability(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from .case import run_segment
+
     summary = run_segment(args.scan, args.model, Path(args.out), args.device, _format(args.format),
                           _progress(args))
     for c in summary["classes"][1:]:
@@ -214,10 +153,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_synth_lesion(args: argparse.Namespace) -> int:
     from .data.lesion import synthesize_lesion, write_case
+    from .data.samples import read_host
     from .fileio import OutputFolder
 
-    host = _read_host(args.host)
-    case = synthesize_lesion(host, seed=args.seed)
+    case = synthesize_lesion(read_host(args.host), seed=args.seed)
     with OutputFolder(Path(args.out)) as out:
         write_case(case, out.staging, fmt=_format(args.format))
     print(f"wrote {Path(args.out) / ('image.' + args.format)} and {Path(args.out) / ('label.' + args.format)}")
@@ -231,8 +170,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     scan_path, out = Path(args.scan), Path(args.out)
     if out.resolve() == scan_path.resolve():
         raise SegXAIError(f"--out {out} is the input scan; write the degraded copy to another file")
-    scan = read_volume(scan_path)
-    write_volume(degrade(scan, args.kind, args.strength, args.seed), out)
+    write_volume(degrade(read_volume(scan_path), args.kind, args.strength, args.seed), out)
     print(f"wrote {out}")
     return 0
 
@@ -255,9 +193,6 @@ def cmd_synth_dataset(args: argparse.Namespace) -> int:
 
     first, _, last = args.seeds.partition(":")
     seeds = range(int(first), int(last)) if last else [int(first)]
-    for name, value in (("--host-blur", args.host_blur), ("--host-noise", args.host_noise)):
-        if value is not None and not value >= 0:
-            raise SegXAIError(f"{name} must be a number >= 0 (the largest degradation drawn), got {value}")
     low, _, high = (args.host_scale or "").partition(":")
     host_scale = (float(low), float(high)) if args.host_scale else None
     written = synthesize_dataset(args.hosts.split(","), seeds, Path(args.out), _progress(args), host_scale,
@@ -280,30 +215,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .data.lesion import synthesize_lesion, write_case
-    from .data.samples import default_demo_host
-    from .metrics import dice_per_target
-    from .models.registry import resolve_card
-    from .volume import read_volume
+    from .demo import run_demo
 
     out = Path(args.out)
-    host_name = args.host or default_demo_host()
-    case = synthesize_lesion(_read_host(host_name), seed=args.seed)
-    image_path, label_path = write_case(case, out / "case", fmt="nii.gz")
-    summary = run_explain(str(image_path), args.model, args.methods, None, out, args.device, "nii.gz",
-                          _progress(args), label_path=str(label_path))
-    predicted = read_volume(out / summary["files"]["segmentation"])
-    card = resolve_card(args.model)
-    scores = dice_per_target(predicted.array, case.label.array, card)
-    print(f"demo: a synthetic brain tumour (seed {args.seed}) placed in the {host_name} T1 MRI, "
-          f"segmented by {card.name} on {summary['device']}")
-    for name, value in scores.items():
+    demo = run_demo(out, args.host, args.seed, args.model, args.methods, args.device, _progress(args))
+    summary = demo.summary
+    print(f"demo: a synthetic brain tumour (seed {args.seed}) placed in the {demo.host} T1 MRI, "
+          f"segmented by {demo.card.name} on {summary['device']}")
+    for name, value in demo.dice.items():
         print(f"  Dice {name:20s} {value:.3f}")
     print(f"  explained '{summary['target']['name']}' with {len(summary['maps'])} maps from "
           f"{len(summary['explanations'])} methods ({', '.join(e['method'] for e in summary['explanations'])})")
     for key, value in summary["scores"].items():
         print(f"  {key:32s} {value:.4g}")
-    print(f"scan:          {image_path}\ntrue label:    {label_path}\n"
+    print(f"scan:          {demo.image}\ntrue label:    {demo.label}\n"
           f"segmentation:  {out / summary['files']['segmentation']}\nsummary:       {out / 'summary.json'}\n"
           f"report:        {out / 'report.html'}")
     return 0
@@ -325,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment a scan")
     p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="name from 'segxai models', card .json or MONAI bundle folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
@@ -334,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="segment a scan and explain one class with several methods")
     p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="name from 'segxai models', card .json or MONAI bundle folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--methods", default="gradcam", help="comma-separated methods, or 'all'")
     p.add_argument("--target", default=None, help="class or group name (default: the card's default target)")
     p.add_argument("--out", required=True, help="output folder")
@@ -361,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_cohort(p: argparse.ArgumentParser) -> None:
         """Options shared by the commands that explain a folder of cases."""
         p.add_argument("cases", help="folder of case folders (image.<ext> [+ label.<ext>]) and/or scan files")
-        p.add_argument("--model", default=DEFAULT_MODEL, help="name from 'segxai models', card .json or MONAI bundle folder")
+        p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
         p.add_argument("--methods", default="protoseg,misure,tta", help="comma-separated methods, or 'all'")
         p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                        help="method option, e.g. misure.steps=50 (repeatable)")
@@ -386,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "explanation) on labelled cases; saved beside the model card")
     add_cohort(p)
     p.add_argument("--out", default=None, help="reliability file (default: <card folder>/<card name>.reliability.json)")
-    p.add_argument("--work", default=None, help="keep the explained cases here (resumable; default: a temporary folder)")
+    p.add_argument("--work", default=None,
+                   help="keep the explained cases here (resumable; default: a temporary folder)")
     p.set_defaults(func=cmd_train_reliability)
 
     p = sub.add_parser("demo", help="place a lesion in a packaged brain MRI, segment it, print Dice")

@@ -63,6 +63,7 @@ from .inference import select_device, sliding_window_predict, target_mask
 from .metrics import dice
 from .models.loaders import LoadedModel
 from .progress import Progress
+from .scaling import minmax
 
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
 """(B, C, *S) scans -> (B, n_classes, *S) softmax probabilities on the CPU."""
@@ -103,13 +104,6 @@ def probability_fn(model: LoadedModel | nn.Module | ProbabilityFn, device: torch
                 return torch.softmax(model(images.to(device)).float(), dim=1).cpu()
         return whole
     return model
-
-
-def minmax(saliency: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1]. A constant map has no ranking: 1 where positive (e.g. a sufficient region that
-    covers the whole grid keeps everything), else 0."""
-    low, high = float(saliency.min()), float(saliency.max())
-    return (saliency - low) / (high - low) if high > low else (saliency > 0).astype(saliency.dtype)
 
 
 def ranking(saliency: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -183,7 +177,7 @@ def binarised_scores(model: LoadedModel | nn.Module | ProbabilityFn, image: torc
         raise SegXAIError(f"thresholds must lie in [0, 1) and top fractions in (0, 1]; got {list(thresholds)} "
                           f"and {list(top_fractions)}")
     saliency = np.asarray(saliency, dtype=np.float64)
-    scaled = minmax(saliency)
+    scaled = minmax(saliency, keep_positive=True)
     keeps = {f"gt{t:g}": scaled > t for t in thresholds}
     order = ranking(saliency, seed)
     keeps.update({f"top{100 * q:g}pct": first_voxels(order, round(q * order.size), saliency.shape)
@@ -331,7 +325,8 @@ def evaluate_maps(folder: str | Path, model: LoadedModel | str | None = None, st
         for item in maps:
             start = time.perf_counter()
             current = item["file"]
-            saliency = minmax(resample_to_grid(read_volume(folder / item["file"]), grid).array.astype(np.float64))
+            saliency = minmax(resample_to_grid(read_volume(folder / item["file"]), grid).array.astype(np.float64),
+                              keep_positive=True)
             row: dict[str, Any] = {"map": item["file"], "method": item["method"], "variant": item.get("variant") or "",
                                    "class": item.get("class", summary["target"]["name"])}
             row.update(binarised_scores(counted, image, saliency, channels, baseline, thresholds, top_fractions,

@@ -21,7 +21,7 @@ from monai.inferers import sliding_window_inference
 from .errors import SegXAIError
 from .models.loaders import LoadedModel
 from .postprocessing import postprocess
-from .preprocessing import preprocess, resample_to_grid
+from .preprocessing import BrainMask, preprocess_with_brain, resample_to_grid
 from .progress import Progress, part_of
 from .symmetries import augment, invert, mirrorings
 from .volume import Volume
@@ -121,6 +121,8 @@ class SegmentationResult:
         probabilities: softmax, shape (n_classes, K, J, I) on ``model_grid``.
         model_grid: the preprocessed scan (its geometry is the model grid).
         scan: the input scan (read-only).
+        brain: the scan's brain, estimated at most once for the whole case (every later step that needs
+            it, on any grid, asks this object).
         timings: seconds per stage.
         device: the device the network ran on.
     """
@@ -129,6 +131,7 @@ class SegmentationResult:
     probabilities: np.ndarray
     model_grid: Volume
     scan: Volume
+    brain: BrainMask
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
 
@@ -195,7 +198,7 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
 
     start = time.perf_counter()
     progress.update("preprocess", 0.0)
-    model_grid = preprocess(scan, model.card.preprocessing)
+    model_grid, brain = preprocess_with_brain(scan, model.card.preprocessing)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -205,7 +208,7 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
 
     if model.card.postprocessing:
         start = time.perf_counter()
-        postprocess(probabilities, model_grid, model.card.postprocessing, label_values)
+        postprocess(probabilities, model_grid, model.card.postprocessing, label_values, brain)
         timings["postprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -213,7 +216,7 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
     labels = labels_on_grid(probabilities, model_grid, scan, label_values)
     timings["resample"] = time.perf_counter() - start
     progress.update("resample", 1.0)
-    return SegmentationResult(labels, probabilities, model_grid, scan, timings, str(device))
+    return SegmentationResult(labels, probabilities, model_grid, scan, brain, timings, str(device))
 
 
 def volumes_ml(labels: Volume, label_values: Sequence[int]) -> dict[int, tuple[int, float]]:

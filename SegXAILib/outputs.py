@@ -1,17 +1,28 @@
-"""What a segmentation run writes: the labelmap and ``summary.json``."""
+"""What a case writes: the labelmap, one file per map on the scan's grid, and ``summary.json``.
+
+Writing only records: the segmentation, the explanations and the verdict are computed before
+(:mod:`SegXAILib.case`), and everything goes into a staging folder published when complete.
+"""
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from typing import Any
 
-from . import __version__
+import numpy as np
+
+from .explain.base import ExplanationMap
+from .explain.pipeline import ExplainResult
 from .fileio import OutputFolder
 from .inference import SegmentationResult, volumes_ml
 from .models.card import ModelCard
-from .volume import write_volume
+from .preprocessing import resample_to_grid
+from .verdict import CaseVerdict
+from .version import __version__
+from .volume import Volume, write_volume
 
 FORMATS = ("nii.gz", "nrrd", "nii", "mha")
 
@@ -63,3 +74,69 @@ def write_segmentation(out: OutputFolder, result: SegmentationResult, card: Mode
     out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a class name: 'whole tumour' -> 'whole-tumour'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def map_on_scan(item: ExplanationMap, result: SegmentationResult) -> Volume:
+    """A map on the scan's grid; min-max scaled to [0, 1] when the map has no units."""
+    volume = resample_to_grid(result.model_grid.with_array(item.array.astype(np.float32)), result.scan)
+    array = volume.array
+    if item.normalise:
+        lo, hi = float(array.min()), float(array.max())
+        array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+    return volume.with_array(array.astype(np.float32))
+
+
+def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVerdict, card: ModelCard,
+                          scan_path: str, fmt: str, timings: dict[str, float]) -> dict[str, Any]:
+    """Write the segmentation, one file per map on the scan's grid, and summary.json (staged); return the summary.
+
+    summary.json records the case-level ``scores`` (with ``reliability`` when a reliability model judged the
+    case), the ``review`` verdict and the uncertainty ``agreement`` of ``verdict``
+    (:func:`SegXAILib.verdict.judge_case`).
+    """
+    result = run.segmentation
+    files = {"segmentation": f"segmentation.{fmt}"}
+    write_volume(result.labels, out.path(files["segmentation"]))
+    maps = []
+    for explanation in run.explanations:
+        for item in explanation.maps:
+            relative = f"maps/{item.name}_{slug(run.target)}.{fmt}"
+            volume = map_on_scan(item, result)
+            write_volume(volume, out.path(relative))
+            maps.append({"file": relative, "method": explanation.method, "variant": item.variant,
+                         "class": run.target, "description": item.description, "colormap": item.colormap,
+                         "threshold": item.threshold, "normalised": item.normalise,
+                         "range": [float(volume.array.min()), float(volume.array.max())],
+                         "seconds": explanation.metadata.get("seconds")})
+            del volume
+    summary = segmentation_summary(result, card, scan_path, files, timings)
+    summary.update({
+        "target": {"name": run.target, "labels": run.label_values},
+        "maps": maps,
+        "explanations": [{"method": e.method, "scalars": e.scalars, "curves": e.curves, "metadata": e.metadata}
+                         for e in run.explanations],
+        "not_applicable": {**run.not_applicable, **verdict.not_applicable},
+        "scores": verdict.scores,
+    })
+    if verdict.reliability_model is not None:
+        summary["reliability_model"] = verdict.reliability_model
+    summary["review"] = verdict.review  # the one verdict the report and Slicer show
+    if verdict.agreement:
+        summary["agreement"] = verdict.agreement
+    out.path("summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n",
+                                        encoding="utf-8")
+    return summary
+
+
+def _json_default(value: Any) -> Any:
+    """NumPy scalars and arrays in explainer metadata become plain JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,7 +1,7 @@
 """Postprocessing of model-grid probabilities, named by a card's ``postprocessing`` entry.
 
 ``{"brain_margin_mm": M}``: a brain-lesion model's foreground is kept only inside the scan's brain
-(estimated by :func:`~SegXAILib.data.brain_mask.estimate_brain_mask`) grown by ``M`` mm. A model
+(the case's :class:`~SegXAILib.preprocessing.BrainMask`, estimated once per scan) grown by ``M`` mm. A model
 trained on heads whose field of view ends at the skull base meets necks, faces and bright vessels
 in other scanners' heads, and finds "lesions" there; a lesion of the brain never lies outside it.
 The margin covers the cortex the conservative mask leaves out.
@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import SegXAIError
+from .preprocessing import BrainMask
 from .volume import Volume
 
 _VALID_VALUES = {
@@ -46,13 +47,14 @@ def validate_postprocessing(spec: dict[str, Any], label_values: Sequence[int]) -
 
 
 def postprocess(probabilities: np.ndarray, model_grid: Volume, spec: dict[str, Any],
-                label_values: Sequence[int]) -> np.ndarray:
-    """Apply ``spec`` to softmax ``probabilities`` (n_classes, K, J, I) on ``model_grid``; in place, returned."""
-    from .data.brain_mask import estimate_brain_mask
+                label_values: Sequence[int], brain_mask: BrainMask) -> np.ndarray:
+    """Apply ``spec`` to softmax ``probabilities`` (n_classes, K, J, I) on ``model_grid``; in place, returned.
 
+    ``brain_mask``: the scan's brain, brought onto ``model_grid`` when a rule needs it.
+    """
     if not spec:
         return probabilities
-    brain = estimate_brain_mask(model_grid)
+    brain = brain_mask.on(model_grid)
     background = list(label_values).index(0)
     if "brain_margin_mm" in spec:
         restrict_to_brain(probabilities, brain, model_grid.spacing, float(spec["brain_margin_mm"]), background)

@@ -154,19 +154,17 @@ BRAIN_SCALE_LIMITS = (0.25, 4.0)
 mean the mask estimate failed or the scan is not a brain, not that the brain is unusual."""
 
 
-def brain_scaled_spacing(volume: Volume, spacing: Any, brain_volume_ml: float) -> np.ndarray:
+def brain_scaled_spacing(brain: BrainMask, spacing: Any, brain_volume_ml: float) -> np.ndarray:
     """The target ``spacing`` (mm, I, J, K) scaled so that the scan's brain spans as many voxels
     as a brain of ``brain_volume_ml`` does at ``spacing``.
 
     Models trained on adult human heads see a brain of one size; a child's, a shrunken or an
     animal's brain would reach them as an anatomy they never saw. Resampling at
-    ``spacing * (V / brain_volume_ml) ** (1/3)``, with V estimated by
-    :func:`~SegXAILib.data.brain_mask.estimate_brain_mask`, gives every brain the training size
-    on the model grid (an isotropic scale, the part of atlas registration that matters here).
+    ``spacing * (V / brain_volume_ml) ** (1/3)``, with V the volume of ``brain`` on its own grid,
+    gives every brain the training size on the model grid (an isotropic scale, the part of atlas
+    registration that matters here).
     """
-    from .data.brain_mask import estimate_brain_mask, mask_volume_ml
-
-    volume_ml = mask_volume_ml(estimate_brain_mask(volume), volume.spacing)
+    volume_ml = brain.volume_ml()
     factor = (volume_ml / brain_volume_ml) ** (1.0 / 3.0)
     low, high = BRAIN_SCALE_LIMITS
     if not low <= factor <= high:
@@ -176,21 +174,66 @@ def brain_scaled_spacing(volume: Volume, spacing: Any, brain_volume_ml: float) -
     return np.asarray(spacing, dtype=np.float64) * factor
 
 
+class BrainMask:
+    """The brain of one scan, estimated at most once and brought onto any grid of the scan.
+
+    Several steps of a case need the brain (the brain-size spacing on the scan's grid, the card's
+    postprocessing and the uncertainty comparison on the model grid); each estimate may run an atlas
+    registration, so the mask is estimated once, on ``source``, the first time it is asked for, and
+    resampled onto other grids (linear interpolation of the mask, kept where it reaches 0.5).
+
+    Args:
+        source: the scan as the estimator should see it (RAS, bias-corrected when the card says so).
+    """
+
+    def __init__(self, source: Volume):
+        self.source = source
+        self._estimated: np.ndarray | None = None
+
+    def on(self, grid: Volume) -> np.ndarray:
+        """Bool (K, J, I) on ``grid`` (a grid of the same scan): True inside the brain."""
+        if self._estimated is None:
+            from .data.brain_mask import estimate_brain_mask
+
+            self._estimated = estimate_brain_mask(self.source)
+        if grid.same_grid(self.source, atol=1e-9):
+            return self._estimated
+        mask = self.source.with_array(self._estimated.astype(np.float32))
+        return resample_to_grid(mask, grid).array >= 0.5
+
+    def volume_ml(self) -> float:
+        """The brain's volume in mL."""
+        from .data.brain_mask import mask_volume_ml
+
+        return mask_volume_ml(self.on(self.source), self.source.spacing)
+
+
 BIAS_FIELD_METHODS = ("n4",)
 """Values of a card's ``preprocessing.bias_field``: ``n4`` (see :mod:`SegXAILib.bias_field`)."""
 
 
 def preprocess(scan: Volume, preprocessing: dict[str, Any]) -> Volume:
+    """Scan -> model grid: :func:`preprocess_with_brain` without the brain."""
+    return preprocess_with_brain(scan, preprocessing)[0]
+
+
+def preprocess_with_brain(scan: Volume, preprocessing: dict[str, Any]) -> tuple[Volume, BrainMask]:
     """Scan -> model grid: RAS orientation, bias-field correction (when ``bias_field`` is ``n4``),
     target spacing (``None``: keep; scaled to the brain's size when ``brain_volume_ml`` is given),
-    intensity normalisation."""
+    intensity normalisation.
+
+    Returns:
+        The model grid, and the scan's :class:`BrainMask` (estimated only when a step asks for it; the
+        later steps of the case reuse it).
+    """
     validate_scan(scan)
     volume = reorient_to_ras(scan) if preprocessing.get("orientation", "RAS") == "RAS" else scan
     if preprocessing.get("bias_field") == "n4":
-        volume = correct_bias_field(volume)  # before the brain-size estimate, which thresholds intensities
+        volume = correct_bias_field(volume)  # before the brain estimate, which thresholds intensities
+    brain = BrainMask(volume)
     if preprocessing.get("spacing") is not None:
         spacing = preprocessing["spacing"]
         if preprocessing.get("brain_volume_ml") is not None:
-            spacing = brain_scaled_spacing(volume, spacing, float(preprocessing["brain_volume_ml"]))
+            spacing = brain_scaled_spacing(brain, spacing, float(preprocessing["brain_volume_ml"]))
         volume = resample_to_spacing(volume, spacing)
-    return volume.with_array(normalise_intensity(volume.array, preprocessing.get("intensity", {})))
+    return volume.with_array(normalise_intensity(volume.array, preprocessing.get("intensity", {}))), brain

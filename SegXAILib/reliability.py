@@ -26,7 +26,8 @@ segmentations). The fitted numbers are saved as JSON, never as a pickle (a pickl
 loaded): ``<card name>.reliability.json`` beside the model card (:func:`reliability_path`). Applying
 is ``sigmoid(((x - mean) / scale) . coef + intercept)`` in NumPy and needs no scikit-learn.
 
-When that file exists, the explain pipeline adds ``scores["reliability"]`` (:func:`apply_reliability`),
+When that file exists, judging a case (:mod:`SegXAILib.verdict`) adds ``scores["reliability"]``
+(:func:`judge_reliability`),
 which :mod:`SegXAILib.quality` judges with its ``reliability`` rule (review below 0.5), so the report
 and the Slicer panel show it with the other case-level scores.
 """
@@ -35,25 +36,20 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import SegXAIError
 from .fileio import atomic_write_text, read_json_object
 from .models.card import ModelCard
-from .progress import Progress
 from .quality import is_finite_number
 
-if TYPE_CHECKING:
-    from .audit import AuditSettings
-
-__all__ = ["GOOD_DICE", "ReliabilityModel", "apply_reliability", "case_features", "fit_reliability",
-           "reliability_path", "train_reliability"]
+__all__ = ["GOOD_DICE", "ReliabilityJudgement", "ReliabilityModel", "case_features", "fit_reliability",
+           "judge_reliability", "reliability_path"]
 
 GOOD_DICE = 0.9
 """A segmentation counts as right when its Dice with the ground truth reaches this (paper 002)."""
@@ -90,7 +86,6 @@ def case_features(summary: Mapping[str, Any]) -> dict[str, float]:
     if is_finite_number(scores.get("object_volume_ml")):
         features[VOLUME_FEATURE] = math.log1p(max(float(scores["object_volume_ml"]), 0.0))
     return {name: float(value) for name, value in features.items() if is_finite_number(value)}
-
 
 
 def feature_method(name: str) -> str | None:
@@ -234,63 +229,40 @@ def fit_reliability(cases: Sequence[Mapping[str, float]], dice: Sequence[float],
                             float(logistic.intercept_[0]), model, target, dice_threshold, training)
 
 
-# ------------------------------------------------------------------ applying (explain pipeline)
-def apply_reliability(summary: dict[str, Any], card: ModelCard) -> None:
-    """Add ``scores["reliability"]`` to ``summary`` when a reliability model lies beside ``card``.
+# ------------------------------------------------------------------ applying (judging a case)
+@dataclass(frozen=True)
+class ReliabilityJudgement:
+    """What the reliability model beside a card says of one case.
 
-    Also adds ``summary["reliability_model"]`` (file, features, training AUCs). When the model cannot
-    judge this run (other target, missing features) the reason goes to ``summary["not_applicable"]``
-    instead; the run itself never fails for it.
+    Attributes:
+        probability: P(Dice >= the model's threshold), or ``None`` when the model cannot judge this case.
+        record: the model's record for ``summary["reliability_model"]`` (file, features, training AUCs),
+            ``None`` when it cannot judge.
+        reason: why it cannot judge (other target, missing features), for ``summary["not_applicable"]``.
+    """
+
+    probability: float | None
+    record: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+def judge_reliability(card: ModelCard, target: str, features: Mapping[str, float]) -> ReliabilityJudgement | None:
+    """The reliability of a case explained for ``target`` with :func:`case_features` ``features``.
+
+    Returns ``None`` when no reliability model lies beside ``card`` (:func:`reliability_path`). The case
+    itself never fails for the model: a case it cannot judge gets a ``reason`` instead of a probability.
     """
     path = reliability_path(card)
     if not path.is_file():
-        return
+        return None
     reliability = ReliabilityModel.load(path)
-    target = (summary.get("target") or {}).get("name")
     try:
         if target != reliability.target:
             raise SegXAIError(f"the reliability model predicts the Dice of {reliability.target!r}, "
                               f"this run explained {target!r}")
-        summary["scores"]["reliability"] = reliability.probability(case_features(summary))
+        probability = reliability.probability(features)
     except SegXAIError as reason:
-        summary["not_applicable"] = {**summary.get("not_applicable", {}), "reliability": str(reason)}
-        return
-    summary["reliability_model"] = {"file": str(path), "features": list(reliability.features),
-                                    **{k: reliability.training.get(k) for k in ("cases", "auc_train", "auc_cv")}}
-
-
-# ------------------------------------------------------------------ the command
-def train_reliability(cases_dir: str | Path, settings: AuditSettings, out: str | Path | None = None,
-                      work: str | Path | None = None, workers: int | str | None = None,
-                      scheduler: str | None = None, progress: Progress | None = None) -> tuple[ReliabilityModel, Path]:
-    """Explain every labelled case of ``cases_dir``, fit the reliability model and save it.
-
-    Args:
-        settings: :class:`SegXAILib.audit.AuditSettings` (model, methods, device, options, target: default
-            the card's default target); the saved model judges explanations of that target only.
-        out: where to save (default :func:`reliability_path` of the card).
-        work: folder for the explained cases and their audit (kept, and resumable); default a temporary
-            folder removed afterwards.
-        workers, scheduler: as :func:`SegXAILib.audit.run_audit` (cases as Dask tasks).
-
-    Returns:
-        The model and the path it was saved to.
-    """
-    from .audit import run_audit
-    from .models.registry import resolve_card
-
-    card = resolve_card(settings.model)
-    target, _ = card.target_channels(settings.target)
-    with tempfile.TemporaryDirectory(prefix="segxai-reliability-") as scratch:
-        result = run_audit(cases_dir, settings, Path(work or scratch), workers, scheduler, progress,
-                           require_labels=True)
-        usable = [row for row in result.rows if row.status == "ok" and row.dice is not None]
-        if not usable:
-            raise SegXAIError(f"no case of {cases_dir} could be explained; see {result.csv}")
-        features = [case_features(json.loads((Path(row.folder) / "summary.json").read_text(encoding="utf-8")))
-                    for row in usable]
-    reliability = fit_reliability(features, [row.dice for row in usable], card.name, target,
-                                  methods=settings.methods)
-    failed = [row.case for row in result.rows if row.status != "ok"]
-    reliability = replace(reliability, training={**reliability.training, "failed_cases": failed})
-    return reliability, reliability.save(out or reliability_path(card))
+        return ReliabilityJudgement(None, reason=str(reason))
+    return ReliabilityJudgement(probability, {"file": str(path), "features": list(reliability.features),
+                                              **{k: reliability.training.get(k)
+                                                 for k in ("cases", "auc_train", "auc_cv")}})

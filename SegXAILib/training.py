@@ -116,6 +116,9 @@ def synthesize_dataset(hosts: Sequence[str], seeds: Iterable[int], out: Path, pr
     from .data.lesion import synthesize_lesion, write_case
     from .data.samples import load_host
 
+    for name, value in (("--host-blur", host_blur), ("--host-noise", host_noise)):
+        if value is not None and not value >= 0:
+            raise SegXAIError(f"{name} must be a number >= 0 (the largest degradation drawn), got {value}")
     progress = progress or Progress()
     volumes = {name: load_host(name) for name in hosts}
     masks = {name: estimate_brain_mask(v) for name, v in volumes.items()}
@@ -392,12 +395,15 @@ def compared_dice(config: TrainConfig, cases: int) -> dict[str, dict[str, float]
 def evaluate_case(model, folder: Path) -> tuple[dict[str, float], float]:
     """Dice per class and group of ``model`` on one case, on the scan's own grid, and the case's
     mean SA mu (ProtoSeg, default target), the label-free score that :func:`review_calibration` calibrates."""
-    from .explain.pipeline import explain_scan
+    from .explain.pipeline import explain_segmentation
+    from .inference import segment
+    from .methods import get_explainer
     from .metrics import dice_per_target
 
-    scan = read_volume(_case_file(folder, "image"))  # explain_scan() preprocesses it: no load_case here
+    scan = read_volume(_case_file(folder, "image"))  # segment() preprocesses it: no load_case here
     label = read_volume(_case_file(folder, "label"))
-    run = explain_scan(scan, model, ["protoseg"], device="cpu")
+    cpu = torch.device("cpu")
+    run = explain_segmentation(segment(scan, model, cpu), model, [get_explainer("protoseg")], None, cpu)
     return dice_per_target(run.segmentation.labels.array, label.array, model.card), \
         float(run.explanations[0].scalars["mean_sa"])
 

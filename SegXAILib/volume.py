@@ -167,7 +167,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise SegXAIError(f"cannot read the DICOM series in {folder}: a slice is corrupt [{str(exc).strip()[-200:]}]") from None
+        raise SegXAIError(f"cannot read the DICOM series in {folder}: a slice is corrupt "
+                          f"[{str(exc).strip()[-200:]}]") from None
 
 
 # --------------------------------------------------------------------- writing

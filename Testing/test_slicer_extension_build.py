@@ -28,7 +28,8 @@ def expected_files() -> set[str]:
 
 
 def test_cmake_lists_every_module_file_and_the_extension_fields():
-    listed = set(re.findall(r"^\s+(SegXAILogic/\w+\.py)$", (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8"), re.M))
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\s+(SegXAILogic/\w+\.py)$", cmake, re.M))
     assert listed == {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "SegXAILogic").glob("*.py")}
     top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in top and 'set(EXTENSION_DEPENDS "PyTorch")' in top

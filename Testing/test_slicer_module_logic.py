@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+pytest.importorskip("slicer")
+import slicer  # noqa: E402
 import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 from scipy import ndimage  # noqa: E402

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
+pytest.importorskip("slicer")
+import slicer  # noqa: E402
 import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 

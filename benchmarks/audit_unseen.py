@@ -68,7 +68,8 @@ def main() -> None:
         rows = list(csv.DictReader(f))
     half = len(rows) / 2
     print(f"\nhost: {args.host}   model: {args.model}   methods: {args.methods}\n")
-    print("| rank | case | degraded | review | reasons | reliability | mean SA | Dice |\n|---|---|---|---|---|---|---|---|")
+    print("| rank | case | degraded | review | reasons | reliability | mean SA | Dice |\n"
+          "|---|---|---|---|---|---|---|---|")
     for rank, row in enumerate(rows, 1):
         print(f"| {rank} | {row['case']} | {'yes' if row['case'] in degraded else ''} | {row['review_needed']} | "
               f"{row['review_reasons']} | {_fmt(row.get('reliability'))} | {_fmt(row.get('protoseg.mean_sa'))} | "

@@ -62,19 +62,18 @@ def run_one(size: str, method: str, options: list[str]) -> dict:
     """In this process: time a forward pass, then the method; report seconds and peak RSS."""
     import numpy as np
     import torch
-
     from memory import peak_rss_gb
 
-    from SegXAILib.cli import parse_options
     from SegXAILib.explain.base import ExplainContext
-    from SegXAILib.explain.registry import get_explainer
     from SegXAILib.inference import predict_probabilities
+    from SegXAILib.methods import get_explainer, parse_option_pairs
 
     torch.manual_seed(0)
     model = model_for(method)
     shape = SIZES[size]
     k, j, i = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
-    image = (np.where(k**2 + j**2 + i**2 < 0.1, 2.0, 0.0) + np.random.default_rng(0).normal(0, 0.3, shape)).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 0.3, shape)
+    image = (np.where(k**2 + j**2 + i**2 < 0.1, 2.0, 0.0) + noise).astype(np.float32)
     device = torch.device("cpu")
     start = time.perf_counter()
     probabilities = predict_probabilities(model, image, device)
@@ -82,7 +81,7 @@ def run_one(size: str, method: str, options: list[str]) -> dict:
     _, channels = model.card.target_channels(None)
     context = ExplainContext(model=model, image=torch.from_numpy(image)[None, None], target="target",
                              channels=channels, probabilities=probabilities, device=device,
-                             options=parse_options(options))
+                             options=parse_option_pairs(options))
     explainer = get_explainer(method)
     explainer.check_applicable(model)
     start = time.perf_counter()
@@ -119,7 +118,8 @@ def main() -> None:
             target = TARGETS.get(method)
             print(f"| {'x'.join(map(str, SIZES[size][::-1]))} | {method} | {MODELS.get(method, 'brain-lesion-unet')} | "
                   f"{row['forward']:.1f} | {row['seconds']:.1f} | "
-                  f"{row['seconds'] / row['forward']:.2f}x | {f'<= {target}x' if target else ''} | {row['peak_gb']:.2f} |",
+                  f"{row['seconds'] / row['forward']:.2f}x | {f'<= {target}x' if target else ''} | "
+                  f"{row['peak_gb']:.2f} |",
                   flush=True)
 
 

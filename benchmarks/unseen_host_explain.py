@@ -75,7 +75,8 @@ def check_case(case: Path, model: str, seed: int, methods: str) -> dict[str, obj
     if "protoseg" not in methods and methods != "all":
         return row
     noisy = case / "noisy.nii.gz"
-    assert segxai(["degrade", str(case / "image.nii.gz"), "--kind", "noise", "--seed", str(seed), "--out", str(noisy)]) == 0
+    assert segxai(["degrade", str(case / "image.nii.gz"), "--kind", "noise", "--seed", str(seed),
+                   "--out", str(noisy)]) == 0
     assert segxai(["explain", str(noisy), "--model", model, "--methods", "protoseg", "--out", str(case / "noisy"),
                    "--progress", "none", "--no-report"]) == 0
     noisy_summary = json.loads((case / "noisy" / "summary.json").read_text(encoding="utf-8"))

@@ -236,7 +236,7 @@ def availableMethods() -> dict[str, str]:
     """Method name -> one line of help, for the methods whose code is present (others are being written)."""
     from importlib import import_module
 
-    from SegXAILib.explain.registry import EXPLAINERS
+    from SegXAILib.methods import EXPLAINERS
 
     methods = {}
     for name, target in EXPLAINERS.items():

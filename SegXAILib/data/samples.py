@@ -81,3 +81,8 @@ def load_host(name: str) -> Volume:
 def default_demo_host() -> str:
     """Colin27 when mricron-data is installed (a single real subject, with skull), else MNI152."""
     return "colin27" if (MRICRON_TEMPLATES / "ch2.nii.gz").is_file() else "mni152"
+
+
+def read_host(spec: str) -> Volume:
+    """A host scan: a sample name (a key of :data:`SAMPLE_HOSTS`) or a path to a scan file."""
+    return load_host(spec) if spec in SAMPLE_HOSTS else read_volume(spec)

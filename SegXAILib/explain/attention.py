@@ -17,17 +17,15 @@ on the target class: the maps are the same for every target.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
-from ..inference import sliding_window_predict
 from ..models.loaders import LoadedModel
-from ..upsampling import upsample_to
-from .base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable
+from .base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
+from .layers import stitched_outputs
+from .options import MethodOptions
 
 
 def attention_gates(network: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -40,41 +38,9 @@ def attention_gates(network: nn.Module) -> list[tuple[str, nn.Module]]:
             and isinstance(module.psi[-1], nn.Sigmoid)]
 
 
-def stitched_outputs(modules: Sequence[nn.Module], context: ExplainContext,
-                     stage: str) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
-    """Run the network over the scan in the card's sliding windows and stitch what ``modules`` output.
-
-    Each module must output one map (1, 1, *grid) per window, on any grid; it is upsampled to the window
-    (:func:`~SegXAILib.upsampling.upsample_to`) and blended like the segmentation.
-
-    Returns:
-        one float32 (D, H, W) map on the model grid per module, and each module's native grid.
-    """
-    outputs: list[torch.Tensor | None] = [None] * len(modules)
-    native: list[tuple[int, ...]] = [()] * len(modules)
-
-    def keep(index: int):
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            outputs[index] = output
-        return hook
-
-    def window_maps(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(1, C, *patch) window -> one (1, 1, *patch) upsampled output per module."""
-        context.model.network(window)
-        native[:] = [tuple(o.shape[2:]) for o in outputs]
-        return tuple(upsample_to(o.float(), window.shape[2:]) for o in outputs)
-
-    handles = [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
-    try:
-        with torch.inference_mode():
-            stitched = sliding_window_predict(window_maps, context.image, context.model.card.patch_size,
-                                              context.device, progress=context.progress, stage=stage)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if isinstance(stitched, torch.Tensor):
-        stitched = (stitched,)
-    return [s[0, 0].numpy().astype(np.float32) for s in stitched], native
+@dataclass(frozen=True)
+class AttentionOptions(MethodOptions):
+    """Attention-gate maps take no options."""
 
 
 class AttentionGateMaps(Explainer):
@@ -86,6 +52,7 @@ class AttentionGateMaps(Explainer):
     """
 
     name = "attention"
+    Options = AttentionOptions
     summary = "Attention U-Net gate coefficients (0 = suppressed, 1 = passed) per skip level and their mean"
 
     def check_applicable(self, model: LoadedModel) -> None:

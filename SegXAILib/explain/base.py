@@ -5,12 +5,13 @@ model grid, the target class and the model's own probabilities, computed once) a
 :class:`Explanation`: named float32 maps on the *model grid*, case-level scalars, curves and
 metadata. Resampling to the scan's grid, display normalisation and file writing happen once,
 outside the explainers (:mod:`SegXAILib.explain.pipeline`), so adding a method means adding
-one class and registering it in :data:`SegXAILib.explain.registry.EXPLAINERS`.
+one class (with its ``Options``) and registering it in :data:`SegXAILib.methods.EXPLAINERS`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ import torch
 from ..errors import SegXAIError
 from ..models.loaders import LoadedModel
 from ..progress import Progress
+from .options import MethodOptions
 
 
 class NotApplicable(SegXAIError):
@@ -69,6 +71,7 @@ class Explanation:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+# ------------------------------------------------------------------ context
 @dataclass
 class ExplainContext:
     """The inputs shared by every explainer of one run.
@@ -82,7 +85,9 @@ class ExplainContext:
         device: where networks run.
         progress: progress and cancel flag.
         label: ground-truth mask of the target on the model grid (bool (D, H, W)), or ``None``.
-        options: method options from the command line (``{"gradcam": {"layer": ...}}``).
+        options: method name -> its options, raw (``{"gradcam": {"layer": "bottleneck"}}``, from the command line
+            or a program) or parsed (:func:`SegXAILib.methods.check_options`); read with
+            :meth:`options_for`.
     """
 
     model: LoadedModel
@@ -93,7 +98,7 @@ class ExplainContext:
     device: torch.device = torch.device("cpu")
     progress: Progress = field(default_factory=Progress)
     label: np.ndarray | None = None
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: Mapping[str, MethodOptions | Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def predicted_mask(self) -> np.ndarray:
@@ -105,30 +110,28 @@ class ExplainContext:
         """Summed probability of the target's channels, (D, H, W) float32."""
         return self.probabilities[self.channels].sum(0).astype(np.float32)
 
-    def method_options(self, method: str) -> dict[str, Any]:
-        return dict(self.options.get(method, {}))
+    def options_for(self, explainer: Explainer) -> MethodOptions:
+        """The explainer's options (an instance of its ``Options``): ``options[explainer.name]`` parsed when it
+        is a raw ``{name: value}`` dict, as given when already parsed, the defaults when absent.
 
-
-def int_option(options: dict[str, Any], key: str, default: int, minimum: int) -> int:
-    """``options[key]`` as an integer >= ``minimum`` (given as a number or as text on the command line)."""
-    value = options.get(key, default)
-    try:
-        number = int(str(value))
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise SegXAIError(f"option {key!r} must be an integer >= {minimum}, got {value!r}")
-    return number
+        Raises:
+            SegXAIError: an unknown option name or a bad value.
+        """
+        return explainer.Options.of(self.options.get(explainer.name, {}), explainer.name)
 
 
 class Explainer(ABC):
-    """Base class: subclasses set ``name`` and implement :meth:`explain`.
+    """Base class: subclasses set ``name`` and ``Options`` and implement :meth:`explain`.
+
+    ``Options`` is the method's :class:`MethodOptions` subclass (an empty one when
+    it takes no options); :meth:`ExplainContext.options_for` returns an instance of it.
 
     ``needs_hooks`` methods cannot run on TorchScript models; :meth:`check_applicable` says so
     (and subclasses may add reasons, e.g. "no attention gates").
     """
 
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]]
     needs_hooks: ClassVar[bool] = True
     summary: ClassVar[str] = ""
     """One line of help (the command line and the Slicer panel show it)."""

@@ -8,7 +8,7 @@ by gate input, so ``cnn-share`` always means the CNN's share. Like attention-gat
 network's own, built-in weights (paper 004), read with a forward hook on each gate's coefficient.
 
 The per-level maps are upsampled and stitched by the same function as the attention-gate maps
-(:func:`.attention.stitched_outputs`): trilinear interpolation with ``align_corners=False`` to the window, then the
+(:func:`.layers.stitched_outputs`): trilinear interpolation with ``align_corners=False`` to the window, then the
 segmentation's Gaussian-blended sliding window over the model grid. The shares do not depend on the
 target class. Values are fractions (``normalise=False``), and ``cnn-share + swin-share = 1`` at every
 voxel of every level and of the means.
@@ -16,13 +16,16 @@ voxel of every level and of the means.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from torch import nn
 
 from ..models.dual_encoder import FusionGate
 from ..models.loaders import LoadedModel
-from .attention import stitched_outputs
-from .base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable
+from .base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
+from .layers import stitched_outputs
+from .options import MethodOptions
 
 PATHS = {"cnn": "the local CNN path", "swin": "the global Swin transformer path"}
 
@@ -30,6 +33,11 @@ PATHS = {"cnn": "the local CNN path", "swin": "the global Swin transformer path"
 def fusion_gates(network: nn.Module) -> list[tuple[str, FusionGate]]:
     """(name, gate) for every dual-encoder fusion gate, in module order."""
     return [(name, module) for name, module in network.named_modules() if isinstance(module, FusionGate)]
+
+
+@dataclass(frozen=True)
+class FusionOptions(MethodOptions):
+    """Fusion maps take no options."""
 
 
 class FusionMaps(Explainer):
@@ -41,6 +49,7 @@ class FusionMaps(Explainer):
     """
 
     name = "fusion"
+    Options = FusionOptions
     summary = ("Dual-encoder fusion gates: share of the local CNN path and of the global Swin transformer "
                "path in the fused features, per skip level and their mean")
 

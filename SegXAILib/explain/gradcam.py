@@ -57,9 +57,12 @@ from torch import nn
 
 from ..errors import SegXAIError
 from ..inference import sliding_window_predict
-from .base import ExplainContext, Explainer, Explanation, ExplanationMap
+from ..padding import padding_to
+from ..scaling import minmax
 from ..upsampling import upsample_to
+from .base import ExplainContext, Explainer, Explanation, ExplanationMap
 from .layers import DEFAULT_LAYER, LayerCapture, frozen_parameters, parse_layer_specs, resolve_layers
+from .options import MethodOptions, option
 
 REGIONS = ("predicted", "all", "box", "mask")
 _REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
@@ -67,13 +70,18 @@ UPSAMPLING = "trilinear, align_corners=False (voxel centres), of the layer's CAM
 """How a coarse layer's CAM reaches the model grid."""
 
 
-def padding_to(shape: tuple[int, ...], patch: tuple[int, ...]) -> list[int]:
-    """``F.pad`` widths centring a (..., *shape) tensor in ``patch`` where smaller, as MONAI's sliding window does."""
-    pad: list[int] = []
-    for size, roi in zip(reversed(shape), reversed(patch)):
-        diff = max(roi - size, 0)
-        pad += [diff // 2, diff - diff // 2]
-    return pad
+@dataclass(frozen=True)
+class GradCAMOptions(MethodOptions):
+    """Options of Grad-CAM and Grad-CAM++ (module docstring): layer specs, the region R, the sliding windows'
+    overlap. ``box`` and ``mask`` are checked against the model grid when R is made (:func:`target_region`)."""
+
+    layer: tuple[str, ...] = option((DEFAULT_LAYER,), convert=parse_layer_specs)
+    region: str | None = option(None, choices=REGIONS)
+    box: tuple[int, ...] | None = option(None, check=lambda box: len(box) == 6,
+                                         must="[k0, k1, j0, j1, i0, i1] (six integers) or null")
+    mask: np.ndarray | None = option(None, convert=lambda v: None if v is None else np.asarray(v, dtype=bool),
+                                     must="a bool array on the model grid or null")
+    overlap: float = option(0.25, check=lambda v: 0 <= v < 1, must="a number in [0, 1)")
 
 
 @dataclass
@@ -91,15 +99,15 @@ class TargetRegion:
     note: str = ""
 
 
-def target_region(context: ExplainContext, options: dict[str, Any]) -> TargetRegion:
+def target_region(context: ExplainContext, options: GradCAMOptions) -> TargetRegion:
     """R from the options ``region``, ``box``, ``mask`` (see the module docstring); user errors as SegXAIError."""
     shape = tuple(context.image.shape[2:])
-    given = [k for k in ("box", "mask") if options.get(k) is not None]
+    given = [k for k in ("box", "mask") if getattr(options, k) is not None]
     if len(given) > 1:
         raise SegXAIError("give either a box or a mask as the Grad-CAM region, not both")
-    kind = given[0] if given else options.get("region") or "predicted"
-    if kind not in REGIONS or options.get("region") not in (None, kind) or (kind in ("box", "mask") and not given):
-        raise SegXAIError(f"unknown or conflicting Grad-CAM region {options.get('region')!r}; use one of "
+    kind = given[0] if given else options.region or "predicted"
+    if options.region not in (None, kind) or (kind in ("box", "mask") and not given):
+        raise SegXAIError(f"unknown or conflicting Grad-CAM region {options.region!r}; use one of "
                           f"{', '.join(REGIONS)} (box and mask also need the option of that name)")
     if kind == "all":
         return TargetRegion(np.ones(shape, bool), kind)
@@ -110,18 +118,14 @@ def target_region(context: ExplainContext, options: dict[str, Any]) -> TargetReg
         return TargetRegion(np.ones(shape, bool), "all",
                             f"the predicted mask of {context.target!r} is empty; the whole volume was used")
     if kind == "box":
-        box = options["box"]
-        try:
-            bounds = [int(v) for v in box]
-        except (TypeError, ValueError):
-            bounds = []
-        if len(bounds) != 6 or any(not 0 <= lo < hi <= n for lo, hi, n in zip(bounds[::2], bounds[1::2], shape)):
-            raise SegXAIError(f"Grad-CAM box {box!r} must be [k0, k1, j0, j1, i0, i1] with 0 <= start < stop <= "
+        box = options.box
+        if any(not 0 <= lo < hi <= n for lo, hi, n in zip(box[::2], box[1::2], shape)):
+            raise SegXAIError(f"Grad-CAM box {list(box)} must be [k0, k1, j0, j1, i0, i1] with 0 <= start < stop <= "
                               f"size on the model grid {shape}")
         mask = np.zeros(shape, bool)
-        mask[bounds[0]:bounds[1], bounds[2]:bounds[3], bounds[4]:bounds[5]] = True
+        mask[box[0]:box[1], box[2]:box[3], box[4]:box[5]] = True
         return TargetRegion(mask, kind)
-    mask = np.asarray(options["mask"], dtype=bool)
+    mask = options.mask
     if mask.shape != shape or not mask.any():
         raise SegXAIError(f"Grad-CAM mask must be a non-empty bool array of the model grid's shape {shape}, "
                           f"got shape {mask.shape}{' (empty)' if mask.shape == shape else ''}")
@@ -151,16 +155,11 @@ def layer_gradients(network: nn.Module, window: torch.Tensor, weight: torch.Tens
     return logits.detach(), float(score.detach()), [a.detach() for a in activations], grads
 
 
-def minmax(x: torch.Tensor) -> torch.Tensor:
-    """Scale to [0, 1]; a constant map becomes zeros (never NaN)."""
-    low, high = x.min(), x.max()
-    return (x - low) / (high - low) if high > low else torch.zeros_like(x)
-
-
 class SegGradCAM(Explainer):
     """Seg-Grad-CAM: channel weights = spatial mean of the score's gradient (Selvaraju et al.; Vinogradova et al.)."""
 
     name: ClassVar[str] = "gradcam"
+    Options = GradCAMOptions
     title: ClassVar[str] = "Grad-CAM"
     summary: ClassVar[str] = ("Seg-Grad-CAM: where the chosen layer's features raise the target's logits over "
                               "its predicted region (options: layer, region, box, mask)")
@@ -225,12 +224,10 @@ class SegGradCAM(Explainer):
     # ------------------------------------------------------------ explainer
     def explain(self, context: ExplainContext) -> Explanation:
         start = time.perf_counter()
-        options = context.method_options(self.name)
-        specs = parse_layer_specs(options.get("layer"))
+        options: GradCAMOptions = context.options_for(self)
+        specs = list(options.layer)
         region = target_region(context, options)
-        overlap = float(options.get("overlap", 0.25))
-        if not 0 <= overlap < 1:
-            raise SegXAIError(f"Grad-CAM overlap must be in [0, 1), got {overlap}")
+        overlap = options.overlap
         network = context.model.network
         patch = context.model.card.patch_size
         # probe the layers on an input of window shape: the one size every network here is known to accept
@@ -264,7 +261,8 @@ class SegGradCAM(Explainer):
             "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING,
             "seconds": time.perf_counter() - start,
             "parameters": {"layer": specs, "patch_size": list(patch), "overlap": overlap,
-                           **{k: options[k] for k in ("region", "box") if options.get(k) is not None}}}
+                           **({"region": options.region} if options.region is not None else {}),
+                           **({"box": list(options.box)} if options.box is not None else {})}}
         if region.note:
             metadata["note"] = region.note
         return Explanation(self.name, maps, scalars={"score": score, "region_voxels": float(region.mask.sum())},

@@ -1,4 +1,5 @@
-"""Finding a network's layers by role, and capturing what they output.
+"""Finding a network's layers by role, and capturing what they output (:class:`LayerCapture` within one
+forward pass, :func:`stitched_outputs` over the scan's sliding windows).
 
 Explainers name layers by role or by module name:
 
@@ -39,12 +40,17 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..errors import SegXAIError
+from ..inference import sliding_window_predict
+from ..upsampling import upsample_to
+from .base import ExplainContext
 
 LAYER_ROLES = ("last_decoder", "bottleneck", "decoder_all")
 DEFAULT_LAYER = "last_decoder"
@@ -164,15 +170,16 @@ def _role(blocks: list[_Call], role: str) -> list[_Call]:
     return stages or [blocks[-1]]
 
 
-def parse_layer_specs(value: str | list[str] | None) -> list[str]:
-    """A layer option (``"a,b"`` or ``["a", "b"]``; module names have dots, never commas) -> specs.
+def parse_layer_specs(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A layer option (``"a,b"`` or ``["a", "b"]``; module names have dots, never commas; a number, as JSON
+    gives ``5``, is a name) -> specs.
 
     Duplicates are dropped; an empty value means :data:`DEFAULT_LAYER`.
     """
     if value is None:
-        return [DEFAULT_LAYER]
-    specs = [str(s).strip() for s in (value.split(",") if isinstance(value, str) else value)]
-    return list(dict.fromkeys(spec for spec in specs if spec)) or [DEFAULT_LAYER]
+        return (DEFAULT_LAYER,)
+    specs = [str(s).strip() for s in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+    return tuple(dict.fromkeys(spec for spec in specs if spec)) or (DEFAULT_LAYER,)
 
 
 def conv_layers(network: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
@@ -278,3 +285,40 @@ def frozen_parameters(network: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def stitched_outputs(modules: Sequence[nn.Module], context: ExplainContext,
+                     stage: str) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+    """Run the network over the scan in the card's sliding windows and stitch what ``modules`` output.
+
+    Each module must output one map (1, 1, *grid) per window, on any grid; it is upsampled to the window
+    (:func:`~SegXAILib.upsampling.upsample_to`) and blended like the segmentation.
+
+    Returns:
+        one float32 (D, H, W) map on the model grid per module, and each module's native grid.
+    """
+    outputs: list[torch.Tensor | None] = [None] * len(modules)
+    native: list[tuple[int, ...]] = [()] * len(modules)
+
+    def keep(index: int):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            outputs[index] = output
+        return hook
+
+    def window_maps(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(1, C, *patch) window -> one (1, 1, *patch) upsampled output per module."""
+        context.model.network(window)
+        native[:] = [tuple(o.shape[2:]) for o in outputs]
+        return tuple(upsample_to(o.float(), window.shape[2:]) for o in outputs)
+
+    handles = [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
+    try:
+        with torch.inference_mode():
+            stitched = sliding_window_predict(window_maps, context.image, context.model.card.patch_size,
+                                              context.device, progress=context.progress, stage=stage)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if isinstance(stitched, torch.Tensor):
+        stitched = (stitched,)
+    return [s[0, 0].numpy().astype(np.float32) for s in stitched], native

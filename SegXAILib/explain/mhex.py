@@ -17,6 +17,7 @@ traces" at each scale). Cost: one forward pass plus one 1x1x1 convolution per st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -25,8 +26,9 @@ import torch
 from ..inference import sliding_window_predict
 from ..models.eunet import EUNet, MHEXHead, upsample_to
 from ..models.loaders import LoadedModel
+from ..scaling import minmax
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
-from .gradcam import minmax
+from .options import MethodOptions
 
 
 def equivalent_kernel(head: MHEXHead) -> torch.Tensor:
@@ -45,10 +47,16 @@ def stage_cams(network: EUNet, image: torch.Tensor, channels: list[int]) -> list
     return cams
 
 
+@dataclass(frozen=True)
+class MHEXOptions(MethodOptions):
+    """MHEX+ CAMs take no options."""
+
+
 class MHEXCAM(Explainer):
     """Equivalent-kernel CAMs of every MHEX+ head of an EU-Net and their normalised mean."""
 
     name: ClassVar[str] = "mhex"
+    Options = MHEXOptions
     summary: ClassVar[str] = ("MHEX+ CAMs of an EU-Net: each decoder stage's evidence for the target through "
                               "its head's equivalent kernel, and their normalised mean (one forward pass)")
 

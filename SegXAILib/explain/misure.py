@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -74,11 +74,12 @@ from ..errors import SegXAIError
 from ..faithfulness import resolve_baseline
 from ..inference import sliding_window_predict, target_mask
 from ..metrics import dice
+from ..models.networks import input_multiple
+from ..padding import padding_to
 from ..upsampling import upsample_to
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
-from .gradcam import padding_to
 from .layers import frozen_parameters
-from .protoseg import input_multiple
+from .options import MethodOptions, option
 
 CLAMP_BELOW = 0.2
 """After each step mask values below this become 0 (Hoyer et al., as the paper)."""
@@ -86,53 +87,27 @@ EPS = 1e-5
 """The soft Dice's epsilon (numerator and denominator)."""
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
 @dataclass(frozen=True)
-class MiSuReOptions:
-    """The method's options (``context.options["misure"]``; ``lambda`` is the L1 weight)."""
+class MiSuReOptions(MethodOptions):
+    """The method's options (``--option misure.NAME=VALUE``; ``lambda`` is the L1 weight, field ``lam``)."""
 
-    radius: int = 3
-    tau: float = 0.9
-    max_dilations: int = 20
-    baseline: float | str = 0.0
-    coarse: int = 4
-    steps: int = 100
-    lr: float = 0.1
-    lam: float = 0.01
-    gamma: float = 0.0
-    tv_beta: float = 1.0
-    alpha_background: float = 1.0
-    alpha_target: float = 2.0
-    margin: int | None = 16
-    max_voxels: int | None = None
+    aliases: ClassVar[Mapping[str, str]] = {"lambda": "lam"}
 
-    @classmethod
-    def parse(cls, options: dict[str, Any]) -> MiSuReOptions:
-        """Options from the command line, converted to their types; a bad name or value is a :class:`SegXAIError`."""
-        names = {"lambda": "lam", **{f: f for f in cls.__dataclass_fields__ if f != "lam"}}
-        unknown = set(options) - set(names)
-        if unknown:
-            raise SegXAIError(f"unknown MiSuRe option(s) {', '.join(sorted(unknown))}; use {', '.join(names)}")
-        kinds = {f: type(getattr(cls, f)) for f in cls.__dataclass_fields__}
-        kinds.update(margin=_optional_int, max_voxels=_optional_int, baseline=lambda v: v if v == "min" else float(v))
-        try:
-            parsed = cls(**{names[k]: kinds[names[k]](v) for k, v in options.items()})
-        except (TypeError, ValueError) as exc:
-            raise SegXAIError(f"bad MiSuRe option value: {exc}") from None
-        ok = (parsed.radius >= 1 and 0 < parsed.tau <= 1 and parsed.max_dilations >= 0 and parsed.coarse >= 1
-              and parsed.steps >= 0 and parsed.lr > 0 and parsed.tv_beta > 0
-              and min(parsed.lam, parsed.gamma, parsed.alpha_background, parsed.alpha_target) >= 0
-              and (parsed.margin is None or parsed.margin >= 0)
-              and (parsed.max_voxels is None or parsed.max_voxels >= 1)
-              and (parsed.baseline == "min" or math.isfinite(parsed.baseline)))
-        if not ok:
-            raise SegXAIError(f"MiSuRe options out of range: {options}; radius, coarse, max_voxels >= 1; "
-                              "0 < tau <= 1; lr, tv_beta > 0; the others >= 0 (margin and max_voxels may be "
-                              "null); baseline a number or 'min'")
-        return parsed
+    radius: int = option(3, minimum=1)
+    tau: float = option(0.9, check=lambda v: 0 < v <= 1, must="a number in (0, 1]")
+    max_dilations: int = option(20, minimum=0)
+    baseline: float | str = option(0.0, check=lambda v: v == "min" or math.isfinite(v),
+                                   must="a number or 'min' (the scan's minimum)")
+    coarse: int = option(4, minimum=1)
+    steps: int = option(100, minimum=0)
+    lr: float = option(0.1, check=lambda v: v > 0, must="a number > 0")
+    lam: float = option(0.01, minimum=0)
+    gamma: float = option(0.0, minimum=0)
+    tv_beta: float = option(1.0, check=lambda v: v > 0, must="a number > 0")
+    alpha_background: float = option(1.0, minimum=0)
+    alpha_target: float = option(2.0, minimum=0)
+    margin: int | None = option(16, minimum=0)
+    max_voxels: int | None = option(None, minimum=1)
 
 
 # ------------------------------------------------------------------ geometry
@@ -446,13 +421,14 @@ class MiSuRe(Explainer):
     """
 
     name: ClassVar[str] = "misure"
+    Options = MiSuReOptions
     needs_hooks: ClassVar[bool] = False
     summary: ClassVar[str] = ("MiSuRe: the smallest part of the scan around the target that still gives the same "
                               "segmentation (options: radius, tau, baseline, coarse, steps, lambda, margin)")
 
     def explain(self, context: ExplainContext) -> Explanation:
         start = time.perf_counter()
-        options = MiSuReOptions.parse(context.method_options(self.name))
+        options: MiSuReOptions = context.options_for(self)
         if 0 in context.channels:
             raise SegXAIError("MiSuRe explains a foreground target; channel 0 is its background term")
         m0 = context.predicted_mask

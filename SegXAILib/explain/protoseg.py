@@ -33,6 +33,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,10 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SegXAIError
-from ..models.card import ModelCard
-from .base import ExplainContext, Explainer, Explanation, ExplanationMap, int_option
+from ..models.networks import input_multiple
 from ..upsampling import interpolation_matrix, upsample_separable
-from .layers import conv_layers, parse_layer_specs, resolve_layers
+from .base import ExplainContext, Explainer, Explanation, ExplanationMap
+from .layers import DEFAULT_LAYER, conv_layers, parse_layer_specs, resolve_layers
+from .options import MethodOptions, option
 
 RESOLUTIONS = ("input", "feature")
 """``input``: features upsampled to the model grid (paper); ``feature``: B downsampled to each feature grid."""
@@ -451,21 +453,6 @@ class _Scorer:
         return {name: scores[:, i] for i, name in enumerate(self.names)}
 
 
-def input_multiple(card: ModelCard) -> tuple[int, ...]:
-    """Per-axis multiple the network's input size must be.
-
-    The product of the card's ``strides`` when its architecture lists them (MONAI U-Nets), else the
-    largest power of two dividing the patch size (a size the network is known to accept).
-    """
-    strides = card.architecture.get("args", {}).get("strides")
-    if strides is not None:
-        per_axis = np.ones(len(card.patch_size), dtype=int)
-        for s in strides:
-            per_axis *= np.broadcast_to(np.asarray(s, dtype=int), per_axis.shape)
-        return tuple(int(k) for k in per_axis)
-    return tuple(p & -p for p in card.patch_size)
-
-
 def _pad_to_multiple(image: torch.Tensor, divisor: Sequence[int]) -> torch.Tensor:
     """Pad (1, C, *S) at the far end of each axis up to multiples of ``divisor`` (edge values repeated,
     so that no artificial edge appears for the convolutions to respond to)."""
@@ -558,6 +545,15 @@ class _TileScores:
                     self.heat[part] += sams_per_voxel
 
 
+@dataclass(frozen=True)
+class ProtoSegOptions(MethodOptions):
+    """Options of ProtoSeg (see :class:`ProtoSegExplainer`)."""
+
+    resolution: str = option("input", choices=RESOLUTIONS)
+    layers: tuple[str, ...] = option((DEFAULT_LAYER,), convert=parse_layer_specs)
+    max_voxels: int = option(WHOLE_VOLUME_VOXELS, minimum=1)
+
+
 class ProtoSegExplainer(Explainer):
     """Segmentation ability of every conv layer and of the last layers' units (ProtoSeg).
 
@@ -574,7 +570,7 @@ class ProtoSegExplainer(Explainer):
     second scores each tile against them. A tile's features are those of the network run on that tile
     (as in sliding-window inference, without blending), upsampled within it.
 
-    Options (``context.options["protoseg"]``):
+    Options (:class:`ProtoSegOptions`, ``--option protoseg.NAME=VALUE``):
         resolution: ``input`` (default, paper: features upsampled to the model grid) or ``feature``
             (B and G area-averaged onto each feature grid and SAMs scored there: faster per-unit scores; it
             agrees with ``input`` where the masks are smooth at the feature grid's scale, and under-scores
@@ -595,21 +591,22 @@ class ProtoSegExplainer(Explainer):
     """
 
     name = "protoseg"
+    Options = ProtoSegOptions
     needs_hooks = True
     summary = ("segmentation-ability maps (ProtoSeg): how well each layer's features separate the target; "
                "a low mean SA score flags a case to review")
 
     def explain(self, context: ExplainContext) -> Explanation:
         start_time = time.perf_counter()
-        options = context.method_options(self.name)
-        resolution = options.get("resolution", "input")
+        options: ProtoSegOptions = context.options_for(self)
+        resolution = options.resolution
         network = context.model.network
         card = context.model.card
         image = _pad_to_multiple(context.image.float(), input_multiple(card)).to(context.device)
         grid = tuple(image.shape[2:])
         # layers are found on small zero probes (16^3, 32^3, ...): any size the network takes gives the same layers
         layers = conv_layers(network)
-        resolved = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in parse_layer_specs(options.get("layers"))}
+        resolved = {spec: [name for name, _ in resolve_layers(network, spec)] for spec in options.layers}
         selected = {name for names in resolved.values() for name in names}
         unit_names = [name for name, _ in layers[-2:]]
         modules = dict(network.named_modules())
@@ -620,10 +617,11 @@ class ProtoSegExplainer(Explainer):
         reference = torch.from_numpy(np.asarray(context.label, dtype=bool)) if context.label is not None else model_mask
         prototypes = SoftMaskPrototypes(torch.from_numpy(context.target_probability), grid, resolution)
         scorer = _Scorer(prototypes, {"reference": reference, "model": model_mask})
-        tiles = ([prototypes.whole] if math.prod(grid) <= int_option(options, "max_voxels", WHOLE_VOLUME_VOXELS, minimum=1)
+        tiles = ([prototypes.whole] if math.prod(grid) <= options.max_voxels
                  else tiles_of(grid, card.patch_size, input_multiple(card)))
         passes = 1 if len(tiles) == 1 or prototypes.degenerate else 2
-        case_prototypes = self._case_prototypes(network, image, tiles, hooked, prototypes, context) if passes == 2 else {}
+        case_prototypes = (self._case_prototypes(network, image, tiles, hooked, prototypes, context)
+                           if passes == 2 else {})
 
         gathered = _TileScores(prototypes, scorer, case_prototypes, curve_names, selected, unit_names)
         for n, tile in enumerate(tiles):
@@ -631,7 +629,8 @@ class ProtoSegExplainer(Explainer):
             gathered.add(_INPUT, x[0], tile)
             _forward_with_hooks(network, hooked, x, lambda name, features: gathered.add(name, features, tile))
             prototypes.forget(tile)
-            context.progress.update(self.name, (passes - 1 + (n + 1) / len(tiles)) / passes, f"tile {n + 1}/{len(tiles)}")
+            context.progress.update(self.name, (passes - 1 + (n + 1) / len(tiles)) / passes,
+                                    f"tile {n + 1}/{len(tiles)}")
         maps, heat, layer_info = gathered.maps, gathered.heat, gathered.layer_info
 
         units: list[dict[str, Any]] = []
@@ -639,7 +638,8 @@ class ProtoSegExplainer(Explainer):
         for name in unit_names:
             for start in range(0, layer_info[name]["channels"], _CHUNK):
                 scores = scorer.scores(("units", name, start))
-                units += [{"layer": name, "unit": start + k, "sa": float(sa)} for k, sa in enumerate(scores["reference"])]
+                units += [{"layer": name, "unit": start + k, "sa": float(sa)}
+                          for k, sa in enumerate(scores["reference"])]
                 model_scores += scores["model"].tolist()
         scalars = {"mean_sa": float(np.mean(model_scores)),
                    "input_separableness": float(scorer.scores(("layer", _INPUT))["reference"][0])}
@@ -662,7 +662,8 @@ class ProtoSegExplainer(Explainer):
                     "unit_layers": unit_names, "layers": resolved,
                     "soft_mask": prototypes.degenerate or "ok", "network_grid": list(grid), "tiles": len(tiles),
                     "seconds": round(time.perf_counter() - start_time, 3)}
-        return Explanation(self.name, explanation_maps, scalars, {"sa_per_layer": curve, "sa_per_unit": units}, metadata)
+        return Explanation(self.name, explanation_maps, scalars, {"sa_per_layer": curve, "sa_per_unit": units},
+                           metadata)
 
     def _case_prototypes(self, network: nn.Module, image: torch.Tensor, tiles: list[Tile],
                          hooked: dict[str, nn.Module], prototypes: SoftMaskPrototypes, context: ExplainContext

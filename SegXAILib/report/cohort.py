@@ -52,7 +52,8 @@ def write_cohort_page(path: Path, facts: Mapping[str, str], cases: Sequence[Coho
               + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in facts.items())
               + "</dl></header>")
     sections = [header, _cases(cases, order_note), _prediction(prediction)]
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>SegXAI cohort audit</title>\n"
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<title>SegXAI cohort audit</title>\n"
             f"<style>{_CSS}{_EXTRA_CSS}</style>\n</head>\n<body>\n" + "\n".join(s for s in sections if s)
             + "\n<footer>Made by SegXAI 'audit' from the summary.json of every case.</footer>\n</body>\n</html>\n")
     return atomic_write_text(Path(path), page)
@@ -94,7 +95,8 @@ def _prediction(rows: Sequence[Mapping[str, Any]]) -> str:
              html.escape(str(r["note"]))] for r in rows]
     return ("<section><h2>How well each score predicts Dice</h2>\n"
             f"<p>Over the cases with a label. Spearman's rho: rank correlation of the score with the Dice of the "
-            f"target (ProtoSeg's paper compares mean SA \u03bc with Dice this way). AUROC: how well the score tells the "
+            f"target (ProtoSeg's paper compares mean SA \u03bc with Dice this way). AUROC: how well the score "
+            f"tells the "
             f"cases with Dice &lt; {html.escape(threshold)} from the others (MiSuRe's paper reports its reliability "
             f"classifier's AUC), 0.5 = no better than chance, 1 = perfectly; a score counts as predicting a poor "
             f"Dice on the side its review rule flags.</p>\n"

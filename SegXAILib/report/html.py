@@ -30,8 +30,16 @@ from ..errors import SegXAIError
 from ..fileio import atomic_write_text
 from ..quality import ScoreRow, review_case
 from ..volume import Volume, read_volume, volume_suffix
-from .montage import (CONTOUR_COLOUR, class_colours, object_center, render_map_montage, render_sa_curve,
-                      render_segmentation_montage, scan_window)
+from .montage import (
+    CONTOUR_COLOUR,
+    class_colours,
+    object_center,
+    render_map_montage,
+    render_sa_curve,
+    render_segmentation_montage,
+    scan_window,
+)
+
 
 # ------------------------------------------------------------------ the page
 def write_report(folder: Path) -> Path:

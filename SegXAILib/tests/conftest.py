@@ -11,6 +11,7 @@ from SegXAILib.models.card import ModelCard
 from SegXAILib.models.networks import build_network
 from SegXAILib.volume import Volume, write_volume
 
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tests use tiny tensors: one thread avoids oversubscribing small CI machines (10x slower)."""
@@ -23,7 +24,8 @@ def one_torch_thread():
 TINY_ARCH = {"name": "unet", "args": {"channels": [4, 8, 16], "strides": [2, 2]}}
 
 
-def make_card(folder, name="tiny", input_channels=1, architecture=TINY_ARCH, weights_from=None, spacing=(2.0, 2.0, 2.0)):
+def make_card(folder, name="tiny", input_channels=1, architecture=TINY_ARCH, weights_from=None,
+              spacing=(2.0, 2.0, 2.0)):
     """Write a card and matching random weights (or weights of ``weights_from`` architecture)."""
     torch.manual_seed(0)
     network = build_network(weights_from or architecture, input_channels, 3)

@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import SegXAILib.cli
-from SegXAILib.audit import (AuditSettings, CaseRow, classifier_note, find_cases, flag_image_outliers, review_order,
-                             score_vs_dice, write_audit)
+import SegXAILib.case
+from SegXAILib.audit import (
+    AuditSettings,
+    CaseRow,
+    classifier_note,
+    find_cases,
+    flag_image_outliers,
+    review_order,
+    score_vs_dice,
+    write_audit,
+)
 from SegXAILib.cli import main
 from SegXAILib.errors import SegXAIError
 from SegXAILib.volume import read_volume, write_volume
@@ -139,8 +147,8 @@ def test_audit_records_the_failure_sorts_and_resumes(tmp_path, cohort, tiny_card
     # a second run explains only the failed case again
     stamps = {r["case"]: (out / "cases" / r["case"] / "summary.json").stat().st_mtime_ns for r in done}
     calls = []
-    real = SegXAILib.cli.run_explain
-    monkeypatch.setattr(SegXAILib.cli, "run_explain", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = SegXAILib.case.run_explain
+    monkeypatch.setattr(SegXAILib.case, "run_explain", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     assert audit(cohort, tiny_card, out) == rows
     assert [Path(c).name for c in calls] == ["broken.nii.gz"]
     assert stamps == {c: (out / "cases" / c / "summary.json").stat().st_mtime_ns for c in stamps}
@@ -207,7 +215,7 @@ def test_local_workers_share_the_gpus_round_robin(tmp_path, monkeypatch):
     assert _local_cluster_size("3", "cuda") == (3, 2) and _local_cluster_size(3, "cpu") == (3, 0)
     devices = []
     monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=3))
-    monkeypatch.setattr(SegXAILib.cli, "run_explain", lambda *args, **kw: devices.append(args[5]))
+    monkeypatch.setattr(SegXAILib.case, "run_explain", lambda *args, **kw: devices.append(args[5]))
     _explain(AuditCase("a", tmp_path / "a.nii.gz"), AuditSettings("tiny", gpus=2), tmp_path, None)
     assert devices == ["cuda:1"]
 

@@ -10,7 +10,7 @@ import pytest
 from SegXAILib.data import samples
 from SegXAILib.data.brain_mask import estimate_brain_mask
 from SegXAILib.errors import SegXAIError
-from SegXAILib.preprocessing import brain_scaled_spacing, preprocess
+from SegXAILib.preprocessing import BrainMask, brain_scaled_spacing, preprocess
 from SegXAILib.volume import Volume
 
 SPACING = (1.5, 1.5, 1.5)
@@ -28,9 +28,9 @@ def brain_ml(volume: Volume) -> float:
 def test_spacing_follows_the_cube_root_of_the_brain_volume(mni: Volume) -> None:
     measured = brain_ml(mni)
     assert 1200 < measured < 2200  # an adult human brain (the mask keeps some CSF)
-    assert np.allclose(brain_scaled_spacing(mni, SPACING, measured), SPACING, rtol=1e-12)
-    assert np.allclose(brain_scaled_spacing(mni, SPACING, measured / 8), np.multiply(SPACING, 2), rtol=1e-12)
-    assert np.allclose(brain_scaled_spacing(mni, SPACING, measured * 27 / 8), np.multiply(SPACING, 2 / 3),
+    assert np.allclose(brain_scaled_spacing(BrainMask(mni), SPACING, measured), SPACING, rtol=1e-12)
+    assert np.allclose(brain_scaled_spacing(BrainMask(mni), SPACING, measured / 8), np.multiply(SPACING, 2), rtol=1e-12)
+    assert np.allclose(brain_scaled_spacing(BrainMask(mni), SPACING, measured * 27 / 8), np.multiply(SPACING, 2 / 3),
                        rtol=1e-12)
 
 
@@ -51,4 +51,4 @@ def test_a_scan_without_a_brain_of_plausible_size_is_refused() -> None:
     array[18:22, 18:22, 18:22] = 100.0  # a 4 mm cube: 0.064 mL of "brain"
     array += np.random.default_rng(0).normal(0, 1, array.shape).astype(np.float32)
     with pytest.raises(SegXAIError, match="mL.*expects"):
-        brain_scaled_spacing(Volume(array, spacing=(1.0, 1.0, 1.0)), SPACING, 1700.0)
+        brain_scaled_spacing(BrainMask(Volume(array, spacing=(1.0, 1.0, 1.0))), SPACING, 1700.0)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
+from SegXAILib.case import explain_case
 from SegXAILib.data.lesion import synthesize_lesion
 from SegXAILib.data.samples import default_demo_host, load_host
-from SegXAILib.explain.pipeline import explain_scan
 from SegXAILib.metrics import dice
 from SegXAILib.models.registry import load_model
 
@@ -35,7 +35,7 @@ def test_trained_model_segments_the_demo_lesion(name, demo_case):
     model = load_model(name)
     methods = {"brain-lesion-unet": [], "brain-lesion-eunet": ["mhex"], "brain-lesion-dual-encoder": ["fusion"]}[name]
     with torch.no_grad():
-        run = explain_scan(demo_case.image, model, methods, device="cpu")
+        run = explain_case(demo_case.image, model, methods, device="cpu").run
     truth = demo_case.label.array > 0
     predicted = np.isin(run.segmentation.labels.array, run.label_values)
     assert dice(predicted, truth) >= whole_tumour_floor(model) > 0.3

@@ -28,7 +28,8 @@ def files_under(folder: Path) -> list[Path]:
 def test_segment_writes_labels_on_the_scan_grid_and_a_summary(tmp_path, tiny_card, scan_file):
     before = scan_file.read_bytes()
     out = tmp_path / "out"
-    assert run_cli("segment", scan_file, "--model", tiny_card, "--out", out, "--format", "nrrd", "--progress", "none") == 0
+    assert run_cli("segment", scan_file, "--model", tiny_card, "--out", out, "--format", "nrrd",
+                   "--progress", "none") == 0
     labels = read_volume(out / "segmentation.nrrd")
     scan = read_volume(scan_file)
     assert labels.same_grid(scan, atol=1e-9)
@@ -52,7 +53,8 @@ def test_segment_reads_a_dicom_series_folder(tmp_path, tiny_card):
 
     scan = oblique_scan()
     write_dicom_series(scan.with_array((scan.array * 10).astype(np.int16)), tmp_path / "dicom")
-    assert run_cli("segment", tmp_path / "dicom", "--model", tiny_card, "--out", tmp_path / "out", "--progress", "none") == 0
+    assert run_cli("segment", tmp_path / "dicom", "--model", tiny_card, "--out", tmp_path / "out",
+                   "--progress", "none") == 0
     assert read_volume(tmp_path / "out" / "segmentation.nii.gz").same_grid(read_volume(tmp_path / "dicom"), atol=1e-6)
 
 
@@ -66,7 +68,8 @@ def _bad_scans(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return {
         "missing": (tmp_path / "nope.nii.gz", "not found"),
         "corrupt": (corrupt, "corrupt"),
-        "2D": (write_volume(Volume(np.random.rand(1, 9, 9).astype(np.float32)), tmp_path / "slice.nii.gz"), "single slice"),
+        "2D": (write_volume(Volume(np.random.rand(1, 9, 9).astype(np.float32)), tmp_path / "slice.nii.gz"),
+               "single slice"),
         "nan": (write_volume(nan, tmp_path / "nan.nii.gz"), "NaN"),
         "constant": (write_volume(Volume(np.full((6, 7, 8), 5, np.int16)), tmp_path / "flat.nrrd"), "empty"),
         "one-slice": (write_volume(flat, tmp_path / "flat1.nii.gz"), "single slice"),
@@ -88,7 +91,8 @@ def test_4d_input_is_refused(tmp_path, tiny_card, capsys):
 
     image = sitk.JoinSeries([sitk.GetImageFromArray(np.random.rand(5, 6, 7).astype(np.float32))] * 3)
     sitk.WriteImage(image, str(tmp_path / "series.nii.gz"))
-    assert run_cli("segment", tmp_path / "series.nii.gz", "--model", tiny_card, "--out", tmp_path / "o", "--progress", "none") == 2
+    assert run_cli("segment", tmp_path / "series.nii.gz", "--model", tiny_card, "--out", tmp_path / "o",
+                   "--progress", "none") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "4D" in err and not (tmp_path / "o").exists()
 

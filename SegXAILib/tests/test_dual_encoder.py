@@ -12,7 +12,7 @@ from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.attention import AttentionGateMaps, attention_gates
 from SegXAILib.explain.base import NotApplicable
 from SegXAILib.explain.fusion import FusionMaps, fusion_gates
-from SegXAILib.explain.registry import get_explainer
+from SegXAILib.methods import get_explainer
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.dual_encoder import DualEncoderUNet, FusionGate
 from SegXAILib.models.loaders import load_from_card

@@ -16,11 +16,10 @@ from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import NotApplicable
 from SegXAILib.explain.gradcam import SegGradCAM, SegGradCAMPlusPlus
 from SegXAILib.explain.layers import LayerCapture, conv_layers, frozen_parameters, resolve_layers
-from SegXAILib.explain.registry import get_explainer
+from SegXAILib.methods import get_explainer
 from SegXAILib.models.loaders import LoadedModel
 
 from .conftest import explain_context
-
 
 
 def tiny_unet(seed=0, **kwargs) -> nn.Module:

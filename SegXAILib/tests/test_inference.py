@@ -16,8 +16,13 @@ from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import load_from_card
 from SegXAILib.models.registry import load_model
 from SegXAILib.outputs import segmentation_summary
-from SegXAILib.preprocessing import (normalise_intensity, reorient_to_ras, resample_to_grid,
-                                     resample_to_spacing, validate_scan)
+from SegXAILib.preprocessing import (
+    normalise_intensity,
+    reorient_to_ras,
+    resample_to_grid,
+    resample_to_spacing,
+    validate_scan,
+)
 from SegXAILib.progress import Progress
 from SegXAILib.symmetries import mirrorings
 from SegXAILib.volume import Volume

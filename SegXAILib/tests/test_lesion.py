@@ -9,8 +9,15 @@ from scipy import ndimage
 
 from SegXAILib.data import samples
 from SegXAILib.data.brain_mask import estimate_brain_mask
-from SegXAILib.data.lesion import (ADULT_BRAIN_ML, BRATS_LABELS, LABEL_ED, LABEL_ET, LABEL_NCR, synthesize_lesion,
-                                  write_case)
+from SegXAILib.data.lesion import (
+    ADULT_BRAIN_ML,
+    BRATS_LABELS,
+    LABEL_ED,
+    LABEL_ET,
+    LABEL_NCR,
+    synthesize_lesion,
+    write_case,
+)
 from SegXAILib.errors import SegXAIError
 from SegXAILib.volume import Volume, read_volume
 

@@ -11,15 +11,20 @@ from monai.losses import DiceCELoss
 
 from SegXAILib.explain.base import NotApplicable
 from SegXAILib.explain.mhex import MHEXCAM, equivalent_kernel, stage_cams
-from SegXAILib.explain.registry import get_explainer
+from SegXAILib.methods import get_explainer
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.eunet import build_eunet, deep_supervision_loss
-from SegXAILib.upsampling import upsample_to
 from SegXAILib.models.loaders import LoadedModel, load_from_card
 from SegXAILib.models.networks import build_network
+from SegXAILib.uncertainty.collaboration import (
+    CollaborationUncertainty,
+    agreement,
+    collaboration_map,
+    collaboration_reference,
+)
+from SegXAILib.upsampling import upsample_to
+
 from .conftest import explain_context, make_card
-from SegXAILib.uncertainty.collaboration import (CollaborationUncertainty, agreement, collaboration_map,
-                                                 collaboration_reference)
 
 TINY = {"channels": (4, 8, 16, 32), "strides": (2, 2, 2), "head_channels": 4}
 DEMO = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}
@@ -263,9 +268,10 @@ def test_eunet_card_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- agreement in summary.json
 def test_summary_records_agreement_with_sampled_uncertainty(tmp_path, scan_file):
+    from SegXAILib.case import explain_case
     from SegXAILib.cli import main
-    from SegXAILib.explain.pipeline import explain_scan, uncertainty_agreement
     from SegXAILib.preprocessing import foreground_mask
+    from SegXAILib.verdict import uncertainty_agreement
     from SegXAILib.volume import read_volume
 
     from .conftest import oblique_scan
@@ -275,10 +281,11 @@ def test_summary_records_agreement_with_sampled_uncertainty(tmp_path, scan_file)
     card_path = make_card(tmp_path, architecture=arch)
     model = load_from_card(ModelCard.load(card_path))
     options = {"mcdropout": {"samples": 3}, "mhex-uncertainty": {"k": 4}}
-    run = explain_scan(oblique_scan(), model, ["mhex-uncertainty", "mcdropout"], device="cpu", options=options)
+    case = explain_case(oblique_scan(), model, ["mhex-uncertainty", "mcdropout"], device="cpu", options=options)
+    run = case.run
+    found = uncertainty_agreement(run, "CT")
     maps = {(e.method, m.variant): m.array for e in run.explanations for m in e.maps}
     region = foreground_mask(run.segmentation.model_grid.array)
-    found = uncertainty_agreement(run, "CT")
     assert found["region"] == "foreground (Otsu)" and found["region_voxels"] == int(region.sum())
     assert set(found["against"]) == {"mcdropout-entropy", "mcdropout-variance"}
     for variant in ("entropy", "variance"):
@@ -300,8 +307,8 @@ def test_summary_records_agreement_with_sampled_uncertainty(tmp_path, scan_file)
 
 
 @pytest.mark.parametrize("option, message", [
-    ("route=bogus", "error: option 'route' of mhex-uncertainty must be one of sketch, exact, got 'bogus'"),
-    ("k=0", "error: option 'k' must be an integer >= 1, got 0")])
+    ("route=bogus", "error: option mhex-uncertainty.route must be one of sketch, exact, got 'bogus'"),
+    ("k=0", "error: option mhex-uncertainty.k must be an integer >= 1, got 0")])
 def test_bad_uncertainty_options_exit_2_with_one_line(tmp_path, scan_file, capsys, option, message):
     from SegXAILib.cli import main
 

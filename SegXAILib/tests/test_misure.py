@@ -12,9 +12,20 @@ from torch import nn
 
 from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import ExplainContext, NotApplicable
-from SegXAILib.explain.misure import (CLAMP_BELOW, Box, CoarseMask, CropPredictor, DiceTerm, MiSuRe, MiSuReOptions,
-                                      ball, initial_cells, optimise_mask, soft_dice)
-from SegXAILib.explain.registry import get_explainer
+from SegXAILib.explain.misure import (
+    CLAMP_BELOW,
+    Box,
+    CoarseMask,
+    CropPredictor,
+    DiceTerm,
+    MiSuRe,
+    MiSuReOptions,
+    ball,
+    initial_cells,
+    optimise_mask,
+    soft_dice,
+)
+from SegXAILib.methods import get_explainer
 from SegXAILib.metrics import dice
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import LoadedModel
@@ -75,11 +86,12 @@ def make_context(network: nn.Module, image: torch.Tensor, options: dict, strides
 
 def test_registered_and_options_checked():
     assert isinstance(get_explainer("misure"), MiSuRe)
-    assert MiSuReOptions.parse({"lambda": "0.5", "margin": None}).lam == 0.5
-    with pytest.raises(SegXAIError, match="unknown MiSuRe option"):
-        MiSuReOptions.parse({"radious": 2})
-    with pytest.raises(SegXAIError, match="out of range"):
-        MiSuReOptions.parse({"tau": 1.5})
+    assert MiSuRe.Options is MiSuReOptions
+    assert MiSuReOptions.parse({"lambda": "0.5", "margin": None}, "misure").lam == 0.5
+    with pytest.raises(SegXAIError, match=r"unknown option misure.radious; .*: radius, "):
+        MiSuReOptions.parse({"radious": 2}, "misure")
+    with pytest.raises(SegXAIError, match=r"option misure.tau must be a number in \(0, 1\], got 1.5"):
+        MiSuReOptions.parse({"tau": 1.5}, "misure")
 
 
 def test_sr_contains_the_evidence_region_and_the_msr_keeps_only_it():

@@ -10,7 +10,6 @@ from scipy import ndimage
 
 from SegXAILib.cli import main
 from SegXAILib.data.brain_mask import estimate_brain_mask
-from SegXAILib.errors import SegXAIError
 from SegXAILib.inference import segment
 from SegXAILib.models.card import ModelCard
 from SegXAILib.models.registry import load_model
@@ -22,7 +21,8 @@ SPACING_MM = 2.0
 
 
 def ball_head(shape=(48, 48, 48)) -> tuple[Volume, np.ndarray]:
-    """A bright ball of brain (radius 30 mm) in a dark, noisy background; and each voxel's distance to its centre (mm)."""
+    """A bright ball of brain (radius 30 mm) in a dark, noisy background; and each voxel's distance to its
+    centre (mm)."""
     rng = np.random.default_rng(0)
     centre = (np.array(shape) - 1) / 2
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")

@@ -11,8 +11,15 @@ from SegXAILib.errors import SegXAIError
 from SegXAILib.explain import protoseg
 from SegXAILib.explain.base import ExplainContext
 from SegXAILib.explain.layers import conv_layers
-from SegXAILib.explain.protoseg import (ProtoSegExplainer, SoftMaskPrototypes, _interpolation_adjoint,
-                                        prototype_segmentation, sa_score, tiles_of, upsample)
+from SegXAILib.explain.protoseg import (
+    ProtoSegExplainer,
+    SoftMaskPrototypes,
+    _interpolation_adjoint,
+    prototype_segmentation,
+    sa_score,
+    tiles_of,
+    upsample,
+)
 from SegXAILib.inference import predict_probabilities
 from SegXAILib.metrics import dice
 from SegXAILib.models.card import ModelCard
@@ -99,7 +106,8 @@ def test_interpolation_adjoint_is_the_transpose_of_upsampling():
     torch.manual_seed(2)
     x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
     y = torch.randn(2, 9, 14, 5, dtype=torch.float64)
-    assert float((upsample(x, y.shape[1:]) * y).sum()) == pytest.approx(float((x * _interpolation_adjoint(y, x.shape[1:])).sum()), rel=1e-12)
+    adjoint = float((x * _interpolation_adjoint(y, x.shape[1:])).sum())
+    assert float((upsample(x, y.shape[1:]) * y).sum()) == pytest.approx(adjoint, rel=1e-12)
 
 
 @pytest.mark.parametrize("fill", [0.0, 1.0])
@@ -212,7 +220,8 @@ def test_explainer_on_tiny_unet_matches_brute_force(tiny_card):
     assert heat.shape == shape and heat.dtype == np.float32 and 0.0 <= heat.min() and heat.max() <= 1.0
     np.testing.assert_allclose(heat, np.mean([unit_sams[last, k] for k in range(4)], 0), atol=1e-6)
     np.testing.assert_allclose(maps["protoseg-layer-model_1_submodule_2"], protoseg_of(features[last])[0], atol=1e-5)
-    assert explanation.scalars["input_separableness"] == pytest.approx(dice(numpy_protoseg(image[0].numpy(), soft)[1], mask))
+    expected = dice(numpy_protoseg(image[0].numpy(), soft)[1], mask)
+    assert explanation.scalars["input_separableness"] == pytest.approx(expected)
 
 
 def test_forward_pass_stops_after_the_last_feature_layer(tiny_card):
@@ -311,14 +320,15 @@ def test_tiled_run_equals_whole_volume_where_tiles_cannot_differ(tmp_path):
     for resolution in ("feature", "input"):
         options = {"resolution": resolution, "layers": "decoder_all"}
         whole = ProtoSegExplainer().explain(_context(model, image, options={"protoseg": options}))
-        tiled = ProtoSegExplainer().explain(_context(model, image, options={"protoseg": {**options, "max_voxels": 1000}}))
+        tiled_options = {"protoseg": {**options, "max_voxels": 1000}}
+        tiled = ProtoSegExplainer().explain(_context(model, image, options=tiled_options))
         assert whole.metadata["tiles"] == 1 and tiled.metadata["tiles"] == 12
         assert whole.scalars["input_separableness"] == pytest.approx(tiled.scalars["input_separableness"], abs=1e-9)
         for a, b in zip(whole.curves["sa_per_layer"], tiled.curves["sa_per_layer"]):
             assert (a["layer"], a["shape"], a["channels"]) == (b["layer"], b["shape"], b["channels"])
-        pairs = {"curve": [(a["sa"], b["sa"]) for a, b in zip(whole.curves["sa_per_layer"], tiled.curves["sa_per_layer"])],
-                 "units": [(a["sa"], b["sa"]) for a, b in zip(whole.curves["sa_per_unit"], tiled.curves["sa_per_unit"])],
-                 "mean_sa": [(whole.scalars["mean_sa"], tiled.scalars["mean_sa"])]}
+        pairs = {curve: [(a["sa"], b["sa"]) for a, b in zip(whole.curves[key], tiled.curves[key])]
+                 for curve, key in (("curve", "sa_per_layer"), ("units", "sa_per_unit"))}
+        pairs["mean_sa"] = [(whole.scalars["mean_sa"], tiled.scalars["mean_sa"])]
         # maps are upsampled within each tile: they agree away from the tiles' inner borders
         away = np.ones(shape, dtype=bool)
         for axis, borders in enumerate(([16], [8], [12, 24])):
@@ -345,5 +355,5 @@ def test_bad_max_voxels_exits_2_with_one_line(tmp_path, tiny_card, scan_file, ca
     out = tmp_path / "out"
     assert main(["explain", str(scan_file), "--model", str(tiny_card), "--methods", "protoseg", "--option",
                  f"protoseg.max_voxels={value}", "--out", str(out), "--no-report", "--progress", "none"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: option 'max_voxels' must be an integer >= 1, got {given}"
+    assert capsys.readouterr().err.strip() == f"error: option protoseg.max_voxels must be an integer >= 1, got {given}"
     assert not out.exists()  # nothing half-written

@@ -11,7 +11,7 @@ import pytest
 from SegXAILib.cli import main
 from SegXAILib.errors import SegXAIError
 from SegXAILib.models.card import ModelCard
-from SegXAILib.reliability import (ReliabilityModel, case_features, fit_reliability, reliability_path)
+from SegXAILib.reliability import ReliabilityModel, case_features, fit_reliability, reliability_path
 from SegXAILib.volume import read_volume, write_volume
 
 from .conftest import oblique_scan

@@ -15,10 +15,23 @@ from SegXAILib.models.card import ModelCard
 from SegXAILib.models.loaders import LoadedModel, load_from_card
 from SegXAILib.models.networks import build_network
 from SegXAILib.progress import Progress
-from SegXAILib.uncertainty.measures import (UncertaintyAccumulator, expected_entropy, mutual_information,
-                                            predictive_entropy, uncertainty_maps, variance)
-from SegXAILib.uncertainty.sampling import (EnsembleUncertainty, MCDropoutUncertainty, TTAUncertainty, augment,
-                                            flip_rotate_transforms, invert, predict_softmax)
+from SegXAILib.uncertainty.measures import (
+    UncertaintyAccumulator,
+    expected_entropy,
+    mutual_information,
+    predictive_entropy,
+    uncertainty_maps,
+    variance,
+)
+from SegXAILib.uncertainty.sampling import (
+    EnsembleUncertainty,
+    MCDropoutUncertainty,
+    TTAUncertainty,
+    augment,
+    flip_rotate_transforms,
+    invert,
+    predict_softmax,
+)
 
 from .conftest import make_card
 
@@ -187,7 +200,7 @@ def test_tta_identity_sample_is_the_segmentations_own_prediction(tmp_path):
     model = load_from_card(card)
     image = torch.randn(1, 1, 12, 18, 20)
     context = model_context(model, image)
-    reused = TTAUncertainty().sample(0, context, {}, Progress())
+    reused = TTAUncertainty().sample(0, context, TTAUncertainty.Options(), Progress())
     fresh = predict_softmax(model.network, image, card.patch_size, torch.device("cpu"), Progress(), "tta")
     torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
 

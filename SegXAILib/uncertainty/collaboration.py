@@ -41,14 +41,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import SegXAIError
-from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable, int_option
+from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
+from ..explain.options import MethodOptions, option
 from ..inference import sliding_window_predict
 from ..metrics import dice
 from ..models.eunet import EUNet, StageOutput, upsample_to
@@ -211,18 +213,31 @@ def agreement(uncertainty: np.ndarray, other: np.ndarray, mask: np.ndarray | Non
     return {"pearson": pearson, "iou_top10": int((top_a & top_b).sum()) / union, "dice_top10": dice(top_a, top_b)}
 
 
+@dataclass(frozen=True)
+class CollaborationOptions(MethodOptions):
+    """Options of ``mhex-uncertainty``.
+
+    route: ``sketch`` or ``exact`` (H_s * C_s directions per pair: small volumes).
+    k: number of random directions of the sketch.
+    chunk: directions per forward-mode pass (memory: chunk x n_classes x window voxels; small batches stay
+        in the CPU's cache: 2 is faster than 8).
+    seed: of the random directions.
+    """
+
+    route: str = option("sketch", choices=ROUTES)
+    k: int = option(16, minimum=1)
+    chunk: int = option(2, minimum=1)
+    seed: int = option(0, minimum=0)
+
+
 class CollaborationUncertainty(Explainer):
     """Collaboration-gradient uncertainty of an EU-Net's adjacent MHEX+ heads (one model, no sampling).
 
-    Options (``context.options["mhex-uncertainty"]``):
-        route: ``sketch`` (default) or ``exact`` (H_s * C_s directions per pair: small volumes).
-        k: number of random directions of the sketch, default 16.
-        chunk: directions per forward-mode pass (memory: chunk x n_classes x window voxels), default 2
-            (small batches stay in the CPU's cache: faster than 8).
-        seed: of the random directions, default 0.
+    Options: :class:`CollaborationOptions` (``--option mhex-uncertainty.NAME=VALUE``).
     """
 
     name: ClassVar[str] = "mhex-uncertainty"
+    Options = CollaborationOptions
     summary: ClassVar[str] = ("Collaboration-gradient uncertainty of an EU-Net: where adjacent MHEX+ heads' "
                               "gradients disagree (options: k, route=sketch|exact, chunk, seed)")
 
@@ -240,13 +255,8 @@ class CollaborationUncertainty(Explainer):
 
     def explain(self, context: ExplainContext) -> Explanation:
         self.check_applicable(context.model)
-        options: dict[str, Any] = context.method_options(self.name)
-        route = str(options.get("route", "sketch"))
-        if route not in ROUTES:
-            raise SegXAIError(f"option 'route' of mhex-uncertainty must be one of {', '.join(ROUTES)}, got {route!r}")
-        k = int_option(options, "k", 16, minimum=1)
-        chunk = int_option(options, "chunk", 2, minimum=1)
-        seed = int_option(options, "seed", 0, minimum=0)
+        options: CollaborationOptions = context.options_for(self)
+        route, k, chunk, seed = options.route, options.k, options.chunk, options.seed
         network: EUNet = context.model.network
         channels = context.image.shape[1]
         label = torch.from_numpy(context.probabilities.argmax(0))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,8 +29,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ..errors import SegXAIError
-from ..explain.base import Explainer, ExplainContext, Explanation, ExplanationMap, NotApplicable, int_option
+from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
+from ..explain.options import MethodOptions, option
 from ..inference import sliding_window_predict
 from ..models.loaders import LoadedModel, load_from_card
 from ..progress import Progress
@@ -47,12 +48,21 @@ def predict_softmax(network: nn.Module, image: torch.Tensor, patch_size: Sequenc
         return torch.softmax(logits, dim=1)[0]
 
 
+@dataclass(frozen=True)
+class SampledOptions(MethodOptions):
+    """Options shared by every sampled method.
+
+    margin: voxels (model grid) by which the predicted object is dilated before "far from the object"
+    begins, for the ``*_outside`` scalars.
+    """
+
+    margin: int = option(3, minimum=0)
+
+
 class SampledUncertainty(Explainer):
     """Uncertainty maps from T probability samples; subclasses define the samples.
 
-    Options shared by all (``context.options[name]``):
-        margin: voxels (model grid) by which the predicted object is dilated before "far from the
-            object" begins, for the ``*_outside`` scalars; default 3.
+    Options: a subclass of :class:`SampledOptions` (``margin``, and the subclass's own).
 
     Subclasses implement :meth:`sample_count` and :meth:`sample`, and may wrap the sampling loop
     in :meth:`sampling` (set-up and guaranteed tear-down, e.g. switching dropout on and off).
@@ -62,28 +72,28 @@ class SampledUncertainty(Explainer):
     source: ClassVar[str] = "samples"
     """What the samples are, in words for the map descriptions ("dropout samples")."""
 
-    def sample_count(self, context: ExplainContext, options: dict[str, Any]) -> int:
+    @abstractmethod
+    def sample_count(self, context: ExplainContext, options: SampledOptions) -> int:
         """Number of samples T (>= 2: a variance needs two)."""
-        return int_option(options, "samples", 8, minimum=2)
 
     @contextlib.contextmanager
-    def sampling(self, context: ExplainContext, options: dict[str, Any]) -> Iterator[None]:
+    def sampling(self, context: ExplainContext, options: SampledOptions) -> Iterator[None]:
         """Context around the whole sampling loop; nothing by default."""
         yield
 
     @abstractmethod
-    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
+    def sample(self, t: int, context: ExplainContext, options: SampledOptions, progress: Progress) -> torch.Tensor:
         """The t-th probability sample, (n_classes, D, H, W) float32 on the model grid."""
 
-    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+    def metadata(self, context: ExplainContext, options: SampledOptions) -> dict[str, Any]:
         """Method-specific facts for the report (seed, transforms, members)."""
         return {}
 
     def explain(self, context: ExplainContext) -> Explanation:
         self.check_applicable(context.model)
-        options = context.method_options(self.name)
+        options: SampledOptions = context.options_for(self)
         count = self.sample_count(context, options)
-        margin = int_option(options, "margin", 3, minimum=0)
+        margin = options.margin
         accumulator = UncertaintyAccumulator(context.channels)
         with self.sampling(context, options):
             for t in range(count):
@@ -125,6 +135,14 @@ class SampledUncertainty(Explainer):
 
 
 # --------------------------------------------------------------------------- MC dropout
+@dataclass(frozen=True)
+class MCDropoutOptions(SampledOptions):
+    """samples: T (a variance needs two); seed: of the first sample's dropout masks."""
+
+    samples: int = option(8, minimum=2)
+    seed: int = option(0, minimum=0)
+
+
 class MCDropoutUncertainty(SampledUncertainty):
     """Monte Carlo dropout: T predictions with the dropout layers switched on.
 
@@ -133,10 +151,11 @@ class MCDropoutUncertainty(SampledUncertainty):
     draws its masks from ``torch.manual_seed(seed + t)`` inside a forked RNG, so runs are
     reproducible on one device and the caller's random state is left untouched.
 
-    Options: ``samples`` (T, default 8), ``seed`` (default 0).
+    Options: ``samples`` (T, default 8), ``seed`` (default 0), ``margin``.
     """
 
     name = "mcdropout"
+    Options = MCDropoutOptions
     needs_hooks = True
     summary = "MC dropout: entropy, variance and mutual information over T predictions with dropout on"
     source = "dropout samples"
@@ -154,8 +173,11 @@ class MCDropoutUncertainty(SampledUncertainty):
                                 f"({found}); use a dropout-trained model (architecture argument 'dropout' > 0, "
                                 "e.g. 0.1) or the 'tta' or 'ensemble' methods")
 
+    def sample_count(self, context: ExplainContext, options: MCDropoutOptions) -> int:
+        return options.samples
+
     @contextlib.contextmanager
-    def sampling(self, context: ExplainContext, options: dict[str, Any]) -> Iterator[None]:
+    def sampling(self, context: ExplainContext, options: MCDropoutOptions) -> Iterator[None]:
         network = context.model.network
         modes = [(m, m.training) for m in network.modules()]
         try:
@@ -167,52 +189,53 @@ class MCDropoutUncertainty(SampledUncertainty):
             for m, mode in modes:
                 m.training = mode
 
-    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
-        seed = int_option(options, "seed", 0, minimum=0)
+    def sample(self, t: int, context: ExplainContext, options: MCDropoutOptions, progress: Progress) -> torch.Tensor:
         device = context.device
         fork = torch.random.fork_rng(devices=[]) if device.type == "cpu" else torch.random.fork_rng(
             device_type=device.type)
         with fork:
-            torch.manual_seed(seed + t)
+            torch.manual_seed(options.seed + t)
             return predict_softmax(context.model.network, context.image, context.model.card.patch_size,
                                    device, progress, self.name)
 
-    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+    def metadata(self, context: ExplainContext, options: MCDropoutOptions) -> dict[str, Any]:
         rates = sorted({m.p for m in self.dropout_modules(context.model.network) if m.p > 0})
-        return {"seed": int_option(options, "seed", 0, minimum=0), "dropout_rates": rates}
+        return {"seed": options.seed, "dropout_rates": rates}
 
 
 # --------------------------------------------------------------------------- test-time augmentation
+@dataclass(frozen=True)
+class TTAOptions(SampledOptions):
+    """transforms: T, the first T of :func:`~SegXAILib.symmetries.flip_rotate_transforms`; plane: the rotation
+    plane as two spatial axes."""
+
+    transforms: int = option(8, check=lambda v: 2 <= v <= 16, must="an integer from 2 to 16")
+    plane: tuple[int, int] = option(AXIAL, check=lambda v: len(set(v)) == 2 and set(v) <= {0, 1, 2},
+                                    must="two different spatial axes among 0, 1, 2, e.g. 1,2")
+
 
 class TTAUncertainty(SampledUncertainty):
     """Test-time augmentation: predictions on flipped and rotated copies, mapped back exactly.
 
-    Options: ``transforms`` (T, 2..16, default 8; see :func:`flip_rotate_transforms`) and ``plane``
-    (the rotation plane as two spatial axes, default ``(1, 2)``, the axial plane of a RAS grid).
+    Options: ``transforms`` (T, 2..16, default 8; see :func:`flip_rotate_transforms`), ``plane``
+    (the rotation plane as two spatial axes, default ``(1, 2)``, the axial plane of a RAS grid) and ``margin``.
     The patch size turns with the scan, so windows keep their extent along each anatomical axis.
     Only exact symmetries (no interpolation): a network that is equivariant to them gives zero
     uncertainty.
     """
 
     name = "tta"
+    Options = TTAOptions
     summary = "Test-time augmentation (flips, 90-degree rotations): entropy, variance, mutual information"
     source = "augmented predictions"
 
-    def transforms(self, options: dict[str, Any]) -> list[FlipRotate]:
-        count = int_option(options, "transforms", 8, minimum=2)
-        plane = options.get("plane", AXIAL)
-        if isinstance(plane, str):
-            plane = [p for p in plane.replace(",", " ").split()]
-        try:
-            plane = tuple(int(p) for p in plane)
-        except (TypeError, ValueError):
-            raise SegXAIError(f"option 'plane' must be two spatial axes, e.g. 1,2; got {plane!r}") from None
-        return flip_rotate_transforms(count, plane)
+    def transforms(self, options: TTAOptions) -> list[FlipRotate]:
+        return flip_rotate_transforms(options.transforms, options.plane)
 
-    def sample_count(self, context: ExplainContext, options: dict[str, Any]) -> int:
+    def sample_count(self, context: ExplainContext, options: TTAOptions) -> int:
         return len(self.transforms(options))
 
-    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
+    def sample(self, t: int, context: ExplainContext, options: TTAOptions, progress: Progress) -> torch.Tensor:
         transform = self.transforms(options)[t]
         if not transform.flips and not transform.k:
             # the identity's prediction is the model's own, which the segmentation already computed
@@ -226,7 +249,7 @@ class TTAUncertainty(SampledUncertainty):
                                 context.device, progress, self.name)
         return invert(probs, transform)
 
-    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+    def metadata(self, context: ExplainContext, options: TTAOptions) -> dict[str, Any]:
         return {"transforms": [t.name for t in self.transforms(options)]}
 
 
@@ -239,6 +262,7 @@ class EnsembleUncertainty(SampledUncertainty):
     """
 
     name = "ensemble"
+    Options = SampledOptions
     summary = "Deep ensemble (several weights files of one architecture): entropy, variance, mutual information"
     source = "ensemble members"
 
@@ -253,13 +277,13 @@ class EnsembleUncertainty(SampledUncertainty):
                                 "card's 'weights' entry, e.g. \"weights\": [\"member1.safetensors\", "
                                 "\"member2.safetensors\", \"member3.safetensors\"]")
 
-    def sample_count(self, context: ExplainContext, options: dict[str, Any]) -> int:
+    def sample_count(self, context: ExplainContext, options: SampledOptions) -> int:
         return len(context.model.card.weight_paths)
 
-    def sample(self, t: int, context: ExplainContext, options: dict[str, Any], progress: Progress) -> torch.Tensor:
+    def sample(self, t: int, context: ExplainContext, options: SampledOptions, progress: Progress) -> torch.Tensor:
         member = load_from_card(context.model.card, t).network.to(context.device).eval()
         return predict_softmax(member, context.image, context.model.card.patch_size, context.device,
                                progress, self.name)
 
-    def metadata(self, context: ExplainContext, options: dict[str, Any]) -> dict[str, Any]:
+    def metadata(self, context: ExplainContext, options: SampledOptions) -> dict[str, Any]:
         return {"members": [p.name for p in context.model.card.weight_paths]}

@@ -1,0 +1,104 @@
+"""One case, from scan to verdict: load -> segment -> explain -> judge -> write.
+
+The one home of running a case: ``segxai segment``, ``segxai explain``, ``segxai demo``, the audit's
+tasks and the Slicer module (which runs ``segxai explain`` in a child process) all come through here.
+:func:`explain_case` computes and writes nothing; :func:`run_explain` adds reading and writing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SegXAIError
+from .explain.pipeline import ExplainResult, explain_segmentation
+from .fileio import OutputFolder
+from .inference import SegmentationResult, segment, select_device
+from .methods import check_options, get_explainer, parse_methods
+from .models.loaders import LoadedModel
+from .models.registry import load_model
+from .outputs import write_explain_outputs, write_segmentation
+from .progress import Progress
+from .verdict import CaseVerdict, judge_case
+from .volume import Volume, read_volume
+
+
+@dataclass
+class CaseResult:
+    """An explained and judged case: the segmentation and its explanations (``run``), and the ``verdict``."""
+
+    run: ExplainResult
+    verdict: CaseVerdict
+
+    @property
+    def segmentation(self) -> SegmentationResult:
+        return self.run.segmentation
+
+
+def explain_case(scan: Volume, model: LoadedModel, methods: list[str], target: str | None = None,
+                 device: str | torch.device = "auto", progress: Progress | None = None,
+                 label: Volume | None = None, options: dict[str, Any] | None = None) -> CaseResult:
+    """Segment ``scan``, explain ``target`` with each method and judge the case; nothing is written.
+
+    Args:
+        scan: the scan as read (:func:`SegXAILib.volume.read_volume`).
+        methods: registry names, e.g. ``["gradcam", "tta"]`` (:func:`~SegXAILib.methods.parse_methods`).
+        target: class or group name; ``None``: the card's default target.
+        label: ground truth on the scan's grid (optional).
+        options: ``{"gradcam": {"layer": "bottleneck"}}``; checked before any work.
+
+    Raises:
+        SegXAIError: an unknown target, method or option, or a label on another grid, before the model runs.
+    """
+    progress = progress or Progress()
+    options = check_options(options or {}, methods)
+    model.card.target_channels(target)
+    if label is not None and not label.same_grid(scan, atol=1e-3):
+        raise SegXAIError("the label file is not on the scan's grid (shape, spacing, origin or direction "
+                          "differ); give the label that belongs to this scan")
+    device = device if isinstance(device, torch.device) else select_device(device)
+    segmentation = segment(scan, model, device=device, progress=progress)
+    explainers = [get_explainer(name) for name in methods]
+    run = explain_segmentation(segmentation, model, explainers, target, device, progress, label, options)
+    return CaseResult(run, judge_case(run, model.card))
+
+
+def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt: str,
+                progress: Progress) -> dict[str, Any]:
+    """Read, segment and write ``segmentation.<fmt>`` and ``summary.json``; return the summary."""
+    start = time.perf_counter()
+    scan = read_volume(scan_path)
+    model = load_model(model_spec)
+    load_seconds = time.perf_counter() - start
+    result = segment(scan, model, device=device, progress=progress)
+    with OutputFolder(out_dir) as out:
+        return write_segmentation(out, result, model.card, scan_path, fmt,
+                                  {"read_and_load": load_seconds, **result.timings})
+
+
+def run_explain(scan_path: str, model_spec: str, methods: str, target: str | None, out_dir: Path, device: str,
+                fmt: str, progress: Progress, label_path: str | None = None,
+                options: dict[str, Any] | None = None, report: bool = True) -> dict[str, Any]:
+    """Read, segment, explain, judge and write (and draw ``report.html``); return the summary."""
+    start = time.perf_counter()
+    names = parse_methods(methods)
+    check_options(options or {}, names)  # a typo fails before anything is read
+    scan = read_volume(scan_path)
+    label = read_volume(label_path) if label_path else None
+    model = load_model(model_spec)
+    load_seconds = time.perf_counter() - start
+    case = explain_case(scan, model, names, target, device, progress, label, options)
+    with OutputFolder(out_dir) as out:
+        summary = write_explain_outputs(out, case.run, case.verdict, model.card, scan_path, fmt,
+                                        {"read_and_load": load_seconds, **case.segmentation.timings})
+    if report:
+        from .report import write_report
+
+        progress.update("report", 0.0)
+        write_report(out_dir)  # reads the published summary.json and the files it names
+        progress.update("report", 1.0)
+    return summary

@@ -1,0 +1,43 @@
+"""``segxai demo``: a synthetic lesion in a packaged brain MRI, segmented, explained and scored against its label."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .case import run_explain
+from .data.lesion import synthesize_lesion, write_case
+from .data.samples import default_demo_host, read_host
+from .metrics import dice_per_target
+from .models.card import ModelCard
+from .models.registry import resolve_card
+from .progress import Progress
+from .volume import read_volume
+
+
+@dataclass
+class DemoResult:
+    """What the demo did: the case it made, the explain run's summary and the Dice against the known label."""
+
+    host: str
+    card: ModelCard
+    summary: dict[str, Any]
+    dice: dict[str, float]
+    image: Path
+    label: Path
+
+
+def run_demo(out: Path, host: str | None, seed: int, model: str, methods: str, device: str,
+             progress: Progress) -> DemoResult:
+    """Place lesion ``seed`` in ``host`` (default: Colin27 when installed, else MNI152), write the case to
+    ``out/case``, explain it into ``out`` and score the segmentation against the lesion's label."""
+    host_name = host or default_demo_host()
+    case = synthesize_lesion(read_host(host_name), seed=seed)
+    image_path, label_path = write_case(case, out / "case", fmt="nii.gz")
+    summary = run_explain(str(image_path), model, methods, None, out, device, "nii.gz", progress,
+                          label_path=str(label_path))
+    card = resolve_card(model)
+    predicted = read_volume(out / summary["files"]["segmentation"])
+    return DemoResult(host_name, card, summary, dice_per_target(predicted.array, case.label.array, card),
+                      image_path, label_path)
