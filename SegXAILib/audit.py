@@ -26,9 +26,12 @@ Outputs in ``DIR``:
 - ``scores_vs_dice.csv`` (when labels exist): how well each score predicts Dice, :func:`score_vs_dice`;
 - ``audit.html``: the same, self-contained, with one thumbnail per case.
 
-Resuming. A case whose ``cases/<case>/summary.json`` exists is not explained again; its row is rebuilt
-from that summary (delete the folder to redo a case, e.g. with other methods, or to score it with a
-reliability model trained after it was explained). A failed case is tried again.
+Resuming. A case whose ``cases/<case>/summary.json`` exists is not explained again when that summary
+records the same model (name and fingerprint of card and weights), methods and options as this run
+(``summary["run"]``, :func:`run_record`); its row is rebuilt from the summary. A case explained with
+another model, methods or options is explained again, and the command says so (``CaseRow.redone``).
+Delete a case's folder to score it with a reliability model trained after it was explained. A failed
+case is tried again.
 
 Failures. One failing case (unreadable scan, a label on another grid, even a bug) is recorded in its
 row and ``error.txt`` (with the traceback for anything but a :class:`SegXAIError`); the others go on.
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
@@ -115,6 +119,8 @@ class AuditSettings:
     Attributes:
         gpus: on a local cluster, worker i uses ``cuda:(i mod gpus)`` (0: ``device`` as given).
         threads: torch threads inside a task (``None``: leave as they are, in-process runs).
+        record: what a finished case must have been explained with to be kept on resume (model name and
+            fingerprint, methods, options: :func:`run_record`); set by :func:`run_audit`.
     """
 
     model: str
@@ -126,6 +132,7 @@ class AuditSettings:
     reports: bool = False
     gpus: int = 0
     threads: int | None = None
+    record: dict[str, Any] | None = None
 
 
 @dataclass
@@ -138,6 +145,7 @@ class CaseRow:
         review_needed, review_reasons: ``summary["review"]`` (``None`` / ``[]`` when it failed).
         dice: Dice of the explained target with the label, ``None`` without a label.
         earlier: an earlier run had explained it (it was skipped).
+        redone: why an earlier run's result was explained again (another model, methods or options), or "".
         reliability_judges: its reliability score may order it (:func:`~SegXAILib.quality.reliability_judges`).
         reliability_model: ``summary["reliability_model"]``, the record of the classifier that scored it.
         unusual_scan: its scan stands out from the cohort's (:func:`flag_image_outliers`).
@@ -154,6 +162,7 @@ class CaseRow:
     has_label: bool = False
     error: str = ""
     earlier: bool = False
+    redone: str = ""
     reliability_judges: bool = True
     reliability_model: dict[str, Any] | None = None
     unusual_scan: bool = False
@@ -172,6 +181,11 @@ class AuditResult:
     @property
     def skipped(self) -> int:
         return sum(row.earlier for row in self.rows)
+
+    @property
+    def redone(self) -> list[CaseRow]:
+        """The cases an earlier run had explained with another model, methods or options: explained again."""
+        return [row for row in self.rows if row.redone]
 
 
 # ------------------------------------------------------------------ finding cases
@@ -225,15 +239,18 @@ def audit_case(case: AuditCase, settings: AuditSettings, folder: Path, progress:
         import torch
 
         torch.set_num_threads(settings.threads)
-    earlier = (folder / "summary.json").is_file()
+    redone = _outdated(folder / "summary.json", settings.record)
+    earlier = (folder / "summary.json").is_file() and not redone
     try:
         if not earlier:
+            if redone:
+                (folder / "thumbnail.png").unlink(missing_ok=True)  # of the earlier result
             _explain(case, settings, folder, progress or Progress())
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
         review = summary.get("review") or {}
         row = CaseRow(case.name, "ok", str(folder), dict(summary.get("scores") or {}), bool(review.get("needed")),
                       list(review.get("reasons") or []), summary["target"]["name"], has_label=case.label is not None,
-                      earlier=earlier, reliability_judges=reliability_judges(summary),
+                      earlier=earlier, redone=redone, reliability_judges=reliability_judges(summary),
                       reliability_model=summary.get("reliability_model"))
         segmentation = _thumbnail(summary, folder)
         if case.label is not None:
@@ -244,6 +261,29 @@ def audit_case(case: AuditCase, settings: AuditSettings, folder: Path, progress:
         return _failed(case, folder, exc)
     (folder / "error.txt").unlink(missing_ok=True)  # an earlier failure, now resolved
     return row
+
+
+def run_record(settings: AuditSettings) -> dict[str, Any]:
+    """The model (name and :func:`~SegXAILib.models.registry.model_fingerprint`), methods and options of the
+    audit, as an explain run records them in ``summary["run"]`` (:func:`SegXAILib.case.run_record`)."""
+    from .case import run_record as record
+    from .methods import parse_methods
+    from .models.registry import resolve_card
+
+    return record(resolve_card(settings.model), parse_methods(settings.methods), settings.options)
+
+
+def _outdated(summary_path: Path, record: dict[str, Any] | None) -> str:
+    """Why the finished case at ``summary_path`` must be explained again for ``record``, or "" to keep it."""
+    if record is None or not summary_path.is_file():
+        return ""
+    try:
+        earlier = json.loads(summary_path.read_text(encoding="utf-8")).get("run") or {}
+    except (OSError, ValueError, AttributeError):
+        return "its summary.json is unreadable"
+    changed = [what for key, what in (("model_sha256", "another model"), ("methods", "other methods"),
+                                      ("options", "other options")) if earlier.get(key) != record.get(key)]
+    return f"explained before with {' and '.join(changed)}" if changed else ""
 
 
 def _explain(case: AuditCase, settings: AuditSettings, folder: Path, progress: Progress) -> None:
@@ -329,6 +369,21 @@ def run_cases(cases: Sequence[AuditCase], settings: AuditSettings, out: Path, wo
                 row = _failed(case, folders[case.name], exc)
             done(row)
     return rows
+
+
+SCHEDULER_ADDRESS = re.compile(r"^(?:(?:tcp|tls)://)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+                               r":(?P<port>[0-9]{1,5})$")
+"""A Dask scheduler's address: ``[tcp://|tls://]HOST:PORT``, HOST a name, an IPv4 or a bracketed IPv6 address."""
+
+
+def check_scheduler_address(address: str | None) -> None:
+    """Refuse an address that is no ``[tcp://|tls://]HOST:PORT`` before any case runs (``None``: no scheduler)."""
+    if address is None:
+        return
+    match = SCHEDULER_ADDRESS.match(address)
+    if not match or not 1 <= int(match["port"]) <= 65535:
+        raise SegXAIError(f"--scheduler {address!r} is not a Dask scheduler address; give HOST:PORT or "
+                          "tcp://HOST:PORT with a port from 1 to 65535, e.g. tcp://10.0.0.5:8786")
 
 
 def _local_cluster_size(workers: int | str, device: str) -> tuple[int, int]:
@@ -532,6 +587,8 @@ def run_audit(cases_dir: str | Path, settings: AuditSettings, out: str | Path, w
 
     check_options(settings.options, parse_methods(settings.methods))  # a typo fails before any case runs
     resolve_card(settings.model).target_channels(settings.target)
+    check_scheduler_address(scheduler)
+    settings = replace(settings, record=run_record(settings))
     cases = find_cases(cases_dir)
     if require_labels:
         cases = [case for case in cases if case.label is not None]

@@ -7,8 +7,9 @@ tasks and the Slicer module (which runs ``segxai explain`` in a child process) a
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,17 @@ from .explain.pipeline import ExplainResult, explain_segmentation
 from .fileio import OutputFolder
 from .inference import SegmentationResult, segment, select_device
 from .methods import check_options, get_explainer, parse_methods
+from .models.card import ModelCard
 from .models.loaders import LoadedModel
-from .models.registry import load_model
-from .outputs import write_explain_outputs, write_segmentation
+from .models.registry import load_model, model_fingerprint
+from .outputs import (
+    explain_claims,
+    listed_files,
+    segment_claims,
+    write_explain_outputs,
+    write_segmentation,
+    write_summary,
+)
 from .progress import Progress
 from .verdict import CaseVerdict, judge_case
 from .volume import Volume, read_volume
@@ -67,15 +76,29 @@ def explain_case(scan: Volume, model: LoadedModel, methods: list[str], target: s
     return CaseResult(run, judge_case(run, model.card))
 
 
+def run_record(card: ModelCard, methods: list[str], options: dict[str, Any] | None) -> dict[str, Any]:
+    """What a case was explained with, as ``summary["run"]`` records it: the model (name and
+    :func:`~SegXAILib.models.registry.model_fingerprint` of card and weights), the methods, and every
+    method's options with their defaults filled in (JSON values). An audit resumes a case only when its
+    record equals the audit's."""
+    parsed = check_options(options or {}, methods)
+    return json.loads(json.dumps({
+        "model": card.name, "model_sha256": model_fingerprint(card), "methods": list(methods),
+        "options": {name: asdict(parsed[name]) for name in methods}}, default=str))
+
+
 def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt: str,
                 progress: Progress) -> dict[str, Any]:
-    """Read, segment and write ``segmentation.<fmt>`` and ``summary.json``; return the summary."""
+    """Read, segment and write ``segmentation.<fmt>`` and ``summary.json``; return the summary.
+
+    The output folder is checked (and the scan refused where the run would write) before anything is read.
+    """
     start = time.perf_counter()
-    scan = read_volume(scan_path)
-    model = load_model(model_spec)
-    load_seconds = time.perf_counter() - start
-    result = segment(scan, model, device=device, progress=progress)
-    with OutputFolder(out_dir) as out:
+    with OutputFolder(out_dir, inputs=[scan_path], claims=segment_claims(fmt), listed=listed_files) as out:
+        scan = read_volume(scan_path)
+        model = load_model(model_spec)
+        load_seconds = time.perf_counter() - start
+        result = segment(scan, model, device=device, progress=progress)
         return write_segmentation(out, result, model.card, scan_path, fmt,
                                   {"read_and_load": load_seconds, **result.timings})
 
@@ -83,22 +106,31 @@ def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt
 def run_explain(scan_path: str, model_spec: str, methods: str, target: str | None, out_dir: Path, device: str,
                 fmt: str, progress: Progress, label_path: str | None = None,
                 options: dict[str, Any] | None = None, report: bool = True) -> dict[str, Any]:
-    """Read, segment, explain, judge and write (and draw ``report.html``); return the summary."""
+    """Read, segment, explain, judge and write (and draw ``report.html``); return the summary.
+
+    The output folder is checked (and inputs refused where the run would write) before anything is read;
+    everything, the report included, is drawn in its staging folder and published together
+    (:class:`~SegXAILib.fileio.OutputFolder`).
+    """
     start = time.perf_counter()
     names = parse_methods(methods)
     check_options(options or {}, names)  # a typo fails before anything is read
-    scan = read_volume(scan_path)
-    label = read_volume(label_path) if label_path else None
-    model = load_model(model_spec)
-    load_seconds = time.perf_counter() - start
-    case = explain_case(scan, model, names, target, device, progress, label, options)
-    with OutputFolder(out_dir) as out:
+    with OutputFolder(out_dir, inputs=[scan_path, label_path], claims=explain_claims(fmt),
+                      listed=listed_files) as out:
+        scan = read_volume(scan_path)
+        label = read_volume(label_path) if label_path else None
+        model = load_model(model_spec)
+        load_seconds = time.perf_counter() - start
+        case = explain_case(scan, model, names, target, device, progress, label, options)
         summary = write_explain_outputs(out, case.run, case.verdict, model.card, scan_path, fmt,
-                                        {"read_and_load": load_seconds, **case.segmentation.timings})
-    if report:
-        from .report import write_report
+                                        {"read_and_load": load_seconds, **case.segmentation.timings},
+                                        run_record(model.card, names, options))
+        if report:
+            from .report import write_report
 
-        progress.update("report", 0.0)
-        write_report(out_dir)  # reads the published summary.json and the files it names
-        progress.update("report", 1.0)
+            progress.update("report", 0.0)
+            write_report(out.staging)  # reads the staged summary.json and the files it names
+            summary["report"] = [f for f in out.staged() if f == "report.html" or f.startswith("report/")]
+            write_summary(out, summary)  # now listing the report's files too
+            progress.update("report", 1.0)
     return summary

@@ -2,13 +2,17 @@
 (a case: :mod:`SegXAILib.case`). No module imports this one.
 
 Every user error ends as one ``error: ...`` line on stderr and exit code 2, with no output
-files left behind (outputs are staged and published only when a command succeeds).
+files left behind (outputs are staged inside the output folder and published only when a command
+succeeds: :class:`SegXAILib.fileio.OutputFolder`). Ctrl-C (SIGINT) and SIGTERM end a command with one
+``error:`` line and exit code 130 or 143, after its staging folder is removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,6 +113,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     failed = [row for row in result.rows if row.status != "ok"]
     print(f"audited {len(result.rows)} cases: {result.skipped} done by an earlier run, {len(failed)} failed, "
           f"{sum(bool(row.review_needed) for row in result.rows)} to review")
+    for row in result.redone:
+        print(f"explained {row.case} again: {row.redone}")
     for row in failed:
         print(f"failed {row.case}: {row.error}")
     if result.classifier:
@@ -156,9 +162,9 @@ def cmd_synth_lesion(args: argparse.Namespace) -> int:
     from .data.samples import read_host
     from .fileio import OutputFolder
 
-    case = synthesize_lesion(read_host(args.host), seed=args.seed)
-    with OutputFolder(Path(args.out)) as out:
-        write_case(case, out.staging, fmt=_format(args.format))
+    fmt = _format(args.format)
+    with OutputFolder(Path(args.out), inputs=[args.host], claims=(f"image.{fmt}", f"label.{fmt}")) as out:
+        write_case(synthesize_lesion(read_host(args.host), seed=args.seed), out.staging, fmt=fmt)
     print(f"wrote {Path(args.out) / ('image.' + args.format)} and {Path(args.out) / ('label.' + args.format)}")
     return 0
 
@@ -180,10 +186,11 @@ def cmd_ct_phantom(args: argparse.Namespace) -> int:
     from .fileio import OutputFolder
     from .volume import write_volume
 
-    image, label = ct_phantom(shape=tuple(args.shape), seed=args.seed)
-    with OutputFolder(Path(args.out)) as out:
-        write_volume(image, out.path(f"image.{_format(args.format)}"))
-        write_volume(label, out.path(f"label.{args.format}"))
+    fmt = _format(args.format)
+    with OutputFolder(Path(args.out), claims=(f"image.{fmt}", f"label.{fmt}")) as out:
+        image, label = ct_phantom(shape=tuple(args.shape), seed=args.seed)
+        write_volume(image, out.path(f"image.{fmt}"))
+        write_volume(label, out.path(f"label.{fmt}"))
     print(f"wrote a {'x'.join(map(str, args.shape[::-1]))} CT phantom to {args.out}")
     return 0
 
@@ -375,16 +382,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT, so that it unwinds through every
+    ``with OutputFolder`` block (which removes its staging folder) and is not caught by ``except Exception``."""
+
+
+def _on_signal(signum: int, frame) -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):  # the first signal wins; the cleanup is short
+        signal.signal(number, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 cancelled or interrupted
+    (SIGINT, Ctrl-C), 143 terminated (SIGTERM); an interrupted command leaves no partial output."""
     args = build_parser().parse_args(argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # a signal ignored by the parent stays ignored
+        handlers = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT, Ctrl-C); no partial output was left", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        return 143
     except Cancelled as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 130
     except SegXAIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for number, handler in handlers.items():
+            if handler is not None:
+                signal.signal(number, handler)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 from .case import run_explain
 from .data.lesion import synthesize_lesion, write_case
 from .data.samples import default_demo_host, read_host
+from .fileio import OutputFolder, check_output_folder
 from .metrics import dice_per_target
 from .models.card import ModelCard
 from .models.registry import resolve_card
@@ -31,10 +32,15 @@ class DemoResult:
 def run_demo(out: Path, host: str | None, seed: int, model: str, methods: str, device: str,
              progress: Progress) -> DemoResult:
     """Place lesion ``seed`` in ``host`` (default: Colin27 when installed, else MNI152), write the case to
-    ``out/case``, explain it into ``out`` and score the segmentation against the lesion's label."""
+    ``out/case``, explain it into ``out`` and score the segmentation against the lesion's label.
+
+    Both folders are published whole (:class:`~SegXAILib.fileio.OutputFolder`); ``out`` is checked first."""
+    check_output_folder(out)  # before the lesion is drawn; run_explain checks the rest
     host_name = host or default_demo_host()
-    case = synthesize_lesion(read_host(host_name), seed=seed)
-    image_path, label_path = write_case(case, out / "case", fmt="nii.gz")
+    with OutputFolder(out / "case", inputs=[host], claims=("image.nii.gz", "label.nii.gz")) as staged:
+        case = synthesize_lesion(read_host(host_name), seed=seed)
+        write_case(case, staged.staging, fmt="nii.gz")
+    image_path, label_path = out / "case" / "image.nii.gz", out / "case" / "label.nii.gz"
     summary = run_explain(str(image_path), model, methods, None, out, device, "nii.gz", progress,
                           label_path=str(label_path))
     card = resolve_card(model)

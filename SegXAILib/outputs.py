@@ -14,17 +14,50 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SegXAIError
 from .explain.base import ExplanationMap
 from .explain.pipeline import ExplainResult
-from .fileio import OutputFolder
+from .fileio import OutputFolder, summary_files
 from .inference import SegmentationResult, volumes_ml
 from .models.card import ModelCard
 from .preprocessing import resample_to_grid
 from .verdict import CaseVerdict
 from .version import __version__
-from .volume import Volume, write_volume
+from .volume import Volume, volume_suffix, write_volume
 
 FORMATS = ("nii.gz", "nrrd", "nii", "mha")
+
+
+def segment_claims(fmt: str) -> tuple[str, ...]:
+    """Every file ``segxai segment`` may write (:class:`~SegXAILib.fileio.OutputFolder`'s ``claims``)."""
+    return (f"segmentation.{fmt}", "summary.json")
+
+
+def explain_claims(fmt: str) -> tuple[str, ...]:
+    """Every file ``segxai explain`` may write: the segmentation, the maps, the summary and the report."""
+    return (*segment_claims(fmt), "maps/*", "report.html", "report/*")
+
+
+def listed_files(summary: dict[str, Any]) -> list[str]:
+    """The files a summary lists (:func:`~SegXAILib.fileio.summary_files`); for an explain summary without a
+    ``report`` entry (written before it existed, or with ``--no-report``, a report perhaps drawn from it later),
+    the report's files as :func:`SegXAILib.report.write_report` names them."""
+    files = summary_files(summary)
+    if "report" not in summary and summary.get("maps") is not None:
+        files += ["report.html", "report/segmentation.png", "report/sa_curve.png"]
+        for item in summary["maps"]:
+            name = str(item.get("file", "") if isinstance(item, dict) else "").rsplit("/", 1)[-1]
+            try:
+                files.append(f"report/montage_{name[: len(name) - len(volume_suffix(name))]}.png")
+            except SegXAIError:
+                continue  # not a map file this code writes
+    return files
+
+
+def write_summary(out: OutputFolder, summary: dict[str, Any]) -> None:
+    """``summary.json`` in the staging folder (published last, :class:`~SegXAILib.fileio.OutputFolder`)."""
+    out.path("summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n",
+                                        encoding="utf-8")
 
 
 def versions() -> dict[str, str]:
@@ -71,7 +104,7 @@ def write_segmentation(out: OutputFolder, result: SegmentationResult, card: Mode
     write_volume(result.labels, out.path(seg_name))
     timings = {**timings, "write": time.perf_counter() - start}
     summary = segmentation_summary(result, card, scan_path, {"segmentation": seg_name}, timings)
-    out.path("summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(out, summary)
     return summary
 
 
@@ -92,12 +125,14 @@ def map_on_scan(item: ExplanationMap, result: SegmentationResult) -> Volume:
 
 
 def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVerdict, card: ModelCard,
-                          scan_path: str, fmt: str, timings: dict[str, float]) -> dict[str, Any]:
+                          scan_path: str, fmt: str, timings: dict[str, float],
+                          record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the segmentation, one file per map on the scan's grid, and summary.json (staged); return the summary.
 
     summary.json records the case-level ``scores`` (with ``reliability`` when a reliability model judged the
     case), the ``review`` verdict and the uncertainty ``agreement`` of ``verdict``
-    (:func:`SegXAILib.verdict.judge_case`).
+    (:func:`SegXAILib.verdict.judge_case`), and as ``run`` the model, methods and options it was explained
+    with (``record``, :func:`SegXAILib.case.run_record`).
     """
     result = run.segmentation
     files = {"segmentation": f"segmentation.{fmt}"}
@@ -116,6 +151,7 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVe
             del volume
     summary = segmentation_summary(result, card, scan_path, files, timings)
     summary.update({
+        **({"run": record} if record is not None else {}),
         "target": {"name": run.target, "labels": run.label_values},
         "maps": maps,
         "explanations": [{"method": e.method, "scalars": e.scalars, "curves": e.curves, "metadata": e.metadata}
@@ -128,8 +164,7 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVe
     summary["review"] = verdict.review  # the one verdict the report and Slicer show
     if verdict.agreement:
         summary["agreement"] = verdict.agreement
-    out.path("summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n",
-                                        encoding="utf-8")
+    write_summary(out, summary)
     return summary
 
 

@@ -7,6 +7,8 @@ whatever orientation flips or spacing changes happened on the way in.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -208,19 +210,89 @@ class BrainMask:
         return mask_volume_ml(self.on(self.source), self.source.spacing)
 
 
+# -------------------------------------------------------------------- memory
+def segmentation_bytes(voxels: float, n_classes: int) -> float:
+    """Bytes a segmentation run holds at its peak on a model grid of ``voxels`` voxels and ``n_classes`` classes:
+    ``4 * voxels * (3 * n_classes + 4)``.
+
+    Everything is float32 (4 bytes): three arrays of ``n_classes`` channels (MONAI's stitched logits, their
+    softmax, the probabilities returned) and four copies of the grid itself (the resampled scan, its normalised
+    copy, the padded network input, MONAI's window-count map). Explanations need more; this is the floor below
+    which no run can succeed.
+    """
+    return 4.0 * voxels * (3 * n_classes + 4)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (psutil, else the OS's free pages), or None if unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with dask[distributed]
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def _bytes_text(count: float) -> str:
+    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= size:
+            return f"{count / size:,.{0 if count >= 10 * size else 1}f} {unit}"
+    return f"{count:,.0f} bytes"
+
+
+def check_model_grid_memory(volume: Volume, spacing: Any, n_classes: int = 2,
+                            patch_size: Sequence[int] | None = None, available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a model grid whose segmentation would not fit in memory.
+
+    The grid is the one :func:`resample_to_spacing` would make: ``volume``'s physical extent at ``spacing`` (mm
+    along I, J, K), at least ``patch_size`` (K, J, I) along each axis, since the sliding window pads a smaller
+    grid to one window. Its cost is :func:`segmentation_bytes`; ``available`` defaults to
+    :func:`available_memory`.
+
+    Raises:
+        SegXAIError: the estimate exceeds the available memory; the message gives both and the fix.
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    extent = np.array(volume.shape[::-1], dtype=np.float64) * volume.spacing  # mm along I, J, K
+    size = np.maximum(1.0, np.round(extent / spacing))
+    if patch_size is not None:
+        size = np.maximum(size, np.asarray(patch_size, dtype=np.float64)[::-1])
+    need = segmentation_bytes(float(np.prod(size)), n_classes)
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        grid = "x".join(f"{s:.0f}" for s in size)
+        raise SegXAIError(
+            f"the model grid would be {grid} voxels (I x J x K; about {_bytes_text(need)} to segment, "
+            f"{_bytes_text(available)} of memory available): the spacing {_mm(spacing)} mm is too fine for this "
+            f"scan of {_mm(extent)} mm; use a coarser spacing in the model card or crop the scan")
+
+
+def _mm(values: np.ndarray) -> str:
+    return " x ".join(f"{v:.4g}" for v in values)
+
+
 BIAS_FIELD_METHODS = ("n4",)
 """Values of a card's ``preprocessing.bias_field``: ``n4`` (see :mod:`SegXAILib.bias_field`)."""
 
 
-def preprocess(scan: Volume, preprocessing: dict[str, Any]) -> Volume:
+def preprocess(scan: Volume, preprocessing: dict[str, Any], n_classes: int = 2,
+               patch_size: Sequence[int] | None = None) -> Volume:
     """Scan -> model grid: :func:`preprocess_with_brain` without the brain."""
-    return preprocess_with_brain(scan, preprocessing)[0]
+    return preprocess_with_brain(scan, preprocessing, n_classes, patch_size)[0]
 
 
-def preprocess_with_brain(scan: Volume, preprocessing: dict[str, Any]) -> tuple[Volume, BrainMask]:
+def preprocess_with_brain(scan: Volume, preprocessing: dict[str, Any], n_classes: int = 2,
+                          patch_size: Sequence[int] | None = None) -> tuple[Volume, BrainMask]:
     """Scan -> model grid: RAS orientation, bias-field correction (when ``bias_field`` is ``n4``),
     target spacing (``None``: keep; scaled to the brain's size when ``brain_volume_ml`` is given),
     intensity normalisation.
+
+    Before any of it is computed, the model grid is checked against the memory a segmentation of ``n_classes``
+    classes in windows of ``patch_size`` would need (:func:`check_model_grid_memory`; the defaults give the
+    smallest run): a spacing far too fine for the scan fails at once with the estimate, not in an allocation.
 
     Returns:
         The model grid, and the scan's :class:`BrainMask` (estimated only when a step asks for it; the
@@ -228,12 +300,18 @@ def preprocess_with_brain(scan: Volume, preprocessing: dict[str, Any]) -> tuple[
     """
     validate_scan(scan)
     volume = reorient_to_ras(scan) if preprocessing.get("orientation", "RAS") == "RAS" else scan
+    spacing = preprocessing.get("spacing")
+    scaled = spacing is not None and preprocessing.get("brain_volume_ml") is not None
+    # the coarsest spacing the brain's size can give first: it fails before the N4 and brain estimates
+    check_model_grid_memory(volume, volume.spacing if spacing is None else
+                            np.asarray(spacing, dtype=np.float64) * (BRAIN_SCALE_LIMITS[1] if scaled else 1.0),
+                            n_classes, patch_size)
     if preprocessing.get("bias_field") == "n4":
         volume = correct_bias_field(volume)  # before the brain estimate, which thresholds intensities
     brain = BrainMask(volume)
-    if preprocessing.get("spacing") is not None:
-        spacing = preprocessing["spacing"]
-        if preprocessing.get("brain_volume_ml") is not None:
+    if spacing is not None:
+        if scaled:
             spacing = brain_scaled_spacing(brain, spacing, float(preprocessing["brain_volume_ml"]))
+            check_model_grid_memory(volume, spacing, n_classes, patch_size)
         volume = resample_to_spacing(volume, spacing)
     return volume.with_array(normalise_intensity(volume.array, preprocessing.get("intensity", {}))), brain

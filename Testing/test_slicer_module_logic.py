@@ -330,6 +330,30 @@ def test_a_failing_run_reports_the_command_lines_error_and_adds_nothing(explaine
     assert scene_state(explained.scene) == before
 
 
+def test_a_callers_output_folder_survives_a_failed_and_a_cancelled_run(explained, tmp_path):
+    """The logic removes only what it made: a caller's outDir and the user's file in it stay, and the
+    cancelled child (SIGTERM first) leaves no staging folder behind."""
+    out = tmp_path / "my results"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own notes\n")
+    with pytest.raises(SegXAIError, match="unknown class"):
+        explained.logic.run(explained.input, str(explained.card), ["gradcam"], targetClass="no such class",
+                            device="cpu", outDir=out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    events = []
+    job = explained.logic.run(explained.input, str(explained.card), ["gradcam"], device="cpu", wait=False,
+                              outDir=out, onProgress=events.append)
+    deadline = time.monotonic() + 120
+    while not any(e.stage == "inference" for e in events):  # the child is mid-run, its staging made
+        assert job.poll() and time.monotonic() < deadline
+        time.sleep(0.05)
+    job.cancel()
+    assert job.state == "cancelled" and not job.workDir.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "the user's own notes\n"
+
+
 def test_rerun_replaces_the_previous_results(explained):
     """Runs last: the first run's nodes are gone afterwards."""
     scene = explained.scene

@@ -117,9 +117,13 @@ class ExplainJob:
         self._cleanUp()
 
     def _cleanUp(self) -> None:
+        """Remove the temporary folder this job made (the default output folder lies inside it).
+
+        A caller's ``outDir`` is never removed, nor anything in it: the command line publishes a complete
+        result there or leaves the folder as it was (its staging folder is cleaned when the child stops on
+        SIGTERM, and swept by the next run after a SIGKILL).
+        """
         shutil.rmtree(self.workDir, ignore_errors=True)
-        if not self.keepOutput or self.state != "succeeded":
-            shutil.rmtree(self.outDir, ignore_errors=True)
 
     def wait(self) -> ExplainResults:
         """Poll until the run ends; the results, or the run's error raised.
@@ -170,7 +174,8 @@ class ExplainLogic:
             device: ``auto``, ``gpu`` or ``cpu`` (or an explicit torch device such as ``cuda:1``).
             wait: block until done and return the results; ``False`` returns the running job.
             options: per-method options, ``{"gradcam": {"layer": "bottleneck"}}``.
-            outDir: keep the command line's output folder here (default: a temporary one, removed).
+            outDir: keep the command line's output folder here (default: a temporary one, removed); a folder
+                of the caller's is never removed, nor a file in it that the run does not write.
             onProgress, onLog: called on this thread with progress events and other output lines.
 
         Returns:

@@ -32,6 +32,9 @@ __all__ = ["ProgressEvent", "OutputLine", "ChildProcess", "pythonExecutable", "e
 DEVICES = ("auto", "gpu", "cpu")
 """The panel's device choices; ``explainCommand`` also passes an explicit ``cuda:N`` or ``mps`` through."""
 
+TERMINATE_GRACE_SECONDS = 5.0
+"""How long a cancelled child may take to clean up after SIGTERM before it is killed."""
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
@@ -128,8 +131,12 @@ class ChildProcess:
     def returncode(self) -> int | None:
         return None if self._process is None else self._process.returncode
 
-    def kill(self) -> None:
-        """Kill the child and everything it started; returns when they are gone."""
+    def kill(self, grace: float = TERMINATE_GRACE_SECONDS) -> None:
+        """Stop the child and everything it started; returns when they are gone.
+
+        On POSIX the child first gets SIGTERM, on which the command line removes its staging folder and exits
+        (143); whatever of its group is still alive after ``grace`` seconds is killed.
+        """
         if self._process is None:
             return
         if os.name == "nt":
@@ -137,6 +144,11 @@ class ChildProcess:
                 subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         else:
+            try:
+                os.killpg(self._process.pid, signal.SIGTERM)
+                self._process.wait(timeout=grace)
+            except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                pass
             try:  # the group outlives its leader while any member lives: kill it even if the leader exited
                 os.killpg(self._process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -49,6 +49,7 @@ also checks the keys.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,52 @@ from ..quality import review_limits
 from ..symmetries import mirrorings
 
 INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
+ORIENTATIONS = ("RAS", None)
+"""Values of ``preprocessing.orientation``: ``RAS`` (the default: axes permuted and flipped to R, A, S) or
+``null`` (the scan's own orientation)."""
+PATCH_LIMITS = (8, 512)
+LABEL_LIMITS = (0, 65535)
+CHANNEL_LIMITS = (1, 16)
+
+
+def _integer(value: Any, what: str) -> int:
+    """``value`` as an int if it is an integral number (1 or 1.0, not true, 1.5, NaN or "1")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise SegXAIError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None if it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def stride_multiple(architecture: dict[str, Any], ndim: int = 3) -> tuple[int, ...] | None:
+    """Per-axis multiple a network's input size must be: the product of the architecture's ``strides`` (MONAI
+    U-Nets), or None when it lists none; :func:`SegXAILib.models.networks.input_multiple` falls back on the
+    patch size's powers of two then.
+
+    Raises:
+        SegXAIError: ``strides`` is not a list of positive integers (or of per-axis lists of them).
+    """
+    strides = (architecture.get("args") or {}).get("strides") if isinstance(architecture, dict) else None
+    if strides is None:
+        return None
+    per_axis = [1] * ndim
+    try:
+        for s in strides:
+            values = [s] * ndim if not isinstance(s, (list, tuple)) else list(s)
+            if len(values) != ndim:
+                raise ValueError
+            per_axis = [m * _integer(v, "a stride") for m, v in zip(per_axis, values)]
+    except (TypeError, ValueError, SegXAIError):
+        raise SegXAIError(f"architecture strides must be a list of positive integers, got {strides!r}") from None
+    if min(per_axis) < 1:
+        raise SegXAIError(f"architecture strides must be a list of positive integers, got {strides!r}")
+    return tuple(per_axis)
 
 
 @dataclass(frozen=True)
@@ -93,24 +140,37 @@ class ModelCard:
     review: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path = Path(".")
+    output: str = "logits"
+    """What the network returns (the card's ``"output"``): ``logits`` (the default) or ``probabilities`` (a softmax
+    already applied, e.g. deepbet): :func:`SegXAILib.inference.network_probabilities` then applies none, and
+    gradient targets use log-probabilities (:mod:`SegXAILib.explain.targets`)."""
+
+    OUTPUTS = ("logits", "probabilities")
+    """The valid values of ``output`` (a class constant, not a field)."""
+
+    def __post_init__(self) -> None:
+        if self.output not in self.OUTPUTS:
+            raise SegXAIError(f"output must be \"logits\" (the network returns logits, the default) or "
+                              f"\"probabilities\" (it applies a softmax itself), got {self.output!r}")
 
     # ------------------------------------------------------------ parsing
     @classmethod
     def from_dict(cls, data: dict[str, Any], root: Path = Path("."), source: str = "model card") -> ModelCard:
         try:
-            classes = [ClassInfo(c["name"], int(c["label"]), tuple(c.get("color", (128, 128, 128))))
+            classes = [ClassInfo(c["name"], _integer(c["label"], f"class {c['name']!r}: label"),
+                                 tuple(c.get("color", (128, 128, 128))))
                        for c in data["classes"]]
             card = cls(
                 name=str(data["name"]),
                 architecture=dict(data["architecture"]),
                 classes=classes,
                 preprocessing=dict(data.get("preprocessing", {})),
-                patch_size=tuple(int(p) for p in data["patch_size"]),
+                patch_size=tuple(_integer(p, "patch_size") for p in data["patch_size"]),
                 weights=data.get("weights"),
-                input_channels=int(data.get("input", {}).get("channels", 1)),
+                input_channels=_integer(data.get("input", {}).get("channels", 1), "input.channels"),
                 modality=str(data.get("input", {}).get("modality", "MRI")),
                 description=str(data.get("description", "")),
-                groups={k: [int(x) for x in v] for k, v in data.get("groups", {}).items()},
+                groups={k: [_integer(x, f"group {k!r}: label") for x in v] for k, v in data.get("groups", {}).items()},
                 default_target=data.get("default_target"),
                 postprocessing=dict(data.get("postprocessing", {})),
                 inference=dict(data.get("inference", {})),
@@ -119,7 +179,9 @@ class ModelCard:
                 extra=dict(data.get("extra", {})),
                 root=Path(root),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except SegXAIError as exc:
+            raise SegXAIError(f"{source}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SegXAIError(f"{source} is missing or has an invalid field ({exc!r}); "
                               "see the model card format in README.md") from None
         card.validate(source)
@@ -132,17 +194,12 @@ class ModelCard:
         return cls.from_dict(data, root=path.parent, source=f"model card {path}")
 
     def validate(self, source: str = "model card") -> None:
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise SegXAIError(f"{source}: patch_size must be three positive integers, got {self.patch_size}")
-        if len({c.label for c in self.classes}) != len(self.classes) or len(self.classes) < 2:
-            raise SegXAIError(f"{source}: classes need at least two entries with distinct labels")
-        kind = self.preprocessing.get("intensity", {}).get("kind", "zscore_foreground")
-        if kind not in INTENSITY_KINDS:
-            raise SegXAIError(f"{source}: unknown intensity normalisation {kind!r}; use one of {INTENSITY_KINDS}")
-        bias_field = self.preprocessing.get("bias_field")
-        if bias_field is not None and bias_field not in BIAS_FIELD_METHODS:
-            raise SegXAIError(f"{source}: unknown bias_field correction {bias_field!r}; use one of "
-                              f"{BIAS_FIELD_METHODS} or leave it out")
+        """Raise one :class:`SegXAIError` line (``source``: the problem and the fix) for the first invalid entry."""
+        try:
+            self._validate_shape()
+            self._validate_preprocessing()
+        except SegXAIError as exc:
+            raise SegXAIError(f"{source}: {exc}") from None
         for group, labels in self.groups.items():
             unknown = set(labels) - {c.label for c in self.classes}
             if unknown:
@@ -156,6 +213,72 @@ class ModelCard:
             review_limits(self.review)
         except SegXAIError as exc:
             raise SegXAIError(f"{source}: {exc}") from None
+
+    def _validate_shape(self) -> None:
+        """Patch size, input channels and class labels."""
+        low, high = PATCH_LIMITS
+        if len(self.patch_size) != 3 or not all(low <= p <= high for p in self.patch_size):
+            raise SegXAIError(f"patch_size must be three integers from {low} to {high} (voxels along K, J, I), "
+                              f"got {list(self.patch_size)}; use the window size the model was trained with")
+        multiple = stride_multiple(self.architecture)
+        if multiple is not None and any(p % m for p, m in zip(self.patch_size, multiple)):
+            raise SegXAIError(f"patch_size {list(self.patch_size)} is not divisible by {list(multiple)}, the product "
+                              f"of the network's strides; use a multiple of it (e.g. "
+                              f"{[max(m, -(-p // m) * m) for p, m in zip(self.patch_size, multiple)]})")
+        low, high = CHANNEL_LIMITS
+        if not low <= self.input_channels <= high:
+            raise SegXAIError(f"input.channels must be an integer from {low} to {high}, got {self.input_channels}")
+        if len(self.classes) < 2:
+            raise SegXAIError("classes need at least two entries with distinct labels (the background first)")
+        low, high = LABEL_LIMITS
+        for c in self.classes:
+            if not low <= c.label <= high:
+                raise SegXAIError(f"class {c.name!r} has label {c.label}; labels must be integers from {low} to "
+                                  f"{high} (the values written to label files)")
+        labels = [c.label for c in self.classes]
+        if len(set(labels)) != len(labels):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise SegXAIError(f"classes need distinct labels: {repeated} used more than once; give each class its own")
+
+    def _validate_preprocessing(self) -> None:
+        """Orientation, spacing, brain volume, bias field and intensity normalisation."""
+        spec = self.preprocessing
+        orientation = spec.get("orientation", "RAS")
+        if orientation not in ORIENTATIONS:
+            raise SegXAIError(f"preprocessing.orientation {orientation!r} is not supported: use \"RAS\" (the scan's "
+                              "axes permuted and flipped to R, A, S) or null (the scan's own orientation)")
+        spacing = spec.get("spacing")
+        if spacing is not None:
+            values = [_number(v) for v in spacing] if isinstance(spacing, (list, tuple)) else []
+            if len(values) != 3 or not all(v is not None and v > 0 for v in values):
+                raise SegXAIError(f"preprocessing.spacing must be three positive numbers (mm along I, J, K) or null "
+                                  f"(keep the scan's spacing), got {spacing!r}")
+        brain = spec.get("brain_volume_ml")
+        if brain is not None and not (_number(brain) or 0) > 0:
+            raise SegXAIError(f"preprocessing.brain_volume_ml must be a positive number of mL, got {brain!r}")
+        bias_field = spec.get("bias_field")
+        if bias_field is not None and bias_field not in BIAS_FIELD_METHODS:
+            raise SegXAIError(f"unknown bias_field correction {bias_field!r}; use one of {BIAS_FIELD_METHODS} or "
+                              "leave it out")
+        intensity = spec.get("intensity", {})
+        if not isinstance(intensity, dict):
+            raise SegXAIError(f"preprocessing.intensity must be an object such as {{\"kind\": \"zscore_foreground\"}}, "
+                              f"got {intensity!r}")
+        kind = intensity.get("kind", "zscore_foreground")
+        if kind not in INTENSITY_KINDS:
+            raise SegXAIError(f"unknown intensity normalisation {kind!r}; use one of {INTENSITY_KINDS}")
+        if kind == "ct_window":
+            window = intensity.get("window")
+            values = [_number(v) for v in window] if isinstance(window, (list, tuple)) else []
+            if len(values) != 2 or None in values or not values[0] < values[1]:
+                raise SegXAIError("the ct_window intensity needs \"window\": [low, high], two finite numbers (HU) "
+                                  f"with low < high, got {window!r}")
+        if kind == "percentile":
+            lower, upper = (_number(intensity.get(k, d)) for k, d in (("lower", 0.5), ("upper", 99.5)))
+            if lower is None or upper is None or not 0 <= lower < upper <= 100:
+                given = {k: intensity.get(k, d) for k, d in (("lower", 0.5), ("upper", 99.5))}
+                raise SegXAIError("the percentile intensity needs \"lower\" < \"upper\", percentiles from 0 to 100, "
+                                  f"got {given}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from monai.networks.nets import AttentionUnet, UNet
 from torch import nn
 
 from ..errors import SegXAIError
-from .card import ModelCard
+from .card import ModelCard, stride_multiple
 from .dual_encoder import build_dual_encoder
 from .eunet import build_eunet
 
@@ -68,10 +67,7 @@ def input_multiple(card: ModelCard) -> tuple[int, ...]:
     The product of the card's ``strides`` when its architecture lists them (MONAI U-Nets), else the
     largest power of two dividing the patch size (a size the network is known to accept).
     """
-    strides = card.architecture.get("args", {}).get("strides")
-    if strides is not None:
-        per_axis = np.ones(len(card.patch_size), dtype=int)
-        for s in strides:
-            per_axis *= np.broadcast_to(np.asarray(s, dtype=int), per_axis.shape)
-        return tuple(int(k) for k in per_axis)
+    multiple = stride_multiple(card.architecture, len(card.patch_size))
+    if multiple is not None:
+        return multiple
     return tuple(p & -p for p in card.patch_size)

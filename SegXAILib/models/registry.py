@@ -12,6 +12,8 @@ A TorchScript model is loaded through a card whose architecture is ``{"name": "t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -67,3 +69,18 @@ def load_model(spec: str | os.PathLike, weights_index: int = 0) -> LoadedModel:
 
         return LoadedModel(card, load_bundle_network(card), "bundle")
     return load_from_card(card, weights_index)
+
+
+def model_fingerprint(card: ModelCard) -> str:
+    """SHA-256 of the card (its JSON, keys sorted) and of the bytes of every weights file it names, or, for a
+    MONAI bundle, of every file of the bundle's ``configs/`` and ``models/``: equal fingerprints, same model."""
+    digest = hashlib.sha256(json.dumps(card.to_dict(), sort_keys=True, default=str).encode())
+    bundle = card.extra.get("bundle_root")
+    files = card.weight_paths if not bundle else sorted(
+        p for sub in ("configs", "models") for p in (Path(bundle) / sub).rglob("*") if p.is_file())
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -247,3 +248,49 @@ def test_degraded_copies_rank_before_the_clean_cases(tmp_path):
     rank = {case: n for n, case in enumerate(order)}
     assert np.mean([rank[c] for c in degraded]) < np.mean([rank[c] for c in clean])
     assert order[0] in degraded
+
+
+def test_resume_explains_again_the_cases_done_with_other_settings(tmp_path, cohort, tiny_card, capsys,
+                                                                  monkeypatch):
+    out = tmp_path / "out"
+    audit(cohort, tiny_card, out)
+    summary = json.loads((out / "cases" / "case0" / "summary.json").read_text())
+    assert summary["run"]["methods"] == ["protoseg", "tta"] and len(summary["run"]["model_sha256"]) == 64
+    assert summary["run"]["options"]["tta"]["transforms"] == 8  # the defaults are recorded too
+    calls = []
+    real = SegXAILib.case.run_explain
+    monkeypatch.setattr(SegXAILib.case, "run_explain", lambda *a, **k: calls.append(Path(a[0]).parent.name)
+                        or real(*a, **k))
+    capsys.readouterr()
+    audit(cohort, tiny_card, out)  # the same settings: only the broken case is tried again
+    assert calls == ["cases"] and "explained case" not in capsys.readouterr().out
+    audit(cohort, tiny_card, out, "--option", "tta.transforms=3")
+    assert sorted(calls) == ["case0", "case1", "cases", "cases"]
+    printed = capsys.readouterr().out
+    assert "explained case0 again: explained before with other options" in printed
+    assert json.loads((out / "cases" / "case0" / "summary.json").read_text())["run"]["options"]["tta"] == {
+        "margin": 3, "transforms": 3, "plane": [1, 2]}
+    weights = tiny_card.parent / "tiny.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # one weight changed, same card and name
+    calls.clear()
+    audit(cohort, tiny_card, out, "--option", "tta.transforms=3")
+    assert sorted(calls) == ["case0", "case1", "cases"]
+    assert "explained case1 again: explained before with another model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("address", ["not an address", "tcp://host", "tcp://host:0", "tcp://host:99999",
+                                     "http://host:8786", "host:8786; rm -rf /"])
+def test_a_malformed_scheduler_address_is_one_error_line(tmp_path, cohort, tiny_card, capsys, address):
+    out = tmp_path / "out"
+    assert main(["audit", str(cohort), "--model", str(tiny_card), "--out", str(out), "--scheduler", address,
+                 "--progress", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --scheduler") and "tcp://" in err[0]
+    assert not (out / "cases").exists()
+
+
+def test_valid_scheduler_addresses_pass_the_check():
+    from SegXAILib.audit import check_scheduler_address
+
+    for address in ("tcp://10.0.0.5:8786", "localhost:8786", "tls://scheduler.example.org:8786", "tcp://[::1]:8786"):
+        check_scheduler_address(address)
