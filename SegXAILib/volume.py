@@ -138,7 +138,9 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if not path.exists():
         raise SegXAIError(f"file not found: {path}; check the path")
     if path.is_dir():
-        return _volume_of(path, _read_dicom_series(path))
+        series = _read_dicom_series(path)
+        _check_geometry(path, series)
+        return _volume_of(path, series)
     layout = _data_layout(path)  # the header and the data are checked first: ITK's messages are vaguer
     voxels = _read_voxels(layout) if layout is not None else None
     reader = sitk.ImageFileReader()
@@ -181,8 +183,9 @@ _ORTHONORMAL_TOLERANCE = 1e-4
 file's directions are printed to 6 or more digits; a real shear is far larger)."""
 
 
-def _check_geometry(path: Path, reader: sitk.ImageFileReader) -> None:
-    """Refuse a voxel spacing that is not positive and a direction matrix that is not orthonormal.
+def _check_geometry(path: Path, reader: sitk.ImageFileReader | sitk.Image) -> None:
+    """Refuse a voxel spacing that is not positive and a direction matrix that is not orthonormal
+    (of a file's header, or of a DICOM series as read).
 
     A sheared grid (e.g. a gantry-tilted CT stored with its tilt) cannot be written to NIfTI: ITK would
     silently rotate it (writing its "closest orthogonal" matrix), so every output would sit elsewhere.

@@ -26,7 +26,7 @@ from SegXAILib.models.card import ModelCard, stride_multiple
 from SegXAILib.preprocessing import check_model_grid_memory, segmentation_bytes
 from SegXAILib.volume import Volume, read_volume, write_volume
 
-from .conftest import TINY_ARCH, oblique_scan
+from .conftest import TINY_ARCH, make_card, oblique_scan
 
 # ------------------------------------------------------------------------------------ hostile files
 PIXDIM_1 = 80  # byte offset of pixdim[1] (the voxel size along I) in a NIfTI-1 header
@@ -152,6 +152,67 @@ def test_hostile_input_is_one_error_line_and_writes_nothing(row, tmp_path, tiny_
     assert phrase in lines[0], lines[0]
     if row != "spacing too fine for memory":  # that one is about the scan and the card together
         assert (scan_path.name if row in SCAN_ROWS else card_path.name) in lines[0]  # the message names the file
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ issue 2's bad inputs
+def _write(folder: Path, name: str, array: np.ndarray) -> Path:
+    return write_volume(Volume(array), folder / name)
+
+
+def _four_d(folder: Path) -> Path:
+    import SimpleITK as sitk
+
+    image = sitk.JoinSeries([sitk.GetImageFromArray(np.random.rand(5, 6, 7).astype(np.float32))] * 3)
+    sitk.WriteImage(image, str(folder / "series.nii.gz"))
+    return folder / "series.nii.gz"
+
+
+def _nan(folder: Path) -> Path:
+    array = oblique_scan().array.copy()
+    array[3, 4, 5] = np.nan
+    return _write(folder, "nan.nii.gz", array)
+
+
+EARLIER_ROWS = {  # each builds (scan, model) from (folder, tiny card), and the phrase of its one line
+    "missing file": (lambda d, c: (d / "nope.nii.gz", c), "file not found"),
+    "not an image": (lambda d, c: ((d / "notes.nii.gz").write_bytes(b"hello") and d / "notes.nii.gz", c),
+                     "notes.nii.gz"),
+    "2D input": (lambda d, c: (_write(d, "slice.nii.gz", np.random.rand(1, 9, 9).astype(np.float32)), c),
+                 "single slice"),
+    "4D input": (lambda d, c: (_four_d(d), c), "4D"),
+    "NaN voxels": (lambda d, c: (_nan(d), c), "NaN or infinite"),
+    "constant volume": (lambda d, c: (_write(d, "flat.nrrd", np.full((6, 7, 8), 5, np.int16)), c), "empty"),
+    "unknown model": (lambda d, c: (scan(d, ".nii.gz"), "no-such-model"), "unknown model 'no-such-model'"),
+    "input channels mismatch": (lambda d, c: (scan(d, ".nii.gz"), make_card(c.parent, "two", input_channels=2)),
+                                "expects 2 input channel(s)"),
+    "weights of another architecture": (
+        lambda d, c: (scan(d, ".nii.gz"), make_card(c.parent, "other", weights_from={
+            "name": "unet", "args": {"channels": [2, 4, 8], "strides": [2, 2]}})), "weights"),
+}
+
+
+@pytest.mark.parametrize("row", EARLIER_ROWS)
+def test_issue_2s_bad_inputs_are_one_error_line_and_write_nothing(row, tmp_path, tiny_card, capfd):
+    build, phrase = EARLIER_ROWS[row]
+    (tmp_path / "in").mkdir()
+    scan_path, model = build(tmp_path / "in", tiny_card)
+    before = scan_path.read_bytes() if scan_path.is_file() else None
+    capfd.readouterr()
+    out = tmp_path / "out"
+    code = main(["segment", str(scan_path), "--model", str(model), "--out", str(out), "--progress", "none"])
+    lines = capfd.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], lines
+    assert not out.exists()
+    assert before is None or scan_path.read_bytes() == before  # the input is never modified
+
+
+def test_an_unknown_class_is_one_error_line(tmp_path, tiny_card, capfd):
+    out = tmp_path / "out"
+    code = main(["explain", str(scan(tmp_path, ".nii.gz")), "--model", str(tiny_card), "--target", "tumor",
+                 "--out", str(out), "--progress", "none"])
+    lines = capfd.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and "unknown class 'tumor'" in lines[0], lines
     assert not out.exists()
 
 
