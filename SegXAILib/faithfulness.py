@@ -59,7 +59,7 @@ from torch import nn
 
 from .errors import SegXAIError
 from .fileio import write_csv_rows
-from .inference import select_device, sliding_window_predict, target_mask
+from .inference import network_probabilities, select_device, sliding_window_predict, target_mask
 from .metrics import dice
 from .models.loaders import LoadedModel
 from .progress import Progress
@@ -96,7 +96,8 @@ def probability_fn(model: LoadedModel | nn.Module | ProbabilityFn, device: torch
 
         def windows(images: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return torch.softmax(sliding_window_predict(network, images, patch, device, overlap), dim=1)
+                return network_probabilities(sliding_window_predict(network, images, patch, device, overlap),
+                                             model.card.output)
         return windows
     if isinstance(model, nn.Module):
         def whole(images: torch.Tensor) -> torch.Tensor:

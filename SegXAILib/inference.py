@@ -92,6 +92,17 @@ def sliding_window_predict(
         with_coord=with_coord)
 
 
+def network_probabilities(output: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    """Class probabilities from a network's (N, n_classes, *S) output: its softmax over the classes when the
+    network returns ``logits`` (the card's ``output``, the default), the output itself (as float32) when it
+    returns ``probabilities`` (a softmax already applied: a second one would flatten them towards uniform)."""
+    if kind == "probabilities":
+        return output.float()
+    if kind != "logits":
+        raise SegXAIError(f"unknown network output {kind!r}; a model card's output is logits or probabilities")
+    return torch.softmax(output.float(), dim=1)
+
+
 def target_mask(probabilities: np.ndarray | torch.Tensor, channels: Sequence[int]) -> np.ndarray:
     """Bool (*S): the argmax of (n_classes, *S) probabilities is one of ``channels`` (the first index wins a tie).
 
@@ -144,7 +155,8 @@ class SegmentationResult:
 def predict_probabilities(model: LoadedModel, image: np.ndarray, device: torch.device,
                           progress: Progress | None = None, overlap: float = 0.25,
                           mirror_axes: Sequence[int] = ()) -> np.ndarray:
-    """Softmax probabilities (n_classes, D, H, W) for a preprocessed (C, D, H, W) or (D, H, W) array.
+    """Softmax probabilities (n_classes, D, H, W) for a preprocessed (C, D, H, W) or (D, H, W) array (the network's
+    own output when its card says it returns probabilities: :func:`network_probabilities`).
 
     ``mirror_axes``: test-time mirroring (nnU-Net's default): the mean of the softmax of the scan flipped
     along every combination of these model-grid axes, each flipped back (2^n sliding-window passes).
@@ -166,7 +178,7 @@ def predict_probabilities(model: LoadedModel, image: np.ndarray, device: torch.d
             if logits.shape[1] != model.card.n_classes:
                 raise SegXAIError(f"model {model.card.name!r} returns {logits.shape[1]} channels but its card "
                                   f"lists {model.card.n_classes} classes; fix the card's classes")
-            probabilities = invert(torch.softmax(logits, dim=1), transform)
+            probabilities = invert(network_probabilities(logits, model.card.output), transform)
             total = probabilities if total is None else total.add_(probabilities)
         return (total[0] / len(transforms)).numpy()
 

@@ -1,8 +1,14 @@
 """Seg-Grad-CAM and Grad-CAM++ for 3D segmentation networks (METHODS.md section 1).
 
-The target score is the sum of the target's logits (all its output channels) over a region R:
+The target score is the target's log-odds summed over a region R (:mod:`.targets`, shared by every gradient
+and perturbation method):
 
-    score = sum_{c in channels} sum_{p in R} logits[c, p]
+    score = sum_{p in R} t(p),   t = logsumexp_{c in T} z_c - logsumexp_{c not in T} z_c
+
+from the logits z, or the same from log-probabilities for a network that returns probabilities (the model
+card's ``output``): the maps of a network and of that network followed by a softmax are the same. (METHODS.md
+section 1 names the sum of the target's logits; with two classes t is the logit difference z_1 - z_0, and the
+raw logit is not defined for a network that returns probabilities, see :mod:`.targets`.)
 
 R is the model's predicted mask of the target (default, Vinogradova et al.; when that mask is
 empty the whole volume is used and the metadata says so), a box (option ``box``:
@@ -32,7 +38,7 @@ keeps only the graph from that layer to the output (:class:`.layers.LayerCapture
 
 Scans larger than the card's patch size run window by window in MONAI's sliding window
 (``with_coord=True``): each window returns its logits, activations and the gradient of its part of
-the score (target logits summed over R inside the window), activations and gradients on the layer's
+the score (t summed over R inside the window), activations and gradients on the layer's
 own grid; MONAI stitches each output at its own scale with its Gaussian weights, which costs
 (channels x layer grid) memory per layer. The stitched gradient is the blend of per-window gradients, an
 approximation of the gradient of the global score (exact for networks without spatial context); the
@@ -63,6 +69,7 @@ from ..upsampling import upsample_to
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap
 from .layers import DEFAULT_LAYER, LayerCapture, frozen_parameters, parse_layer_specs, resolve_layers
 from .options import MethodOptions, option
+from .targets import SCORE_WORDS, log_odds, target_scores
 
 REGIONS = ("predicted", "all", "box", "mask")
 _REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
@@ -86,7 +93,7 @@ class GradCAMOptions(MethodOptions):
 
 @dataclass
 class TargetRegion:
-    """The region R whose target logits form the score.
+    """The region R over which the target's log-odds are summed into the score.
 
     Attributes:
         mask: bool, (D, H, W) on the model grid.
@@ -133,21 +140,24 @@ def target_region(context: ExplainContext, options: GradCAMOptions) -> TargetReg
 
 
 def layer_gradients(network: nn.Module, window: torch.Tensor, weight: torch.Tensor, channels: list[int],
-                    modules: list[nn.Module]) -> tuple[torch.Tensor, float, list[torch.Tensor], list[torch.Tensor]]:
-    """One forward and backward pass of ``score = sum(weight * logits[:, channels])``.
+                    modules: list[nn.Module], output: str = "logits"
+                    ) -> tuple[torch.Tensor, float, list[torch.Tensor], list[torch.Tensor]]:
+    """One forward and backward pass of ``score = sum(weight * t)``, t the target's log-odds (:mod:`.targets`).
 
     Args:
         window: (1, C, *s) input.
         weight: (1, 1, *s) indicator of R on the window.
         modules: layers whose outputs A and gradients d score / d A are wanted.
+        output: what the network returns (the card's ``output``).
 
     Returns:
-        logits (1, n_classes, *s), score, activations and gradients (each (1, C_l, *s_l)), all detached.
+        the network's output (1, n_classes, *s), score, activations and gradients (each (1, C_l, *s_l)), all
+        detached.
     """
     with torch.inference_mode(False), torch.enable_grad(), frozen_parameters(network), \
             LayerCapture(modules, leaf=True) as capture:
         logits = network(window.clone())
-        score = (logits[:, channels] * weight).sum()
+        score = target_scores(logits, channels, weight[:, 0], output).sum()
         activations = capture.outputs
         grads = torch.autograd.grad(score, activations, allow_unused=True) if score.requires_grad else \
             [None] * len(activations)
@@ -161,7 +171,7 @@ class SegGradCAM(Explainer):
     name: ClassVar[str] = "gradcam"
     Options = GradCAMOptions
     title: ClassVar[str] = "Grad-CAM"
-    summary: ClassVar[str] = ("Seg-Grad-CAM: where the chosen layer's features raise the target's logits over "
+    summary: ClassVar[str] = ("Seg-Grad-CAM: where the chosen layer's features raise the target's log-odds over "
                               "its predicted region (options: layer, region, box, mask)")
 
     @staticmethod
@@ -192,7 +202,7 @@ class SegGradCAM(Explainer):
         image = F.pad(context.image, pad).to(context.device)
         weight = F.pad(torch.from_numpy(region).float()[None, None], pad).to(context.device)
         _, score, activations, grads = layer_gradients(context.model.network, image, weight, context.channels,
-                                                       modules)
+                                                       modules, context.model.card.output)
         crop = tuple(slice(before, before + n) for before, n in zip(pad[-2::-2], shape))
         cams = [upsample_to(self.cam(a, g, math.prod(a.shape[2:])), tuple(image.shape[2:]))[(..., *crop)].cpu()
                 for a, g in zip(activations, grads)]
@@ -210,12 +220,12 @@ class SegGradCAM(Explainer):
             window_region = torch.from_numpy(padded[tuple(coords[0][2:])]).to(window.device)
             window_weight = window_region.float()[None, None]
             logits, _, activations, grads = layer_gradients(context.model.network, window, window_weight,
-                                                            context.channels, modules)
+                                                            context.channels, modules, context.model.card.output)
             return (logits, *activations, *grads)
 
         logits, *stitched = sliding_window_predict(predictor, context.image, patch, context.device, overlap,
                                                    context.progress, self.name, with_coord=True)
-        score = float(logits[0, context.channels][:, torch.from_numpy(region)].sum())
+        score = float(log_odds(logits, context.channels, context.model.card.output)[0][torch.from_numpy(region)].sum())
         n = len(modules)
         cams = [upsample_to(self.cam(a, g, math.prod(a.shape[2:])), region.shape)
                 for a, g in zip(stitched[:n], stitched[n:])]
@@ -256,9 +266,11 @@ class SegGradCAM(Explainer):
                 method=self.name, variant=None if spec == DEFAULT_LAYER else re.sub(r"[^A-Za-z0-9_-]+", "_", spec),
                 array=cam[0, 0].numpy().astype(np.float32),
                 description=(f"{self.title} at {spec} ({', '.join(layers[spec])}): where the layer's features raise "
-                             f"the {context.target} logits over the {_REGION_WORDS[region.kind]} (relative)")))
+                             f"the {context.target} {SCORE_WORDS} over the {_REGION_WORDS[region.kind]} (relative)")))
         metadata: dict[str, Any] = {
             "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING,
+            "target_score": f"{SCORE_WORDS} of {context.target} summed over the region, from the network's "
+                            f"{context.model.card.output}",
             "seconds": time.perf_counter() - start,
             "parameters": {"layer": specs, "patch_size": list(patch), "overlap": overlap,
                            **({"region": options.region} if options.region is not None else {}),

@@ -72,7 +72,7 @@ from torch import nn
 
 from ..errors import SegXAIError
 from ..faithfulness import resolve_baseline
-from ..inference import sliding_window_predict, target_mask
+from ..inference import network_probabilities, sliding_window_predict, target_mask
 from ..metrics import dice
 from ..models.networks import input_multiple
 from ..padding import padding_to
@@ -183,11 +183,13 @@ class CropPredictor:
         patch: the card's patch size; crops up to it run in one pass.
         divisor: per-axis multiple the network's input size must be.
         baseline: b, the value the crop is padded with (the perturbed volume's value around the crop).
+        output: what the network returns (the card's ``output``): ``logits`` or ``probabilities``.
     """
 
     def __init__(self, network: nn.Module, patch: tuple[int, ...], divisor: tuple[int, ...], baseline: float,
-                 device: torch.device) -> None:
+                 device: torch.device, output: str = "logits") -> None:
         self.network = network
+        self.output = output
         self.patch = tuple(patch)
         self.divisor = tuple(divisor)
         self.baseline = baseline
@@ -216,7 +218,7 @@ class CropPredictor:
                 logits = sliding_window_predict(self.network, F.pad(x, pad, value=self.baseline), self.patch,
                                                 self.device).to(self.device)
         inner = tuple(slice(p, p + s) for p, s in zip(pad[-2::-2], shape))
-        return torch.softmax(logits[(..., *inner)].float(), dim=1)
+        return network_probabilities(logits[(..., *inner)], self.output)
 
 
 # ------------------------------------------------------------------ stage 1
@@ -440,7 +442,7 @@ class MiSuRe(Explainer):
         shape = tuple(image.shape[2:])
         align = tuple(math.lcm(int(d), options.coarse) for d in input_multiple(card))
         predictor = CropPredictor(context.model.network, tuple(card.patch_size), input_multiple(card),
-                                  resolve_baseline(options.baseline, image), context.device)
+                                  resolve_baseline(options.baseline, image), context.device, card.output)
         progress = context.progress
         stage1 = sufficient_region(
             predictor, image, m0, context.channels, options, align,

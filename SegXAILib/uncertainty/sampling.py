@@ -31,7 +31,7 @@ from torch import nn
 
 from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
 from ..explain.options import MethodOptions, option
-from ..inference import sliding_window_predict
+from ..inference import network_probabilities, sliding_window_predict
 from ..models.loaders import LoadedModel, load_from_card
 from ..progress import Progress
 from ..symmetries import AXIAL, FlipRotate, augment, flip_rotate_transforms, invert
@@ -41,11 +41,12 @@ DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaD
 
 
 def predict_softmax(network: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
-                    device: torch.device, progress: Progress, stage: str) -> torch.Tensor:
-    """Sliding-window softmax of (1, C, D, H, W) ``image``: (n_classes, D, H, W) float32 on the CPU."""
+                    device: torch.device, progress: Progress, stage: str, output: str = "logits") -> torch.Tensor:
+    """Sliding-window softmax of (1, C, D, H, W) ``image``: (n_classes, D, H, W) float32 on the CPU (``output``:
+    what the network returns, the card's ``output``; probabilities are taken as they are)."""
     with torch.inference_mode():
         logits = sliding_window_predict(network, image, patch_size, device, progress=progress, stage=stage)
-        return torch.softmax(logits, dim=1)[0]
+        return network_probabilities(logits, output)[0]
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class MCDropoutUncertainty(SampledUncertainty):
         with fork:
             torch.manual_seed(options.seed + t)
             return predict_softmax(context.model.network, context.image, context.model.card.patch_size,
-                                   device, progress, self.name)
+                                   device, progress, self.name, context.model.card.output)
 
     def metadata(self, context: ExplainContext, options: MCDropoutOptions) -> dict[str, Any]:
         rates = sorted({m.p for m in self.dropout_modules(context.model.network) if m.p > 0})
@@ -246,7 +247,7 @@ class TTAUncertainty(SampledUncertainty):
             a, b = transform.plane
             patch[a], patch[b] = patch[b], patch[a]
         probs = predict_softmax(context.model.network, augment(context.image, transform), patch,
-                                context.device, progress, self.name)
+                                context.device, progress, self.name, context.model.card.output)
         return invert(probs, transform)
 
     def metadata(self, context: ExplainContext, options: TTAOptions) -> dict[str, Any]:
@@ -283,7 +284,7 @@ class EnsembleUncertainty(SampledUncertainty):
     def sample(self, t: int, context: ExplainContext, options: SampledOptions, progress: Progress) -> torch.Tensor:
         member = load_from_card(context.model.card, t).network.to(context.device).eval()
         return predict_softmax(member, context.image, context.model.card.patch_size, context.device,
-                               progress, self.name)
+                               progress, self.name, context.model.card.output)
 
     def metadata(self, context: ExplainContext, options: SampledOptions) -> dict[str, Any]:
         return {"members": [p.name for p in context.model.card.weight_paths]}
