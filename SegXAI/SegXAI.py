@@ -29,7 +29,9 @@ from SegXAILogic import (
     ExplainLogic,
     availableMethods,
     availableModels,
+    modelDescription,
     modelTargets,
+    modelTrustQuestion,
     updateNodeFromVolume,
     volumeFromNode,
 )
@@ -241,9 +243,11 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.targetComboBox.clear()
         try:
             default, targets = modelTargets(model)
+            self.ui.modelDescriptionLabel.text = modelDescription(model)
         except Exception as exc:  # a card that does not load: say why instead of failing the panel
             self.log(f"Model {model}: {exc}")
             default, targets = None, []
+            self.ui.modelDescriptionLabel.text = ""
         self.ui.targetComboBox.addItem(f"default ({default})" if default else "default", "")
         for target in targets:
             self.ui.targetComboBox.addItem(target, target)
@@ -297,11 +301,16 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.loadCatalogue()
             return
         p = self._parameterNode
+        question = None
+        with slicer.util.tryWithErrorDisplay("SegXAI could not read the model.", waitCursor=True):
+            question = modelTrustQuestion(p.model)
+        if question and not slicer.util.confirmYesNoDisplay(question, windowTitle="Run the model's code?"):
+            return
         self.ui.logTextEdit.clear()
         self.log(f"Explaining {p.inputVolume.GetName()} with {p.model}: {p.methods} on {p.device}")
         with slicer.util.tryWithErrorDisplay("SegXAI could not start.", waitCursor=True):
             self.logic.run(p.inputVolume, p.model, p.methods, targetClass=p.targetClass or None, device=p.device,
-                           wait=False, onProgress=self.onProgress, onLog=self.log)
+                           wait=False, onProgress=self.onProgress, onLog=self.log, trustModelCode=bool(question))
             self.ui.progressBar.value = 0
             self._timer.start()
         self.updateApplyButton()

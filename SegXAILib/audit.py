@@ -121,6 +121,8 @@ class AuditSettings:
         threads: torch threads inside a task (``None``: leave as they are, in-process runs).
         record: what a finished case must have been explained with to be kept on resume (model name and
             fingerprint, methods, options: :func:`run_record`); set by :func:`run_audit`.
+        trust_model_code: the user trusts the model's code (``--trust-model-code``): a TorchScript model is
+            opened (:mod:`SegXAILib.models.trust`); without it such a model is refused before any case runs.
     """
 
     model: str
@@ -133,6 +135,7 @@ class AuditSettings:
     gpus: int = 0
     threads: int | None = None
     record: dict[str, Any] | None = None
+    trust_model_code: bool = False
 
 
 @dataclass
@@ -295,7 +298,8 @@ def _explain(case: AuditCase, settings: AuditSettings, folder: Path, progress: P
 
         device = f"cuda:{int(get_worker().name) % settings.gpus}"  # LocalCluster names its workers 0..N-1
     run_explain(str(case.image), settings.model, settings.methods, settings.target, folder, device, settings.fmt,
-                progress, options=settings.options, report=settings.reports)
+                progress, options=settings.options, report=settings.reports,
+                trust_model_code=settings.trust_model_code)
 
 
 def _thumbnail(summary: dict[str, Any], folder: Path) -> Volume:
@@ -583,10 +587,12 @@ def run_audit(cases_dir: str | Path, settings: AuditSettings, out: str | Path, w
         require_labels: audit only the cases with a label (``segxai train-reliability``); an error if none.
     """
     from .methods import check_options, parse_methods
-    from .models.registry import resolve_card
+    from .models.registry import check_trust, resolve_card
 
     check_options(settings.options, parse_methods(settings.methods))  # a typo fails before any case runs
-    resolve_card(settings.model).target_channels(settings.target)
+    card = resolve_card(settings.model)
+    card.target_channels(settings.target)
+    check_trust(card, settings.trust_model_code)  # an untrusted TorchScript model, once, not in every case
     check_scheduler_address(scheduler)
     settings = replace(settings, record=run_record(settings))
     cases = find_cases(cases_dir)

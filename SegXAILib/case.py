@@ -88,15 +88,16 @@ def run_record(card: ModelCard, methods: list[str], options: dict[str, Any] | No
 
 
 def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt: str,
-                progress: Progress) -> dict[str, Any]:
+                progress: Progress, trust_model_code: bool = False) -> dict[str, Any]:
     """Read, segment and write ``segmentation.<fmt>`` and ``summary.json``; return the summary.
 
     The output folder is checked (and the scan refused where the run would write) before anything is read.
+    ``trust_model_code``: see :func:`~SegXAILib.models.registry.load_model`.
     """
     start = time.perf_counter()
     with OutputFolder(out_dir, inputs=[scan_path], claims=segment_claims(fmt), listed=listed_files) as out:
         scan = read_volume(scan_path)
-        model = load_model(model_spec)
+        model = load_model(model_spec, trust_model_code=trust_model_code)
         load_seconds = time.perf_counter() - start
         result = segment(scan, model, device=device, progress=progress)
         return write_segmentation(out, result, model.card, scan_path, fmt,
@@ -105,7 +106,8 @@ def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt
 
 def run_explain(scan_path: str, model_spec: str, methods: str, target: str | None, out_dir: Path, device: str,
                 fmt: str, progress: Progress, label_path: str | None = None,
-                options: dict[str, Any] | None = None, report: bool = True) -> dict[str, Any]:
+                options: dict[str, Any] | None = None, report: bool = True,
+                trust_model_code: bool = False) -> dict[str, Any]:
     """Read, segment, explain, judge and write (and draw ``report.html``); return the summary.
 
     The output folder is checked (and inputs refused where the run would write) before anything is read;
@@ -119,7 +121,7 @@ def run_explain(scan_path: str, model_spec: str, methods: str, target: str | Non
                       listed=listed_files) as out:
         scan = read_volume(scan_path)
         label = read_volume(label_path) if label_path else None
-        model = load_model(model_spec)
+        model = load_model(model_spec, trust_model_code=trust_model_code)
         load_seconds = time.perf_counter() - start
         case = explain_case(scan, model, names, target, device, progress, label, options)
         summary = write_explain_outputs(out, case.run, case.verdict, model.card, scan_path, fmt,

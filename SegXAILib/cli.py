@@ -21,6 +21,8 @@ from .progress import Progress, TqdmProgress, json_progress_line
 
 DEFAULT_MODEL = "brain-lesion-unet"
 MODEL_HELP = "name from 'segxai models', card .json or MONAI bundle folder"
+TRUST_HELP = ("open a model whose loading runs code stored in it (a TorchScript file: torch.jit.load runs the "
+              "archive's code); only for a model from a source you trust")
 
 
 # ------------------------------------------------------------------ helpers
@@ -65,6 +67,9 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"classes: {', '.join(card.class_names[1:])}"
               + (f"  val Dice {card.default_target}: {main:.3f}" if main is not None else ""))
         print(f"{'':28s} {path}")
+        for label, text in (("intended use", card.intended_use), ("limitations", card.limitations)):
+            if text:
+                print(f"{'':28s} {label}: {text}")
     return 0
 
 
@@ -73,7 +78,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     summary = run_explain(args.scan, args.model, args.methods, args.target, Path(args.out), args.device,
                           _format(args.format), _progress(args), args.label, _options(args),
-                          report=not args.no_report)
+                          report=not args.no_report, trust_model_code=args.trust_model_code)
     for item in summary["maps"]:
         print(f"{item['file']:48s} {item['description']}")
     for method, reason in summary["not_applicable"].items():
@@ -89,7 +94,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_evaluate_maps(args: argparse.Namespace) -> int:
     from .faithfulness import evaluate_maps
 
-    rows = evaluate_maps(Path(args.folder), args.model, steps=args.steps, device=args.device, baseline=args.baseline,
+    model = args.model
+    if args.trust_model_code:  # loaded here, trusted; evaluate_maps checks it is the summary's model
+        from .fileio import read_json_object
+        from .models.registry import load_model
+
+        summary = Path(args.folder) / "summary.json"
+        name = model or (read_json_object(summary, "explain summary", "give the output folder of 'segxai explain'")
+                         .get("model") or {}).get("name")
+        model = load_model(name, trust_model_code=True) if name else model
+    rows = evaluate_maps(Path(args.folder), model, steps=args.steps, device=args.device, baseline=args.baseline,
                          progress=_progress(args))
     for row in rows:
         print(f"{row['map']:48s} Dice explained (map > 0.1) {row['dice_explained_gt0.1']:.3f}  deletion AUC "
@@ -102,7 +116,8 @@ def _audit_settings(args: argparse.Namespace, **extra):
     """How ``audit`` and ``train-reliability`` explain each case (:class:`SegXAILib.audit.AuditSettings`)."""
     from .audit import AuditSettings
 
-    return AuditSettings(args.model, args.methods, device=args.device, options=_options(args), **extra)
+    return AuditSettings(args.model, args.methods, device=args.device, options=_options(args),
+                         trust_model_code=args.trust_model_code, **extra)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -150,7 +165,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .case import run_segment
 
     summary = run_segment(args.scan, args.model, Path(args.out), args.device, _format(args.format),
-                          _progress(args))
+                          _progress(args), trust_model_code=args.trust_model_code)
     for c in summary["classes"][1:]:
         print(f"{c['name']:24s} {c['voxels']:9d} voxels {c['volume_ml']:9.2f} mL")
     print(f"wrote {Path(args.out) / summary['files']['segmentation']} and {Path(args.out) / 'summary.json'}")
@@ -258,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment a scan")
     p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
@@ -267,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="segment a scan and explain one class with several methods")
     p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--methods", default="gradcam", help="comma-separated methods, or 'all'")
     p.add_argument("--target", default=None, help="class or group name (default: the card's default target)")
     p.add_argument("--out", required=True, help="output folder")
@@ -283,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(Dice explained, perturbation ratio, deletion/insertion curves) -> faithfulness.csv")
     p.add_argument("folder", help="output folder of 'segxai explain' (with summary.json)")
     p.add_argument("--model", default=None, help="the explained model (default: the one named in summary.json)")
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--steps", type=int, default=10, help="steps K of the deletion and insertion curves")
     p.add_argument("--baseline", default="0", help="value of removed voxels in normalised intensity, or 'min' "
                    "(the scan's minimum); use the baseline the maps were made with (MiSuRe's option)")
@@ -294,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         """Options shared by the commands that explain a folder of cases."""
         p.add_argument("cases", help="folder of case folders (image.<ext> [+ label.<ext>]) and/or scan files")
         p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+        p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
         p.add_argument("--methods", default="protoseg,misure,tta", help="comma-separated methods, or 'all'")
         p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                        help="method option, e.g. misure.steps=50 (repeatable)")

@@ -76,7 +76,9 @@ def segmentation_summary(result: SegmentationResult, card: ModelCard, scan_path:
     return {
         "input": str(scan_path),
         "model": {"name": card.name, "architecture": card.architecture.get("name"),
-                  **({"inference": card.inference} if card.inference else {}), "validation": card.validation},
+                  **({"inference": card.inference} if card.inference else {}), "validation": card.validation,
+                  **({"intended_use": card.intended_use} if card.intended_use else {}),
+                  **({"limitations": card.limitations} if card.limitations else {})},
         # the grid the network saw (its spacing differs from the card's when scaled to the brain's size)
         "model_grid": {"shape_ijk": list(result.model_grid.shape[::-1]),
                        "spacing_mm": [round(float(s), 4) for s in result.model_grid.spacing]},

@@ -10,6 +10,11 @@ The margin covers the cortex the conservative mask leaves out.
 26-connected) is kept only if at least the fraction ``F`` of its voxels lies inside that brain. A
 lesion of the brain lies in the brain; what the margin lets through at the brain's surface, the
 dura, sinuses and sulcal fluid of another scanner's head, lies mostly outside it.
+
+``{"largest_component": true}``: only the largest 26-connected piece of the foreground stays;
+``{"fill_holes": true}``: background enclosed by the foreground (6-connected holes) becomes the most probable
+foreground class there. Together, in that order, deepbet's postprocessing of its brain mask
+(:mod:`SegXAILib.models.deepbet`); neither needs the brain estimate.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from .volume import Volume
 _VALID_VALUES = {
     "brain_margin_mm": (lambda v: v >= 0, "a number of mm >= 0"),
     "min_fraction_in_brain": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "largest_component": (None, "true or false"),
+    "fill_holes": (None, "true or false"),
 }
 """Each key of a card's ``postprocessing``: which numbers it takes, and how the error message says so."""
 
@@ -40,7 +47,10 @@ def validate_postprocessing(spec: dict[str, Any], label_values: Sequence[int]) -
         raise SegXAIError(f"unknown postprocessing {sorted(unknown)}; use any of {POSTPROCESSING_KEYS}")
     for key, value in spec.items():
         valid, expected = _VALID_VALUES[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+        if valid is None:  # a switch
+            if not isinstance(value, bool):
+                raise SegXAIError(f"postprocessing {key} must be {expected}, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
             raise SegXAIError(f"postprocessing {key} must be {expected}, got {value!r}")
     if spec and 0 not in label_values:
         raise SegXAIError(f"postprocessing {sorted(spec)[0]} needs a background class (label 0)")
@@ -54,12 +64,17 @@ def postprocess(probabilities: np.ndarray, model_grid: Volume, spec: dict[str, A
     """
     if not spec:
         return probabilities
-    brain = brain_mask.on(model_grid)
     background = list(label_values).index(0)
-    if "brain_margin_mm" in spec:
-        restrict_to_brain(probabilities, brain, model_grid.spacing, float(spec["brain_margin_mm"]), background)
-    if "min_fraction_in_brain" in spec:
-        drop_pieces_outside_brain(probabilities, brain, float(spec["min_fraction_in_brain"]), background)
+    if "brain_margin_mm" in spec or "min_fraction_in_brain" in spec:
+        brain = brain_mask.on(model_grid)
+        if "brain_margin_mm" in spec:
+            restrict_to_brain(probabilities, brain, model_grid.spacing, float(spec["brain_margin_mm"]), background)
+        if "min_fraction_in_brain" in spec:
+            drop_pieces_outside_brain(probabilities, brain, float(spec["min_fraction_in_brain"]), background)
+    if spec.get("largest_component"):
+        keep_largest_piece(probabilities, background)
+    if spec.get("fill_holes"):
+        fill_holes(probabilities, background)
     return probabilities
 
 
@@ -110,4 +125,27 @@ def drop_pieces_outside_brain(probabilities: np.ndarray, brain: np.ndarray, min_
         in_brain = ndimage.mean(brain, pieces, np.arange(1, n + 1))
         dropped = np.concatenate([[False], in_brain < min_fraction])
         _set_background(probabilities, dropped[pieces], background)
+    return probabilities
+
+
+def keep_largest_piece(probabilities: np.ndarray, background: int) -> np.ndarray:
+    """Give channel ``background`` all the probability of every foreground piece but the largest (26-connected
+    components of the voxels whose argmax is not ``background``); in place, returned."""
+    pieces, n = ndimage.label(probabilities.argmax(0) != background, structure=np.ones((3, 3, 3)))
+    if n > 1:
+        largest = np.bincount(pieces.ravel())[1:].argmax() + 1
+        _set_background(probabilities, (pieces != largest) & (pieces > 0), background)
+    return probabilities
+
+
+def fill_holes(probabilities: np.ndarray, background: int) -> np.ndarray:
+    """Give the background voxels that the foreground encloses (not 6-connected to the grid's border through
+    background) to their most probable foreground class, with probability 1; in place, returned."""
+    foreground = probabilities.argmax(0) != background
+    holes = ndimage.binary_fill_holes(foreground) & ~foreground
+    if holes.any():
+        others = [c for c in range(probabilities.shape[0]) if c != background]
+        best = np.asarray(others)[probabilities[others][:, holes].argmax(0)]
+        probabilities[:, holes] = 0.0
+        probabilities[(best, *np.nonzero(holes))] = 1.0
     return probabilities

@@ -277,6 +277,39 @@ def _mm(values: np.ndarray) -> str:
 BIAS_FIELD_METHODS = ("n4",)
 """Values of a card's ``preprocessing.bias_field``: ``n4`` (see :mod:`SegXAILib.bias_field`)."""
 
+MODEL_GRIDS = ("deepbet",)
+"""Kinds of a card's ``preprocessing.grid``: a model's own way from the scan (in RAS) to the array its network
+takes, in place of ``spacing`` and ``intensity``, for a model whose grid no spacing describes. ``deepbet``: the
+brain's box, found by deepbet's box network at 128^3, cut out of the scan and resized to 256^3
+(:mod:`SegXAILib.models.deepbet`, which also says what the grid's geometry is)."""
+
+_GRID_EXCLUDES = ("spacing", "intensity", "brain_volume_ml", "bias_field")
+
+
+def validate_model_grid(spec: dict[str, Any]) -> None:
+    """Check a ``preprocessing`` entry that has a ``grid`` (see :data:`MODEL_GRIDS`).
+
+    Raises:
+        SegXAIError: an unknown kind, invalid settings of that kind, or keys the grid replaces.
+    """
+    grid = spec["grid"]
+    kind = grid.get("kind") if isinstance(grid, dict) else None
+    if kind not in MODEL_GRIDS:
+        raise SegXAIError(f"preprocessing.grid must be an object whose kind is one of {MODEL_GRIDS}, got {grid!r}")
+    clash = [key for key in _GRID_EXCLUDES if key in spec]
+    if clash or spec.get("orientation", "RAS") != "RAS":
+        raise SegXAIError(f"preprocessing.grid {kind!r} takes the scan in RAS and sets the grid and the intensities "
+                          f"itself; remove {clash or ['orientation']} from preprocessing")
+    from .models import deepbet
+
+    deepbet.validate_grid(grid)
+
+
+def _model_grid(volume: Volume, grid: dict[str, Any]) -> Volume:
+    from .models import deepbet
+
+    return deepbet.deepbet_grid(volume, grid)
+
 
 def preprocess(scan: Volume, preprocessing: dict[str, Any], n_classes: int = 2,
                patch_size: Sequence[int] | None = None) -> Volume:
@@ -288,7 +321,7 @@ def preprocess_with_brain(scan: Volume, preprocessing: dict[str, Any], n_classes
                           patch_size: Sequence[int] | None = None) -> tuple[Volume, BrainMask]:
     """Scan -> model grid: RAS orientation, bias-field correction (when ``bias_field`` is ``n4``),
     target spacing (``None``: keep; scaled to the brain's size when ``brain_volume_ml`` is given),
-    intensity normalisation.
+    intensity normalisation; or, when the card has a ``grid`` (:data:`MODEL_GRIDS`), RAS orientation and that.
 
     Before any of it is computed, the model grid is checked against the memory a segmentation of ``n_classes``
     classes in windows of ``patch_size`` would need (:func:`check_model_grid_memory`; the defaults give the
@@ -300,6 +333,8 @@ def preprocess_with_brain(scan: Volume, preprocessing: dict[str, Any], n_classes
     """
     validate_scan(scan)
     volume = reorient_to_ras(scan) if preprocessing.get("orientation", "RAS") == "RAS" else scan
+    if "grid" in preprocessing:  # a model's own grid: a fixed size, its own intensities
+        return _model_grid(volume, preprocessing["grid"]), BrainMask(volume)
     spacing = preprocessing.get("spacing")
     scaled = spacing is not None and preprocessing.get("brain_volume_ml") is not None
     # the coarsest spacing the brain's size can give first: it fails before the N4 and brain estimates

@@ -45,6 +45,8 @@ class TrainConfig:
     val_dir: str
     out: str
     description: str = ""
+    intended_use: str = ""
+    limitations: str = ""
     modality: str = "MRI"
     input_channels: int = 1
     groups: dict[str, list[int]] = field(default_factory=dict)
@@ -91,6 +93,7 @@ class TrainConfig:
             "groups": self.groups, "default_target": self.default_target, "preprocessing": self.preprocessing,
             "postprocessing": self.postprocessing, "inference": self.inference, "patch_size": self.patch_size,
             "weights": weights[0] if len(weights) == 1 else weights, "validation": validation or {},
+            "intended_use": self.intended_use, "limitations": self.limitations,
         }, root=out.parent)
 
 

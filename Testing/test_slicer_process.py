@@ -105,6 +105,8 @@ def test_explain_command_and_device_environment(tmp_path):
                        "--model", "brain-lesion-unet", "--methods", "gradcam,tta", "--out", str(tmp_path / "out"),
                        "--device", "cpu", "--progress", "json", "--target", "tumour core", "--option", "tta.samples=2"]
     assert "--target" not in explainCommand("a", "m", ["gradcam"], "o", python="p")  # the card's default
+    assert "--trust-model-code" not in command  # only when the user confirmed it
+    assert "--trust-model-code" in explainCommand("a", "m", ["gradcam"], "o", python="p", trustModelCode=True)
     gpu = explainCommand("a", "m", ["gradcam"], "o", device="GPU", python="p")
     assert gpu[gpu.index("--device") + 1] == ("mps" if sys.platform == "darwin" else "cuda")
 

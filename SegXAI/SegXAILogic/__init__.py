@@ -12,9 +12,17 @@
 """
 
 from .bridge import updateNodeFromVolume, volumeFromNode
-from .logic import ExplainJob, ExplainLogic, availableMethods, availableModels, modelTargets
+from .logic import (
+    ExplainJob,
+    ExplainLogic,
+    availableMethods,
+    availableModels,
+    modelDescription,
+    modelTargets,
+    modelTrustQuestion,
+)
 from .results import ExplainResults, findResults, resultNodes, showMap, shownMap
 
 __all__ = ["volumeFromNode", "updateNodeFromVolume", "ExplainLogic", "ExplainJob", "ExplainResults",
-           "availableModels", "availableMethods", "modelTargets", "findResults", "resultNodes", "showMap",
-           "shownMap"]
+           "availableModels", "availableMethods", "modelTargets", "modelDescription", "modelTrustQuestion",
+           "findResults", "resultNodes", "showMap", "shownMap"]

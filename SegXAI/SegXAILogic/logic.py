@@ -24,7 +24,8 @@ from .bridge import volumeFromNode
 from .process import ChildProcess, OutputLine, ProgressEvent, childEnvironment, explainCommand
 from .results import ExplainResults, findResults, loadResults, removeResults
 
-__all__ = ["ExplainLogic", "ExplainJob", "availableModels", "availableMethods", "modelTargets"]
+__all__ = ["ExplainLogic", "ExplainJob", "availableModels", "availableMethods", "modelTargets", "modelDescription",
+           "modelTrustQuestion"]
 
 POLL_SECONDS = 0.1
 """How often ``wait=True`` drains the child's output (the panel's timer uses the same period)."""
@@ -163,7 +164,7 @@ class ExplainLogic:
     def run(self, inputVolumeNode, model: str, methods: Sequence[str] | str, targetClass: str | None = None,
             device: str = "auto", wait: bool = True, options: Mapping[str, Mapping[str, object]] | None = None,
             outDir: str | Path | None = None, onProgress: Callable[[ProgressEvent], None] | None = None,
-            onLog: Callable[[str], None] | None = None) -> ExplainResults | ExplainJob:
+            onLog: Callable[[str], None] | None = None, trustModelCode: bool = False) -> ExplainResults | ExplainJob:
         """Segment ``inputVolumeNode`` and explain ``targetClass`` with each of ``methods``.
 
         Args:
@@ -177,6 +178,9 @@ class ExplainLogic:
             outDir: keep the command line's output folder here (default: a temporary one, removed); a folder
                 of the caller's is never removed, nor a file in it that the run does not write.
             onProgress, onLog: called on this thread with progress events and other output lines.
+            trustModelCode: the user trusts the model's code (``--trust-model-code``): a TorchScript model is
+                opened; without it such a model is refused before anything runs (:func:`modelTrustQuestion`
+                says whether a model needs it; the panel asks the user first).
 
         Returns:
             ``wait=True``: the :class:`ExplainResults` (``.segmentation``, ``.maps``, ``.nodes``);
@@ -201,8 +205,8 @@ class ExplainLogic:
             del volume
             keepOutput = outDir is not None
             outPath = Path(outDir) if keepOutput else workDir / "out"
-            process = ChildProcess(explainCommand(scanPath, model, methods, outPath, targetClass, device, options),
-                                   childEnvironment(device))
+            process = ChildProcess(explainCommand(scanPath, model, methods, outPath, targetClass, device, options,
+                                                  trustModelCode=trustModelCode), childEnvironment(device))
             process.start()
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
@@ -235,6 +239,30 @@ def modelTargets(model: str) -> tuple[str | None, list[str]]:
 
     card = resolve_card(model)
     return card.default_target, card.class_names[1:] + list(card.groups)
+
+
+def modelDescription(model: str) -> str:
+    """What ``model`` is for and where it is known to fail (its card's ``intended_use`` and ``limitations``), as
+    plain text for the panel; the description when the card has neither. Reads the card only."""
+    from SegXAILib.models.registry import resolve_card
+
+    card = resolve_card(model)
+    parts = [f"{title}: {text}" for title, text in (("Intended use", card.intended_use),
+                                                      ("Limitations", card.limitations)) if text]
+    return "\n".join(parts) if parts else card.description
+
+
+def modelTrustQuestion(model: str) -> str | None:
+    """The question to ask the user before running ``model``, when loading it runs code stored in it (a TorchScript
+    model); None when it does not. Nothing of the model is opened."""
+    from SegXAILib.models.registry import code_files, resolve_card
+
+    files = code_files(resolve_card(model))
+    if not files:
+        return None
+    return (f"Loading the model {model} runs code stored in its file {files[0]} (TorchScript), which can do "
+            "anything your account can, such as write or delete files. Run it only if you trust where the model "
+            "came from. Run it?")
 
 
 def availableMethods() -> dict[str, str]:

@@ -178,13 +178,19 @@ def deviceArgument(device: str) -> str:
 def explainCommand(scanPath: str | os.PathLike, model: str, methods: Sequence[str], outDir: str | os.PathLike,
                    targetClass: str | None = None, device: str = "auto",
                    options: Mapping[str, Mapping[str, object]] | None = None,
-                   python: str | None = None) -> list[str]:
-    """The ``segxai explain`` command line, run as ``python -m SegXAILib.cli``."""
+                   python: str | None = None, trustModelCode: bool = False) -> list[str]:
+    """The ``segxai explain`` command line, run as ``python -m SegXAILib.cli``.
+
+    ``trustModelCode`` adds ``--trust-model-code``: the user confirmed that the model's code may run (a
+    TorchScript model); the panel asks before setting it.
+    """
     command = [python or pythonExecutable(), "-m", "SegXAILib.cli", "explain", str(scanPath),
                "--model", str(model), "--methods", ",".join(methods), "--out", str(outDir),
                "--device", deviceArgument(device), "--progress", "json"]
     if targetClass:
         command += ["--target", targetClass]
+    if trustModelCode:
+        command.append("--trust-model-code")
     for method, values in (options or {}).items():
         for name, value in values.items():
             command += ["--option", f"{method}.{name}={json.dumps(value)}"]

@@ -291,22 +291,31 @@ def card_from_bundle(folder: Path) -> ModelCard:
 
 
 # ---------------------------------------------------------------------------- the network
-def load_bundle_network(card: ModelCard) -> nn.Module:
-    """The bundle's network with its weights, wrapped in :class:`BundleAxes`, in eval mode on the CPU.
-
-    ``models/model.pt`` (or the card's ``weights``) is loaded into ``network_def`` with
-    ``torch.load(weights_only=True)``; when it is absent and ``models/model.ts`` exists (or the
-    weights named end in ``.ts``), the TorchScript file is loaded instead (no hooks then).
-    """
-    from .loaders import load_torchscript, load_weights
-
+def bundle_weights(card: ModelCard) -> Path:
+    """The file :func:`load_bundle_network` loads: the card's weights (``models/model.pt``), or ``models/model.ts``
+    when that is absent and the TorchScript export exists (a ``.ts`` file is TorchScript: its code runs)."""
     folder = Path(card.extra["bundle_root"])
     paths = card.weight_paths
     path = paths[0] if paths else folder / STATE_DICT
     if path.suffix != ".ts" and not path.is_file() and (folder / TORCHSCRIPT).is_file():
         path = folder / TORCHSCRIPT
+    return path
+
+
+def load_bundle_network(card: ModelCard, trust_model_code: bool = False) -> nn.Module:
+    """The bundle's network with its weights, wrapped in :class:`BundleAxes`, in eval mode on the CPU.
+
+    ``models/model.pt`` (or the card's ``weights``) is loaded into ``network_def`` with
+    ``torch.load(weights_only=True)``; when it is absent and ``models/model.ts`` exists (or the
+    weights named end in ``.ts``), the TorchScript file is loaded instead (no hooks then), which runs its code:
+    only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`).
+    """
+    from .loaders import load_torchscript, load_weights
+
+    folder = Path(card.extra["bundle_root"])
+    path = bundle_weights(card)
     if path.suffix == ".ts":
-        return torch.jit.script(BundleAxes(load_torchscript(path))).eval()
+        return torch.jit.script(BundleAxes(load_torchscript(path, trust_model_code))).eval()
     if not path.is_file():
         raise SegXAIError(f"MONAI bundle {folder}: weights file {path} not found; put the state dict in "
                           f"{STATE_DICT} (or a TorchScript export in {TORCHSCRIPT})")

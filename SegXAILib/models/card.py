@@ -38,6 +38,14 @@ optional ``inference`` object, e.g. ``{"mirror_axes": [0, 1, 2]}``, averages the
 probabilities over the scan mirrored along every combination of those model-grid axes (test-time
 mirroring, as nnU-Net; 2^n forward passes; see :func:`SegXAILib.inference.predict_probabilities`).
 
+What a model is for: ``"intended_use"`` and ``"limitations"`` (text) say for which scans and questions it was
+made and where it is known to fail; ``segxai models``, ``summary.json``, the report and the Slicer panel show
+them. ``"output"``: ``"logits"`` (the default) or ``"probabilities"`` (the network applies its softmax itself).
+A weights file may be named as ``"package:<distribution>/<path>"``, a file an installed Python package ships
+(:mod:`SegXAILib.models.packages`; such a card is listed only while the package is installed). A
+``preprocessing.grid`` object (e.g. ``{"kind": "deepbet"}``) replaces spacing and intensity by a model's own way
+to its grid (:data:`SegXAILib.preprocessing.MODEL_GRIDS`).
+
 An optional ``review`` object calibrates the "review this case" thresholds for this model, e.g.
 ``"review": {"mean_sa_below": 0.05, "basis": "5th percentile of mean SA on 24 validation cases"}``:
 keys ``<score>_below`` / ``<score>_above`` and the ``basis`` they come from, which reports quote. A
@@ -57,9 +65,10 @@ from typing import Any
 from ..errors import SegXAIError
 from ..fileio import read_json_object
 from ..postprocessing import validate_postprocessing
-from ..preprocessing import BIAS_FIELD_METHODS
+from ..preprocessing import BIAS_FIELD_METHODS, validate_model_grid
 from ..quality import review_limits
 from ..symmetries import mirrorings
+from .packages import is_package_file, package_file, split
 
 INTENSITY_KINDS = ("zscore_foreground", "percentile", "ct_window")
 ORIENTATIONS = ("RAS", None)
@@ -145,6 +154,11 @@ class ModelCard:
     already applied, e.g. deepbet): :func:`SegXAILib.inference.network_probabilities` then applies none, and
     gradient targets use log-probabilities (:mod:`SegXAILib.explain.targets`)."""
 
+    intended_use: str = ""
+    """What the model is for: the scans (modality, population) and the question it answers."""
+    limitations: str = ""
+    """Where it is known not to work, or was never tested; what its validation figures do not cover."""
+
     OUTPUTS = ("logits", "probabilities")
     """The valid values of ``output`` (a class constant, not a field)."""
 
@@ -178,6 +192,9 @@ class ModelCard:
                 review=dict(data.get("review", {})),
                 extra=dict(data.get("extra", {})),
                 root=Path(root),
+                output=str(data.get("output", "logits")),
+                intended_use=str(data.get("intended_use", "")),
+                limitations=str(data.get("limitations", "")),
             )
         except SegXAIError as exc:
             raise SegXAIError(f"{source}: {exc}") from None
@@ -243,6 +260,8 @@ class ModelCard:
     def _validate_preprocessing(self) -> None:
         """Orientation, spacing, brain volume, bias field and intensity normalisation."""
         spec = self.preprocessing
+        if "grid" in spec:
+            validate_model_grid(spec)
         orientation = spec.get("orientation", "RAS")
         if orientation not in ORIENTATIONS:
             raise SegXAIError(f"preprocessing.orientation {orientation!r} is not supported: use \"RAS\" (the scan's "
@@ -297,6 +316,9 @@ class ModelCard:
             "validation": self.validation,
             **({"review": self.review} if self.review else {}),
             **({"extra": self.extra} if self.extra else {}),
+            **({"output": self.output} if self.output != "logits" else {}),
+            **({"intended_use": self.intended_use} if self.intended_use else {}),
+            **({"limitations": self.limitations} if self.limitations else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -319,7 +341,16 @@ class ModelCard:
         if self.weights is None:
             return []
         names = [self.weights] if isinstance(self.weights, str) else list(self.weights)
-        return [(self.root / n) for n in names]
+        return [package_file(n, self.extra.get("install", "")) if is_package_file(n) else self.root / n
+                for n in names]
+
+    @property
+    def packages(self) -> list[str]:
+        """The Python distributions whose files the card names (``package:`` weights and grid files)."""
+        names = [self.weights] if isinstance(self.weights, str) else list(self.weights or [])
+        grid = self.preprocessing.get("grid")
+        names += [v for v in grid.values() if is_package_file(v)] if isinstance(grid, dict) else []
+        return sorted({split(n)[0] for n in names if is_package_file(n)})
 
     def target_channels(self, target: str | None) -> tuple[str, list[int]]:
         """Resolve a target (class name, group name, or label value) to output channel indices.

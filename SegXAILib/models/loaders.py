@@ -2,7 +2,10 @@
 
 Weights are never unpickled: ``.safetensors`` files are read with safetensors, ``.pt``/``.pth``
 with ``torch.load(weights_only=True)``, which refuses any pickle that would construct
-arbitrary objects or run code.
+arbitrary objects or run code, and a TorchScript archive named as the weights of an architecture SegXAI builds
+by :mod:`SegXAILib.models.archive`, which reads its tensors without running its code (an eager copy of the
+network: equal output, and the layer methods apply). A card whose architecture is ``torchscript`` is opened with
+``torch.jit.load``, which runs the archive's code: only for a user who trusts it (:mod:`SegXAILib.models.trust`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import SegXAIError
+from . import trust
+from .archive import is_torchscript_archive, read_archive_state_dict
 from .card import ModelCard
-from .networks import build_network
+from .networks import ARCHITECTURES, build_network
 
 
 @dataclass
@@ -47,6 +52,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a weights file without running code. Raises SegXAIError for pickles and corrupt files."""
     if not path.is_file():
         raise SegXAIError(f"weights file not found: {path}; check the model card's 'weights' entry")
+    if is_torchscript_archive(path):  # its tensors, not its code
+        return read_archive_state_dict(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -95,22 +102,46 @@ def load_weights(network: nn.Module, path: Path, architecture: str) -> nn.Module
     return network
 
 
-def load_from_card(card: ModelCard, weights_index: int = 0) -> LoadedModel:
-    """Build the card's network and load its weights (``weights_index`` picks an ensemble member)."""
+def load_from_card(card: ModelCard, weights_index: int = 0, trust_model_code: bool = False) -> LoadedModel:
+    """Build the card's network and load its weights (``weights_index`` picks an ensemble member).
+
+    ``trust_model_code``: a card whose architecture is ``torchscript`` is opened (its code runs) only with it, or
+    when its file was trusted earlier in this process (:func:`SegXAILib.models.trust.grant`).
+    """
     paths = card.weight_paths
     if not paths:
         raise SegXAIError(f"model card {card.name!r} names no weights file; add a 'weights' entry")
     path = paths[weights_index]
     if card.architecture.get("name") == "torchscript":
-        return LoadedModel(card, load_torchscript(path), "torchscript")
+        return LoadedModel(card, load_torchscript(path, trust_model_code), "torchscript")
     network = build_network(card.architecture, card.input_channels, card.n_classes)
     load_weights(network, path, card.architecture.get("name", "?"))
     return LoadedModel(card, network.eval(), "card")
 
 
-def load_torchscript(path: Path) -> nn.Module:
+def check_torchscript_trust(path: Path, trust_model_code: bool = False) -> None:
+    """Refuse (one line naming ``--trust-model-code``) to open the TorchScript file ``path`` unless trusted."""
+    builds = ", ".join(sorted(ARCHITECTURES))
+    trust.require(trust_model_code, "the TorchScript model", path,
+                  "torch.jit.load runs code stored in the archive (a module's __setstate__ can write any file)",
+                  f"or, if its network is one SegXAI builds ({builds}), name that architecture in the model card "
+                  "and keep this file as its weights: its tensors are then read without running its code")
+
+
+def load_torchscript(path: Path, trust_model_code: bool = False) -> nn.Module:
+    """``torch.jit.load`` of a TorchScript file, which runs code stored in it: only with ``trust_model_code`` (or a
+    file trusted earlier in this process); before anything of it is read but its table of contents.
+
+    Raises:
+        SegXAIError: the file is missing or no TorchScript archive, or it is not trusted (the message says why
+            and names ``--trust-model-code``).
+    """
     if not path.is_file():
         raise SegXAIError(f"TorchScript file not found: {path}; check the model card's 'weights' entry")
+    if not is_torchscript_archive(path):
+        raise SegXAIError(f"{path} is not a valid TorchScript file (not a zip archive with TorchScript code); "
+                          "export the model again with torch.jit.save")
+    check_torchscript_trust(path, trust_model_code)
     try:
         return torch.jit.load(str(path), map_location="cpu").eval()
     except RuntimeError as exc:

@@ -18,6 +18,7 @@ from ..errors import SegXAIError
 from .card import ModelCard, stride_multiple
 from .dual_encoder import build_dual_encoder
 from .eunet import build_eunet
+from .linknet import build_linknet3d
 
 NetworkBuilder = Callable[..., nn.Module]
 
@@ -47,6 +48,7 @@ ARCHITECTURES: dict[str, NetworkBuilder] = {
     "attention_unet": build_attention_unet,
     "eunet": build_eunet,
     "dual_encoder": build_dual_encoder,
+    "linknet3d": build_linknet3d,
 }
 
 

@@ -7,7 +7,13 @@ A model is named on the command line (or in the Slicer panel) by one of:
 - a path to a model card (``.json``);
 - a path to a MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``).
 
-A TorchScript model is loaded through a card whose architecture is ``{"name": "torchscript"}``.
+A TorchScript model is loaded through a card whose architecture is ``{"name": "torchscript"}``; that runs the
+archive's code, so only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`). Listing and resolving models
+reads cards and configs only, never a model file.
+
+A card whose files come with an installed Python package (``"package:deepbet/..."``, e.g. the bundled
+``deepbet`` card) is listed only while that package is installed; naming it without the package says how to
+install it.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import os
 from pathlib import Path
 
 from ..errors import SegXAIError
+from . import trust
 from .card import ModelCard
-from .loaders import LoadedModel, load_from_card
+from .loaders import LoadedModel, check_torchscript_trust, load_from_card
+from .packages import installed_version
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 
@@ -29,17 +37,24 @@ def model_search_dirs() -> list[Path]:
     return [BUNDLED_DIR, *extra]
 
 
-def available_cards() -> dict[str, Path]:
-    """Name -> card path for every model found in the search folders (first one wins)."""
-    found: dict[str, Path] = {}
+def _cards() -> dict[str, tuple[Path, list[str]]]:
+    """Name -> (card path, the packages it needs that are not installed), first one found wins."""
+    found: dict[str, tuple[Path, list[str]]] = {}
     for folder in model_search_dirs():
         for path in sorted(folder.glob("*.json")):
             try:
-                name = ModelCard.load(path).name
+                card = ModelCard.load(path)
+                missing = [p for p in card.packages if installed_version(p) is None]
             except SegXAIError:
                 continue  # not a model card (e.g. a reliability model beside it)
-            found.setdefault(name, path)
+            found.setdefault(card.name, (path, missing))
     return found
+
+
+def available_cards() -> dict[str, Path]:
+    """Name -> card path for every model found in the search folders (first one wins), but those whose package
+    is not installed."""
+    return {name: path for name, (path, missing) in _cards().items() if not missing}
 
 
 def resolve_card(spec: str | os.PathLike) -> ModelCard:
@@ -51,7 +66,13 @@ def resolve_card(spec: str | os.PathLike) -> ModelCard:
         return card_from_bundle(path)
     if path.suffix == ".json" and path.exists():
         return ModelCard.load(path)
-    cards = available_cards()
+    every = _cards()
+    if str(spec) in every and every[str(spec)][1]:
+        card = ModelCard.load(every[str(spec)][0])
+        install = card.extra.get("install") or f"pip install {' '.join(every[str(spec)][1])}"
+        raise SegXAIError(f"model {str(spec)!r} needs the Python package {', '.join(every[str(spec)][1])}, which is "
+                          f"not installed; install it ({install})")
+    cards = {name: path for name, (path, missing) in every.items() if not missing}
     if str(spec) in cards:
         return ModelCard.load(cards[str(spec)])
     if path.suffix in (".json", ".pt", ".ts", ".pth", ".safetensors") or os.sep in str(spec):
@@ -61,14 +82,48 @@ def resolve_card(spec: str | os.PathLike) -> ModelCard:
                       "(or give a model card path or a MONAI bundle folder)")
 
 
-def load_model(spec: str | os.PathLike, weights_index: int = 0) -> LoadedModel:
-    """Load a model by name, card path or bundle folder; the network is in eval mode on the CPU."""
+def load_model(spec: str | os.PathLike, weights_index: int = 0, trust_model_code: bool = False) -> LoadedModel:
+    """Load a model by name, card path or bundle folder; the network is in eval mode on the CPU.
+
+    Args:
+        trust_model_code: the user trusts this model's code: a TorchScript model is opened with
+            ``torch.jit.load`` (which runs code stored in it), and its files stay trusted for the rest of the
+            process (the other members of an ensemble). Without it such a model is refused with one line naming
+            ``--trust-model-code`` (:mod:`SegXAILib.models.trust`); models whose weights are data need no trust.
+
+    Raises:
+        SegXAIError: unknown model, unreadable card or weights, or code the user has not trusted.
+    """
     card = resolve_card(spec)
+    if trust_model_code:
+        trust.grant(card.weight_paths)
     if card.extra.get("bundle_root"):
         from .bundle import load_bundle_network
 
-        return LoadedModel(card, load_bundle_network(card), "bundle")
-    return load_from_card(card, weights_index)
+        return LoadedModel(card, load_bundle_network(card, trust_model_code), "bundle")
+    return load_from_card(card, weights_index, trust_model_code)
+
+
+def code_files(card: ModelCard) -> list[Path]:
+    """The files of ``card`` whose loading runs code stored in them (TorchScript opened with ``torch.jit.load``);
+    nothing is opened to tell. Empty for a model whose weights are data (its architecture is one SegXAI builds)."""
+    if card.extra.get("bundle_root"):
+        from .bundle import bundle_weights
+
+        path = bundle_weights(card)
+        return [path] if path.suffix == ".ts" else []
+    if card.architecture.get("name") == "torchscript":
+        return list(card.weight_paths)
+    return []
+
+
+def check_trust(card: ModelCard, trust_model_code: bool = False) -> None:
+    """Raise the refusal of :func:`SegXAILib.models.trust.refuse` now, before any work, when loading ``card``
+    would run code the user has not trusted (``--trust-model-code``); nothing is opened.
+
+    For runs that load the model later or elsewhere (an audit's cases, a Slicer child process)."""
+    for path in code_files(card):
+        check_torchscript_trust(path, trust_model_code)
 
 
 def model_fingerprint(card: ModelCard) -> str:

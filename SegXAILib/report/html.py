@@ -4,7 +4,8 @@
 scan at ``summary["input"]``; it never recomputes an explanation. It writes the pictures to
 ``report/`` (``segmentation.png``, ``montage_<map file stem>.png``, ``sa_curve.png``) and
 ``report.html``, which embeds the same pictures as data URIs and its CSS inline, so the page can
-be mailed or archived on its own.
+be mailed or archived on its own; it also embeds the interactive viewer of :mod:`.viewer` (NiiVue, the
+scan, the segmentation and the maps, inline too), which the pictures stand in for on paper.
 
 The verdict "review this case" and the scores table are ``summary["review"]``, written by the explain
 run with the model card's thresholds (:mod:`SegXAILib.quality`); a summary written before that entry
@@ -39,6 +40,7 @@ from .montage import (
     render_segmentation_montage,
     scan_window,
 )
+from .viewer import viewer_section
 
 
 # ------------------------------------------------------------------ the page
@@ -74,8 +76,9 @@ def write_report(folder: Path) -> Path:
         sa["curves"]["sa_per_layer"], pictures / "sa_curve.png", (sa.get("metadata") or {}).get("reference", "model"),
         review["thresholds"].get("mean_sa", {}).get("threshold"))
 
+    viewer = viewer_section(folder, summary, scan, segmentation, center, window)  # the interactive viewer
     page = _page(summary, review, target, scan, center, segmentation_png, montages, sa, sa_png,
-                 time.perf_counter() - start)
+                 time.perf_counter() - start, viewer)
     return atomic_write_text(folder / "report.html", page)
 
 
@@ -96,13 +99,15 @@ def _stem(relative: str) -> str:
 
 def _page(summary: dict[str, Any], review: dict[str, Any], target: dict[str, Any], scan: Volume, center: np.ndarray,
           segmentation_png: Path, montages: Sequence[Path], sa: dict[str, Any] | None, sa_png: Path | None,
-          seconds: float) -> str:
+          seconds: float, viewer: str = "") -> str:
     name = html.escape(str(target["name"]))
     sections = [
         _header(summary, target),
+        _model_purpose(summary),
         _how_to_read(name),
         _scores(review, name),
         _volumes(summary, segmentation_png, scan, center),
+        viewer,
         _maps(summary.get("maps", []), montages),
     ]
     if sa is not None and sa_png is not None:
@@ -128,6 +133,18 @@ def _header(summary: dict[str, Any], target: dict[str, Any]) -> str:
     return ("<header><h1>SegXAI explanation report</h1>\n<dl>"
             + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items())
             + "</dl></header>")
+
+
+def _model_purpose(summary: dict[str, Any]) -> str:
+    """What the model is for and where it is known to fail (the card's ``intended_use`` and ``limitations``)."""
+    model = summary.get("model") or {}
+    rows = [(title, model.get(key)) for title, key in (("Intended use", "intended_use"),
+                                                        ("Limitations", "limitations")) if model.get(key)]
+    if not rows:
+        return ""
+    return ("<section class=\"purpose\"><h2>What this model is for</h2>\n<dl>"
+            + "".join(f"<dt>{title}</dt><dd>{html.escape(str(text))}</dd>" for title, text in rows)
+            + "</dl></section>")
 
 
 def _how_to_read(target: str) -> str:

@@ -138,7 +138,9 @@ def test_torchscript_card_matches_eager_and_has_no_hooks(tmp_path, export):
     scripted = torch.jit.script(network) if export == "script" else torch.jit.trace(network, x)
     scripted.save(str(tmp_path / "model.ts"))
     card = write_card(tmp_path, architecture={"name": "torchscript"}, weights="model.ts")
-    model = registry.load_model(card)
+    with pytest.raises(SegXAIError, match="--trust-model-code"):  # torch.jit.load runs the archive's code
+        registry.load_model(card)
+    model = registry.load_model(card, trust_model_code=True)
     assert model.route == "torchscript"
     assert model.supports_hooks is False
     assert torch.allclose(outputs(model.network, x), outputs(network, x), atol=1e-5, rtol=0)
@@ -282,7 +284,9 @@ def test_bundle_with_invalid_overrides_is_a_user_error(tmp_path):
 
 def test_bundle_with_only_torchscript_loads_it(tmp_path):
     folder, network = make_bundle(tmp_path / "ts", save="ts")
-    model = registry.load_model(folder)
+    with pytest.raises(SegXAIError, match="--trust-model-code"):
+        registry.load_model(folder)
+    model = registry.load_model(folder, trust_model_code=True)
     assert model.card.weights == "models/model.ts"
     assert model.supports_hooks is False
     x = random_input()

@@ -1,0 +1,41 @@
+"""The panel's model facts from the logic (no Qt): what a model is for, and whether running it needs the user's
+trust (a TorchScript model: the widget asks, then the logic passes ``--trust-model-code`` to the child)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+from SegXAILib.errors import SegXAIError  # noqa: E402
+from SegXAILib.tests.test_trust_and_deepbet import marked_model  # noqa: E402
+from SegXAILib.volume import Volume  # noqa: E402
+from SegXAILogic import ExplainLogic, modelDescription, modelTrustQuestion, updateNodeFromVolume  # noqa: E402
+from SegXAILogic.standalone import standaloneScene  # noqa: E402
+
+
+def test_model_description_shows_intended_use_and_limitations():
+    text = modelDescription("brain-lesion-unet")
+    assert text.startswith("Intended use: Research and teaching") and "Limitations: NOT validated on real" in text
+
+
+def test_only_a_torchscript_model_asks_for_trust_and_nothing_is_opened(tmp_path):
+    card, marker = marked_model(tmp_path)
+    assert modelTrustQuestion("brain-lesion-unet") is None
+    question = modelTrustQuestion(str(card))
+    assert "runs code stored in its file" in question and question.endswith("Run it?")
+    assert not marker.exists()
+
+
+def test_the_child_refuses_it_without_trust_and_runs_it_with(tmp_path):
+    card, marker = marked_model(tmp_path)
+    scene = standaloneScene().scene
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+    rng = np.random.default_rng(0)
+    updateNodeFromVolume(node, Volume(rng.normal(100, 10, (16, 16, 16)).astype(np.float32), spacing=(2, 2, 2)))
+    logic = ExplainLogic(scene)
+    with pytest.raises(SegXAIError, match="--trust-model-code"):
+        logic.run(node, str(card), ["occlusion"], device="cpu")
+    assert not marker.exists()
+    results = logic.run(node, str(card), ["occlusion"], device="cpu", trustModelCode=True)
+    assert marker.exists() and results.segmentation is not None
