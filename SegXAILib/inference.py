@@ -210,7 +210,8 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
 
     start = time.perf_counter()
     progress.update("preprocess", 0.0)
-    model_grid, brain = preprocess_with_brain(scan, model.card.preprocessing)
+    model_grid, brain = preprocess_with_brain(scan, model.card.preprocessing, model.card.n_classes,
+                                              model.card.patch_size)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -39,3 +39,25 @@ def test_the_child_refuses_it_without_trust_and_runs_it_with(tmp_path):
     assert not marker.exists()
     results = logic.run(node, str(card), ["occlusion"], device="cpu", trustModelCode=True)
     assert marker.exists() and results.segmentation is not None
+
+
+def test_the_logic_runs_deepbet_on_a_real_head_and_its_mask_is_run_bets(tmp_path):
+    """deepbet, a model trained by others on real heads, through the panel's logic: no trust needed (its
+    networks are rebuilt eagerly), the run's segmentation equals deepbet's own run_bet mask (Dice >= 0.99)."""
+    pytest.importorskip("deepbet")
+    import slicer.util
+
+    from SegXAILib.data.samples import mni152_t1
+    from SegXAILib.tests.test_trust_and_deepbet import run_bet_mask
+    from SegXAILib.volume import read_volume, write_volume
+
+    head = mni152_t1()
+    scene = standaloneScene().scene
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MNI152")
+    updateNodeFromVolume(node, head)
+    assert modelTrustQuestion("deepbet") is None and "brain" in modelDescription("deepbet").lower()
+    results = ExplainLogic(scene).run(node, "deepbet", ["gradcam"], device="cpu", outDir=tmp_path / "out")
+    labels = read_volume(tmp_path / "out" / "segmentation.nii.gz").array > 0
+    truth = run_bet_mask(str(write_volume(head, tmp_path / "head.nii.gz")))
+    assert 2 * np.sum(labels & truth) / (labels.sum() + truth.sum()) >= 0.99
+    assert slicer.util.arrayFromVolume(results.map("gradcam")).max() > 0
