@@ -259,8 +259,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .data.degrade import DEFAULT_STRENGTH, DEGRADATIONS
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="segxai", description="Segment 3D scans and explain the segmentation.")
+    parser.add_argument("--version", action="version", version=f"segxai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_progress(p: argparse.ArgumentParser) -> None:

@@ -56,6 +56,7 @@ also checks the keys.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -370,4 +371,6 @@ class ModelCard:
             if target.lower() == group.lower():
                 return group, [by_label[label] for label in labels]
         known = self.class_names[1:] + list(self.groups)
-        raise SegXAIError(f"unknown class {target!r} for model {self.name!r}; choose one of: {', '.join(known)}")
+        close = difflib.get_close_matches(target.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+        hint = f"did you mean {next(k for k in known if k.lower() == close[0])!r}? " if close else ""
+        raise SegXAIError(f"unknown class {target!r} for model {self.name!r}; {hint}choose one of: {', '.join(known)}")

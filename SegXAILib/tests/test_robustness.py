@@ -213,7 +213,18 @@ def test_an_unknown_class_is_one_error_line(tmp_path, tiny_card, capfd):
                  "--out", str(out), "--progress", "none"])
     lines = capfd.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1 and "unknown class 'tumor'" in lines[0], lines
+    assert "did you mean" not in lines[0]  # nothing of this card's is close to 'tumor'
+    code = main(["explain", str(scan(tmp_path, ".nii.gz")), "--model", str(tiny_card), "--target", "lesoin",
+                 "--out", str(out), "--progress", "none"])
+    lines = capfd.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and "did you mean 'lesion'?" in lines[0], lines
     assert not out.exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == "segxai 0.1.0"
 
 
 # ------------------------------------------------------------------------------------ normal variants read exactly
