@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def explain_case(scan: Volume, model: LoadedModel, methods: list[str], target: s
     return CaseResult(run, judge_case(run, model.card))
 
 
-def run_record(card: ModelCard, methods: list[str], options: dict[str, Any] | None) -> dict[str, Any]:
+def run_record(card: ModelCard, methods: list[str], options: Mapping[str, Any] | None) -> dict[str, Any]:
     """What a case was explained with, as ``summary["run"]`` records it: the model (name and
     :func:`~SegXAILib.models.registry.model_fingerprint` of card and weights), the methods, and every
     method's options with their defaults filled in (JSON values). An audit resumes a case only when its
@@ -116,7 +117,7 @@ def run_explain(scan_path: str, model_spec: str, methods: str, target: str | Non
     """
     start = time.perf_counter()
     names = parse_methods(methods)
-    check_options(options or {}, names)  # a typo fails before anything is read
+    options = check_options(options or {}, names)  # a typo fails before anything is read; parsed once
     with OutputFolder(out_dir, inputs=[scan_path, label_path], claims=explain_claims(fmt),
                       listed=listed_files) as out:
         scan = read_volume(scan_path)

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SegXAIError
 from .explain.base import ExplanationMap
 from .explain.pipeline import ExplainResult
 from .fileio import OutputFolder, summary_files
@@ -23,7 +22,7 @@ from .models.card import ModelCard
 from .preprocessing import resample_to_grid
 from .verdict import CaseVerdict
 from .version import __version__
-from .volume import Volume, volume_suffix, write_volume
+from .volume import Volume, write_volume
 
 FORMATS = ("nii.gz", "nrrd", "nii", "mha")
 
@@ -44,13 +43,9 @@ def listed_files(summary: dict[str, Any]) -> list[str]:
     the report's files as :func:`SegXAILib.report.write_report` names them."""
     files = summary_files(summary)
     if "report" not in summary and summary.get("maps") is not None:
-        files += ["report.html", "report/segmentation.png", "report/sa_curve.png"]
-        for item in summary["maps"]:
-            name = str(item.get("file", "") if isinstance(item, dict) else "").rsplit("/", 1)[-1]
-            try:
-                files.append(f"report/montage_{name[: len(name) - len(volume_suffix(name))]}.png")
-            except SegXAIError:
-                continue  # not a map file this code writes
+        from .report.html import report_files  # matplotlib: only when an earlier summary is read
+
+        files += report_files(summary)
     return files
 
 

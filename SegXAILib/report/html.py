@@ -59,21 +59,20 @@ def write_report(folder: Path) -> Path:
     labels = [int(v) for v in target["labels"]]
     center = object_center(segmentation.array, labels)
     window = scan_window(scan.array)
-    pictures = folder / "report"
 
     segmentation_png = render_segmentation_montage(scan, segmentation, summary["classes"], center,
-                                                   pictures / "segmentation.png", labels, window)
+                                                   folder / SEGMENTATION_PICTURE, labels, window)
     target_mask = segmentation.with_array(np.isin(segmentation.array, labels))
     montages = []
     for item in summary.get("maps", []):
         map_volume = read_volume(folder / item["file"])
         montages.append(render_map_montage(scan, target_mask, map_volume, item, center,
-                                           pictures / f"montage_{_stem(item['file'])}.png", window))
+                                           folder / montage_picture(item["file"]), window))
         del map_volume  # one scan-sized map in memory at a time
     sa = next((e for e in summary.get("explanations", []) if (e.get("curves") or {}).get("sa_per_layer")), None)
     review = summary.get("review") or review_case(summary)
     sa_png = None if sa is None else render_sa_curve(
-        sa["curves"]["sa_per_layer"], pictures / "sa_curve.png", (sa.get("metadata") or {}).get("reference", "model"),
+        sa["curves"]["sa_per_layer"], folder / SA_PICTURE, (sa.get("metadata") or {}).get("reference", "model"),
         review["thresholds"].get("mean_sa", {}).get("threshold"))
 
     viewer = viewer_section(folder, summary, scan, segmentation, center, window)  # the interactive viewer
@@ -92,9 +91,30 @@ def summary_scan_path(text: str, folder: Path) -> Path:
                       "over it: put the scan back, or run 'segxai explain' again")
 
 
-def _stem(relative: str) -> str:
-    name = Path(relative).name
-    return name[: -len(volume_suffix(name))]
+SEGMENTATION_PICTURE = "report/segmentation.png"
+SA_PICTURE = "report/sa_curve.png"
+
+
+def montage_picture(map_file: str) -> str:
+    """The report's picture of the map file ``maps/<stem>.<ext>``: ``report/montage_<stem>.png``.
+
+    Raises:
+        SegXAIError: ``map_file`` has no volume suffix.
+    """
+    name = Path(map_file).name
+    return f"report/montage_{name[: -len(volume_suffix(name))]}.png"
+
+
+def report_files(summary: dict[str, Any]) -> list[str]:
+    """Every file :func:`write_report` may write for ``summary`` (relative to its folder); a map file of
+    another kind (no volume suffix) has no picture."""
+    files = ["report.html", SEGMENTATION_PICTURE, SA_PICTURE]
+    for item in summary.get("maps") or []:
+        try:
+            files.append(montage_picture(str(item.get("file", "") if isinstance(item, dict) else "")))
+        except SegXAIError:
+            continue
+    return files
 
 
 def _page(summary: dict[str, Any], review: dict[str, Any], target: dict[str, Any], scan: Volume, center: np.ndarray,
