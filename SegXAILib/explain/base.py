@@ -11,7 +11,7 @@ one class (with its ``Options``) and registering it in :data:`SegXAILib.methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,6 +44,8 @@ class ExplanationMap:
         threshold: default lower display threshold, as a fraction of the displayed range.
         normalise: ``True``: the pipeline min-max scales the map to [0, 1] for display files;
             ``False``: the values have units (entropy, probability) and are written as they are.
+        layer: the module name(s) of the network layer(s) a map shows (``model.1.submodule.2``), for experts;
+            the description names the layer in words (:func:`.layers.layer_names`). ``None`` for other maps.
     """
 
     method: str
@@ -53,6 +55,7 @@ class ExplanationMap:
     colormap: str = "inferno"
     threshold: float = 0.2
     normalise: bool = True
+    layer: str | None = None
 
     @property
     def name(self) -> str:
@@ -88,6 +91,11 @@ class ExplainContext:
         options: method name -> its options, raw (``{"gradcam": {"layer": "bottleneck"}}``, from the command line
             or a program) or parsed (:func:`SegXAILib.methods.check_options`); read with
             :meth:`options_for`.
+        spacing: the model grid's voxel size in mm along (D, H, W), to name layers by their grid
+            (``3 mm grid``); ``None`` when unknown (then named by their downsampling).
+        postprocess: the card's postprocessing of a whole-grid softmax (n_classes, D, H, W), in place and
+            returned (the rules :func:`SegXAILib.inference.segment` applied to ``probabilities``), for methods
+            that compare the model's prediction of a changed scan with its prediction; ``None``: none.
     """
 
     model: LoadedModel
@@ -99,6 +107,8 @@ class ExplainContext:
     progress: Progress = field(default_factory=Progress)
     label: np.ndarray | None = None
     options: Mapping[str, MethodOptions | Mapping[str, Any]] = field(default_factory=dict)
+    spacing: tuple[float, ...] | None = None
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def predicted_mask(self) -> np.ndarray:

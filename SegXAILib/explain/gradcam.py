@@ -31,7 +31,10 @@ Resolution convention: a CAM at a coarser layer is brought to the model grid wit
 
 Layers (option ``layer``, a spec or a comma-separated list; see :mod:`.layers`): ``last_decoder``
 (default), ``bottleneck``, ``decoder_all`` (each decoder stage's CAM min-max normalised to [0, 1], then
-averaged: Mullan & Sonka) or module names. One map per spec; the default's variant is ``None``.
+averaged: Mullan & Sonka) or module names. One map per spec (specs naming the same layers give one); the
+default's variant is ``None``, ``decoder_all``'s ``all-decoder-stages``, any other layer's its reader's name
+(``bottleneck``, ``encoder-stage-3mm``: :func:`.layers.layer_names`), which the description spells out
+("at the last decoder stage (3 mm grid)"); the module's name is the map's ``layer``.
 
 Memory: parameters are frozen and the first hooked activation is replaced by a detached leaf, so autograd
 keeps only the graph from that layer to the output (:class:`.layers.LayerCapture`).
@@ -51,7 +54,6 @@ as fast at 128^3; window starts that are not multiples of the layer's stride are
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -67,7 +69,15 @@ from ..padding import padding_to
 from ..scaling import minmax
 from ..upsampling import upsample_to
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap
-from .layers import DEFAULT_LAYER, LayerCapture, frozen_parameters, parse_layer_specs, resolve_layers
+from .layers import (
+    DEFAULT_LAYER,
+    LayerCapture,
+    LayerName,
+    frozen_parameters,
+    layer_names,
+    parse_layer_specs,
+    resolve_layers,
+)
 from .options import MethodOptions, option
 from .targets import SCORE_WORDS, log_odds, target_scores
 
@@ -165,6 +175,24 @@ def layer_gradients(network: nn.Module, window: torch.Tensor, weight: torch.Tens
     return logits.detach(), float(score.detach()), [a.detach() for a in activations], grads
 
 
+def _layer_words(spec: str, layers: list[LayerName]) -> str:
+    """Where a map was taken, for a reader: ``at the last decoder stage (3 mm grid)``, or ``averaged over the 2
+    decoder stages (6.1 mm and 3 mm grids)`` for ``decoder_all``."""
+    if spec != "decoder_all":
+        return f"at the {layers[0].role} ({layers[0].grid})" if layers[0].grid else f"at the {layers[0].role}"
+    grids = [layer.grid.removesuffix(" grid") for layer in layers]
+    listed = grids[0] if len(grids) == 1 else f"{', '.join(grids[:-1])} and {grids[-1]}"
+    return f"averaged over the {len(layers)} decoder stages ({listed} grid{'s' if len(grids) > 1 else ''})"
+
+
+def _layer_variant(spec: str, first: LayerName) -> str | None:
+    """The map's variant (its file name's part after the method): none for the default layer, ``all-decoder-stages``,
+    else the layer's slug (``bottleneck``, ``encoder-stage-3mm``)."""
+    if spec == DEFAULT_LAYER:
+        return None
+    return "all-decoder-stages" if spec == "decoder_all" else first.slug
+
+
 class SegGradCAM(Explainer):
     """Seg-Grad-CAM: channel weights = spatial mean of the score's gradient (Selvaraju et al.; Vinogradova et al.)."""
 
@@ -173,6 +201,8 @@ class SegGradCAM(Explainer):
     title: ClassVar[str] = "Grad-CAM"
     summary: ClassVar[str] = ("Seg-Grad-CAM: where the chosen layer's features raise the target's log-odds over "
                               "its predicted region (options: layer, region, box, mask)")
+    zero_map_reason: ClassVar[str] = ("nowhere does the gradient-weighted sum of the layer's features raise the "
+                                      "score; try another layer")
 
     @staticmethod
     def channel_weights(activation: torch.Tensor, gradient: torch.Tensor, voxels: int) -> torch.Tensor:
@@ -257,26 +287,35 @@ class SegGradCAM(Explainer):
         context.progress.update(self.name, 1.0, "done")
         by_name = dict(zip(names, cams))
 
-        maps = []
+        readers = layer_names(network, names, window, context.spacing)
+        maps, notes, shown = [], [], set()
         for spec in specs:
+            if tuple(layers[spec]) in shown:  # a role and the module name it resolves to give one map
+                continue
+            shown.add(tuple(layers[spec]))
             stage_cams = [by_name[name] for name in layers[spec]]
             # decoder stages have different scales: each normalised before averaging (Mullan & Sonka)
             cam = torch.stack([minmax(c) for c in stage_cams]).mean(0) if spec == "decoder_all" else stage_cams[0]
+            where = _layer_words(spec, [readers[name] for name in layers[spec]])
+            description = (f"{self.title} {where}: where the layer's features raise the {context.target} {SCORE_WORDS} "
+                           f"over the {_REGION_WORDS[region.kind]} (relative)")
+            if not bool((cam > 0).any()):
+                notes.append(f"the map {where} is zero everywhere: {self.zero_map_reason}")
+                description += f"; zero everywhere: {self.zero_map_reason}"
             maps.append(ExplanationMap(
-                method=self.name, variant=None if spec == DEFAULT_LAYER else re.sub(r"[^A-Za-z0-9_-]+", "_", spec),
-                array=cam[0, 0].numpy().astype(np.float32),
-                description=(f"{self.title} at {spec} ({', '.join(layers[spec])}): where the layer's features raise "
-                             f"the {context.target} {SCORE_WORDS} over the {_REGION_WORDS[region.kind]} (relative)")))
+                method=self.name, variant=_layer_variant(spec, readers[layers[spec][0]]),
+                array=cam[0, 0].numpy().astype(np.float32), description=description, layer=", ".join(layers[spec])))
         metadata: dict[str, Any] = {
-            "layers": layers, "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING,
+            "layers": layers, "layer_names": {name: readers[name].words for name in names},
+            "region": region.kind, "sliding_window": sliding, "upsampling": UPSAMPLING,
             "target_score": f"{SCORE_WORDS} of {context.target} summed over the region, from the network's "
                             f"{context.model.card.output}",
             "seconds": time.perf_counter() - start,
             "parameters": {"layer": specs, "patch_size": list(patch), "overlap": overlap,
                            **({"region": options.region} if options.region is not None else {}),
                            **({"box": list(options.box)} if options.box is not None else {})}}
-        if region.note:
-            metadata["note"] = region.note
+        if region.note or notes:
+            metadata["note"] = "; ".join(filter(None, [region.note, *notes]))
         return Explanation(self.name, maps, scalars={"score": score, "region_voxels": float(region.mask.sum())},
                            metadata=metadata)
 
@@ -284,27 +323,41 @@ class SegGradCAM(Explainer):
 class SegGradCAMPlusPlus(SegGradCAM):
     """Grad-CAM++ (Chattopadhay et al.): positive gradients weighted by the closed-form a_k(p).
 
-    The closed form assumes non-negative activations (ReLU). After PReLU or a normalisation (MONAI's
+    The closed form is Y = exp(S)'s exact alpha where S is piecewise linear in the layer's output A (ReLU, PReLU,
+    convolutions, batch norm in eval mode, and a two-class log-odds z_1 - z_0 after it): then
+    d2Y/dA^2 = exp(S) G^2 and d3Y/dA^3 = exp(S) G^3 (tested against those derivatives taken by autograd). A
+    softmax over more classes, instance norm or attention after the layer add second derivatives that the
+    closed form leaves out, as every implementation of it does. exp(S) itself is never computed: it cancels
+    from a_k(p) and is a factor common to every channel's weight (it would underflow for a score of -1e5).
+
+    It also assumes non-negative activations (ReLU). After PReLU or a normalisation (MONAI's
     blocks), a channel's sum can be negative and ``2 + sum_q A_k(q) G_k(p)`` can approach zero, which makes
     the weights unstable; prefer Grad-CAM or a post-ReLU layer there.
+
+    The map is zero everywhere when no feature of the layer raises the score anywhere (every G_k(p) <= 0):
+    the ReLU of the gradients leaves no weight. That is what the raw target logit did on the demo before
+    scores became log-odds (:mod:`.targets`): the demo U-Net lowers all its logits together, the background's
+    most, so every gradient of the tumour logits was negative while those of the tumour's log-odds are not.
     """
 
     name: ClassVar[str] = "gradcampp"
     title: ClassVar[str] = "Grad-CAM++"
     summary: ClassVar[str] = ("Grad-CAM++: like Grad-CAM with higher-order channel weights that spread credit over "
                               "several regions (options: layer, region, box, mask)")
+    zero_map_reason: ClassVar[str] = ("no feature of the layer raises the score anywhere (every gradient is zero or "
+                                      "negative), so no channel gets a weight; Grad-CAM may still show one")
 
     @staticmethod
     def channel_weights(activation: torch.Tensor, gradient: torch.Tensor, voxels: int) -> torch.Tensor:
         """alpha_k = sum_p a_k(p) ReLU(G_k(p)), sums over the layer's grid of ``voxels`` voxels.
 
-        a_k(p) is set to 0 where its denominator is 0 (G_k(p) = 0) instead of adding an epsilon as
-        pytorch-grad-cam does: the gradients of a summed segmentation score are small per voxel, and a fixed
-        epsilon would dominate G^2.
+        Where G_k(p) > 0, a_k(p) = G^2 / (2 G^2 + sum_q A_k(q) G^3) = 1 / (2 + sum_q A_k(q) G): written so, no
+        power of a small gradient underflows (pytorch-grad-cam adds an epsilon to the denominator instead, which
+        would dominate the per-voxel gradients of a summed score). Elsewhere ReLU(G) = 0 and so is the term.
         """
         dims = tuple(range(2, gradient.ndim))
         sum_activation = activation.mean(dim=dims, keepdim=True) * voxels
-        g2 = gradient.pow(2)
-        denominator = 2 * g2 + sum_activation * g2 * gradient
-        a = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1), 0)
-        return (a * F.relu(gradient)).mean(dim=dims, keepdim=True) * voxels
+        positive = F.relu(gradient)
+        denominator = 2 + sum_activation * gradient
+        a = torch.where((positive > 0) & (denominator != 0), 1 / torch.where(denominator != 0, denominator, 1), 0)
+        return (a * positive).mean(dim=dims, keepdim=True) * voxels

@@ -31,12 +31,18 @@ concatenation of ``model.0`` and that block) and ``model.2.0`` with ``num_res_un
 transposed-conv block before the final one-subunit residual conv); on ``AttentionUnet`` the
 top merge conv ``model.1.merge``. Networks whose output layer is not the last conv to run (heads
 after the final conv, e.g. deep-supervision outputs computed last) should name their layer.
+
+Readers meet layers by role and grid, not module name (:func:`layer_names`): blocks before the bottleneck are
+encoder stages, the blocks ``decoder_all`` takes decoder stages (the others decoder blocks), the last one the
+last decoder stage; the grid is the model grid's spacing times the layer's downsampling ("last decoder stage,
+3 mm grid" is ``model.1.submodule.2`` of the bundled U-Net on its 1.5 mm model grid).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,7 +137,11 @@ def _trace(network: nn.Module, example: torch.Tensor | None) -> list[_Call]:
 
 def _blocks(network: nn.Module, example: torch.Tensor | None) -> list[_Call]:
     """Feature blocks (see the module docstring) in the order they finished; the output layer excluded."""
-    calls = _trace(network, example)
+    return _blocks_in(network, _trace(network, example))
+
+
+def _blocks_in(network: nn.Module, calls: list[_Call]) -> list[_Call]:
+    """The feature blocks among the module calls of one traced forward pass (:func:`_blocks`)."""
     modules = dict(network.named_modules())
     convs = [c for c in calls if isinstance(modules[c.name], _ConvNd) and len(c.shape) > 2]
     if len(convs) < 2:
@@ -156,12 +166,17 @@ def _size(call: _Call) -> int:
     return math.prod(call.shape[2:])
 
 
+def _bottleneck_index(blocks: list[_Call]) -> int:
+    """Index of the bottleneck: the last block at the smallest spatial size."""
+    smallest = min(_size(b) for b in blocks)
+    return max(i for i, b in enumerate(blocks) if _size(b) == smallest)
+
+
 def _role(blocks: list[_Call], role: str) -> list[_Call]:
     """The blocks playing ``role`` (one of :data:`LAYER_ROLES`)."""
     if role == "last_decoder":
         return [blocks[-1]]
-    smallest = min(_size(b) for b in blocks)
-    bottleneck = max(i for i, b in enumerate(blocks) if _size(b) == smallest)
+    bottleneck = _bottleneck_index(blocks)
     if role == "bottleneck":
         return [blocks[bottleneck]]
     decoder = blocks[bottleneck + 1:]
@@ -218,6 +233,97 @@ def resolve_layers(network: nn.Module, spec: str,
     suggestions = close or blocks[-5:]
     raise SegXAIError(f"the network has no layer {spec!r}; use one of {', '.join(LAYER_ROLES)} or a module name, "
                       f"e.g. {', '.join(suggestions)} ({len(names)} modules in network.named_modules())")
+
+
+@dataclass(frozen=True)
+class LayerName:
+    """One layer as a reader and as an expert name it.
+
+    Attributes:
+        module: its name in ``network.named_modules()``, for experts (``model.1.submodule.2``).
+        role: its place in the network (``last decoder stage``, ``bottleneck``, ``encoder stage``, ``decoder
+            stage``; ``part of the ...`` for a module inside a block).
+        grid: the size of its voxels: the model grid's spacing times the layer's downsampling
+            (``1.5 mm grid``; ``4x coarser grid`` when the spacing is not known).
+        slug: file-safe and unique among the network's layers (``last-decoder-stage``, ``encoder-stage-3mm``).
+    """
+
+    module: str
+    role: str
+    grid: str
+    slug: str
+
+    @property
+    def words(self) -> str:
+        """``last decoder stage, 1.5 mm grid``."""
+        return f"{self.role}, {self.grid}" if self.grid else self.role
+
+
+def _grid_words(downsampling: Sequence[float], spacing: Sequence[float] | None) -> str:
+    """``1.5 mm grid`` (``1.5 x 1.5 x 3 mm grid`` when anisotropic) from the layer's downsampling per axis and the
+    model grid's spacing (mm, same axes); ``full-resolution grid`` / ``4x coarser grid`` without a spacing."""
+    if spacing is None:
+        factors = sorted({f"{f:.2g}" for f in downsampling})
+        return "full-resolution grid" if factors == ["1"] else f"{' x '.join(factors)}x coarser grid"
+    sizes = [f"{s * f:.2g}" for s, f in zip(spacing, downsampling)]
+    return f"{sizes[0] if len(set(sizes)) == 1 else ' x '.join(sizes)} mm grid"
+
+
+def _slug(words: str) -> str:
+    """``encoder stage 1.5 mm`` -> ``encoder-stage-1_5mm``, ``1 x 1 x 3 mm`` -> ``1x1x3mm`` (letters, digits, ``-``
+    and ``_`` only)."""
+    words = words.replace(" mm", "mm").replace(" x ", "x").replace(".", "_")
+    return re.sub(r"[^A-Za-z0-9_]+", "-", words).strip("-")
+
+
+def _block_roles(blocks: list[_Call]) -> list[str]:
+    """The role of each block (:class:`LayerName`): before the bottleneck the encoder; after it the decoder, whose
+    stages are the blocks ``decoder_all`` takes (the last of each resolution), the others its blocks."""
+    bottleneck = _bottleneck_index(blocks)
+    stages = {b.name for b in _role(blocks, "decoder_all")}
+
+    def role(i: int, block: _Call) -> str:
+        if i == len(blocks) - 1:
+            return "last decoder stage" if bottleneck < i else "last feature layer"
+        if i <= bottleneck:
+            return "bottleneck" if i == bottleneck else "encoder stage"
+        return "decoder stage" if block.name in stages else "decoder block"
+    return [role(i, block) for i, block in enumerate(blocks)]
+
+
+def layer_names(network: nn.Module, modules: Sequence[str], example: torch.Tensor | None = None,
+                spacing: Sequence[float] | None = None) -> dict[str, LayerName]:
+    """Readers' names of ``modules`` (names from ``network.named_modules()``), from one probe pass.
+
+    Args:
+        example: an input the network accepts, as for :func:`conv_layers` (``None``: zeros of 16^3, ...).
+        spacing: the model grid's voxel size in mm along the array's axes; ``None``: grids named by downsampling.
+
+    Returns:
+        module name -> :class:`LayerName`, for every conv block (:func:`conv_layers`) and every one of ``modules``.
+        Blocks of one role on one grid are numbered (``decoder stage 1 of 2``); a slug gets the grid only
+        where its role alone would not be unique.
+    """
+    calls = _trace(network, example)
+    shapes = {c.name: c.shape[2:] for c in calls}
+    model_grid = shapes[""] if "" in shapes else calls[-1].shape[2:]  # the network's output: the model grid
+    blocks = _blocks_in(network, calls)
+    roles = dict(zip((b.name for b in blocks), _block_roles(blocks)))
+    for name in modules:
+        if name not in roles:
+            inside = [block for block in roles if _is_within(name, block)]
+            roles[name] = f"part of the {roles[inside[0]]}" if inside else f"layer {name}"
+    grids = {name: _grid_words([m / n for m, n in zip(model_grid, shapes[name])], spacing) if name in shapes else ""
+             for name in roles}
+    numbered: dict[str, str] = {}
+    for name, role in roles.items():
+        twins = [other for other in roles if roles[other] == role and grids[other] == grids[name]]
+        numbered[name] = role if len(twins) == 1 else f"{role} {twins.index(name) + 1} of {len(twins)}"
+    slugs: dict[str, str] = {}
+    for name, role in numbered.items():
+        alone = sum(r == role for r in numbered.values()) == 1
+        slugs[name] = _slug(role if alone else f"{role} {grids[name].removesuffix(' grid')}")
+    return {name: LayerName(name, numbered[name], grids[name], slugs[name]) for name in numbered}
 
 
 class LayerCapture:

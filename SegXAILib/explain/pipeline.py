@@ -16,6 +16,7 @@ import torch
 
 from ..inference import SegmentationResult
 from ..models.loaders import LoadedModel
+from ..postprocessing import postprocess
 from ..preprocessing import resample_to_grid
 from ..progress import Progress
 from ..volume import Volume
@@ -61,6 +62,9 @@ def explain_segmentation(segmentation: SegmentationResult, model: LoadedModel, e
         model=model, image=torch.from_numpy(np.ascontiguousarray(segmentation.model_grid.array))[None, None],
         target=target_name, channels=channels, probabilities=segmentation.probabilities, device=device,
         progress=progress, options=options or {},
+        spacing=tuple(float(s) for s in segmentation.model_grid.spacing[::-1]),  # (I, J, K) -> the array's (D, H, W)
+        postprocess=lambda p: postprocess(p, segmentation.model_grid, model.card.postprocessing,
+                                          [c.label for c in model.card.classes], segmentation.brain),
         label=None if label is None else target_mask_on_grid(label, segmentation.model_grid, model, channels))
     for explainer in explainers:
         try:

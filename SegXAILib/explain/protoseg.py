@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ from ..errors import SegXAIError
 from ..models.networks import input_multiple
 from ..upsampling import interpolation_matrix, upsample_separable
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap
-from .layers import DEFAULT_LAYER, conv_layers, parse_layer_specs, resolve_layers
+from .layers import DEFAULT_LAYER, conv_layers, layer_names, parse_layer_specs, resolve_layers
 from .options import MethodOptions, option
 
 RESOLUTIONS = ("input", "feature")
@@ -581,13 +580,15 @@ class ProtoSegExplainer(Explainer):
 
     Returns:
         maps: ``heat`` = mean of the unit SAMs of the last feature layer (paper Fig. 9), in [0, 1];
-            ``layer-<name>`` = the SAM probability ``p_target`` of each selected layer.
+            ``layer-<slug>`` = the SAM probability ``p_target`` of each selected layer (``layer-last-decoder-stage``,
+            :func:`.layers.layer_names`; the map's ``layer`` is the module's name).
         scalars: ``mean_sa`` = mu, mean SA score of the units of the last two feature layers against the
             model's own mask (paper Eq. 12: label-free, so comparable between cases with and without labels;
             low = review this case); ``mean_sa_label`` = the same against the ground truth, when given;
             ``input_separableness`` = SA score of ProtoSeg on the input intensities.
-        curves: ``sa_per_layer`` = [{"layer", "sa", "channels", "shape"}] for every conv block in forward
-            order; ``sa_per_unit`` = [{"layer", "unit", "sa"}] for the last two.
+        curves: ``sa_per_layer`` = [{"layer", "title", "sa", "channels", "shape"}] for every conv block in forward
+            order (``layer`` the module's name, ``title`` the reader's: ``last decoder stage, 3 mm grid``);
+            ``sa_per_unit`` = [{"layer", "unit", "sa"}] for the last two.
     """
 
     name = "protoseg"
@@ -646,20 +647,25 @@ class ProtoSegExplainer(Explainer):
         if context.label is not None:
             scalars["mean_sa_label"] = float(np.mean([u["sa"] for u in units]))
         heat /= layer_info[unit_names[-1]]["channels"]
-        curve = [{"layer": name, "sa": float(scorer.scores(("layer", name))["reference"][0]), **layer_info[name]}
+        readers = layer_names(network, sorted(selected), spacing=context.spacing)
+        curve = [{"layer": name, "title": readers[name].words,
+                  "sa": float(scorer.scores(("layer", name))["reference"][0]), **layer_info[name]}
                  for name, _ in layers]
 
+        last = readers[unit_names[-1]]
         explanation_maps = [ExplanationMap(
-            self.name, heat.cpu().numpy().astype(np.float32), "heat", normalise=False,
-            description=f"fraction of the units of layer {unit_names[-1]} whose features place this voxel with "
-                        f"the {context.target} (ProtoSeg unit-average heat map)")]
+            self.name, heat.cpu().numpy().astype(np.float32), "heat", normalise=False, layer=last.module,
+            description=f"fraction of the units of the {last.role} ({last.grid}) whose features place this voxel "
+                        f"with the {context.target} (ProtoSeg unit-average heat map)")]
         explanation_maps += [ExplanationMap(
-            self.name, p.cpu().numpy().astype(np.float32), "layer-" + re.sub(r"[^A-Za-z0-9_-]+", "_", name),
-            normalise=False, description=f"probability that the features of layer {name} put this voxel with the "
-                                         f"{context.target} prototype (ProtoSeg)")
+            self.name, p.cpu().numpy().astype(np.float32), f"layer-{readers[name].slug}", normalise=False,
+            layer=name, description=f"probability that the features of the {readers[name].role} "
+                                    f"({readers[name].grid}) put this voxel with the {context.target} prototype "
+                                    "(ProtoSeg)")
             for name, p in maps.items()]
         metadata = {"reference": "label" if context.label is not None else "model", "resolution": resolution,
                     "unit_layers": unit_names, "layers": resolved,
+                    "layer_names": {name: readers[name].words for name in readers},
                     "soft_mask": prototypes.degenerate or "ok", "network_grid": list(grid), "tiles": len(tiles),
                     "seconds": round(time.perf_counter() - start_time, 3)}
         return Explanation(self.name, explanation_maps, scalars, {"sa_per_layer": curve, "sa_per_unit": units},

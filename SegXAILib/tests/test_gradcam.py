@@ -15,7 +15,7 @@ from torch import nn
 from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import NotApplicable
 from SegXAILib.explain.gradcam import SegGradCAM, SegGradCAMPlusPlus
-from SegXAILib.explain.layers import LayerCapture, conv_layers, frozen_parameters, resolve_layers
+from SegXAILib.explain.layers import LayerCapture, conv_layers, frozen_parameters, layer_names, resolve_layers
 from SegXAILib.methods import get_explainer
 from SegXAILib.models.loaders import LoadedModel
 
@@ -47,8 +47,9 @@ def log_odds_score(logits, channels, region):
     return (t * torch.as_tensor(region, dtype=t.dtype)).flatten(1).sum(1)
 
 
-def brute_force(network, image, layer, channels, region):
-    """Activation and gradient of the score at ``layer`` by a plain full backward pass on a copy (retain_grad)."""
+def brute_force(network, image, layer, channels, region, raw_logit=False):
+    """Activation and gradient of the score at ``layer`` by a plain full backward pass on a copy (retain_grad);
+    with ``raw_logit``, of the target logits summed over ``region`` instead of the log-odds."""
     network = copy.deepcopy(network)
     store = {}
 
@@ -59,7 +60,10 @@ def brute_force(network, image, layer, channels, region):
     handle = dict(network.named_modules())[layer].register_forward_hook(keep)
     logits = network(image)
     handle.remove()
-    log_odds_score(logits, channels, region).sum().backward()
+    if raw_logit:
+        (logits[:, list(channels)] * torch.as_tensor(region, dtype=logits.dtype)).sum().backward()
+    else:
+        log_odds_score(logits, channels, region).sum().backward()
     return store["a"].detach()[0].double().numpy(), store["a"].grad[0].double().numpy(), logits.detach()
 
 
@@ -98,7 +102,7 @@ def test_gradcam_equals_brute_force(res_units, layer, region_options):
     (cam,) = explanation.maps
     assert cam.array.dtype == np.float32 and cam.array.shape == tuple(image.shape[2:])
     assert_close(cam.array, expected)
-    assert cam.variant == (None if layer == "last_decoder" else "model_2_0")
+    assert cam.variant == (None if layer == "last_decoder" else "last-decoder-stage") and cam.layer == name
     assert explanation.metadata["layers"] == {layer: [name]}
     assert explanation.scalars["score"] == pytest.approx(float(log_odds_score(logits, [1, 2], region)[0]), rel=1e-5)
     assert explanation.scalars["region_voxels"] == region.sum()
@@ -132,26 +136,111 @@ def test_gradcam_equals_captum_layer_gradcam(layer):
     assert_close(SegGradCAM().explain(context).maps[0].array, expected)
 
 
-def test_gradcampp_equals_numpy_formula():
-    network = tiny_unet(seed=2, norm="BATCH")
-    image = blob_image(seed=2)
-    context = make_context(network, image, options={"gradcampp": {"region": "all"}})
-    region = np.ones(image.shape[2:], bool)
-    activation, gradient, _ = brute_force(network, image, "model.1.submodule.2", [1], region)
+def shifted_output_layer(network: nn.Module, shift: float) -> None:
+    """Add ``shift`` to every weight of a MONAI U-Net's output layer, the same for every class.
 
-    weights = np.zeros(len(activation))
-    for k in range(len(activation)):  # Chattopadhay et al. eq. 19, one channel at a time
-        a, g = activation[k], gradient[k]
-        numerator, denominator = g**2, 2 * g**2 + a.sum() * g**3
-        alpha = np.divide(numerator, denominator, out=np.zeros_like(g), where=denominator != 0)
-        weights[k] = (alpha * np.maximum(g, 0)).sum()
-    expected = trilinear(np.maximum(np.tensordot(weights, activation, axes=1), 0), image.shape[2:])
-    plain = trilinear(np.maximum(np.tensordot(gradient.mean(axis=(1, 2, 3)), activation, axes=1), 0),
-                      image.shape[2:])
+    Every logit gets the same extra term at each voxel, so the probabilities and every log-odds are unchanged,
+    but each raw logit now falls with every feature of the last decoder stage (for ``shift`` well below the
+    weights): the bundled demo U-Net's state, where Grad-CAM++ of the summed tumour logits was zero.
+    """
+    with torch.no_grad():
+        network.model[2].conv.weight += shift  # ConvTranspose3d (skip + last decoder channels, classes, k, k, k)
 
+
+def autograd_gradcampp(network, image, layer, region):
+    """Grad-CAM++ from the actual derivatives of Y = exp(S), S the class-1 log-odds summed over ``region``.
+
+    The layer's output A is made a leaf in float64; dY/dA comes from one backward pass with a graph, then, for
+    each location (k, p) in turn, d2Y/dA_k(p)^2 from a backward pass of dY/dA_k(p) and d3Y/dA_k(p)^3 from a
+    backward pass of that. Chattopadhay et al.'s eq. 10 then gives, per location in NumPy loops,
+    a = D2 / (2 D2 + sum_q A_k(q) D3) (0 where that denominator is 0), w_k = sum_p a ReLU(dY/dA_k(p)) and the
+    CAM ReLU(sum_k w_k A_k).
+
+    Returns:
+        the CAM divided by exp(S) (a factor all weights share, which SegXAI leaves out: it would underflow for a
+        score of -1e5) on the layer's grid, exp(S), A (C, *grid) and dS/dA (C, *grid).
+    """
+    network = copy.deepcopy(network).double()
+    store = {}
+
+    def leaf(_module, _inputs, output):
+        store["A"] = output.detach().requires_grad_()
+        return store["A"]
+
+    handle = dict(network.named_modules())[layer].register_forward_hook(leaf)
+    logits = network(image.double())
+    handle.remove()
+    activation = store["A"]
+    y = torch.exp(log_odds_score(logits, [1], region).sum())
+    exp_score = float(y.detach())
+    (dy,) = torch.autograd.grad(y, activation, create_graph=True)
+    first = dy.reshape(-1)
+    second, third = np.zeros(first.numel()), np.zeros(first.numel())
+    for i in range(first.numel()):
+        (row,) = torch.autograd.grad(first[i], activation, create_graph=True)
+        second[i] = float(row.reshape(-1)[i].detach())
+        (row3,) = torch.autograd.grad(row.reshape(-1)[i], activation, retain_graph=True, allow_unused=True)
+        third[i] = 0.0 if row3 is None else float(row3.reshape(-1)[i])
+
+    a_values = activation.detach()[0].numpy()
+    channels = a_values.shape[0]
+    first_np, second, third = (v.reshape(channels, -1) for v in (first.detach().numpy(), second, third))
+    weights = np.zeros(channels)
+    for k in range(channels):
+        total = a_values[k].sum()
+        for p in range(first_np.shape[1]):
+            denominator = 2 * second[k, p] + total * third[k, p]
+            alpha = second[k, p] / denominator if denominator != 0 else 0.0
+            weights[k] += alpha * max(first_np[k, p], 0.0)
+    cam = np.maximum(np.tensordot(weights, a_values, axes=1), 0) / exp_score
+    return cam, exp_score, a_values, first_np.reshape(a_values.shape) / exp_score
+
+
+@pytest.mark.parametrize("layer", ["last_decoder", "bottleneck"])
+def test_gradcampp_equals_grad_cam_pp_of_autograd_derivatives(layer):
+    """SegXAI's closed form against Grad-CAM++ computed from the second and third derivatives autograd takes.
+
+    A two-class MONAI U-Net with batch norm (eval mode: affine) and PReLU is piecewise linear from the layer to
+    the log-odds z_1 - z_0, where Chattopadhay et al.'s closed form is exact, so the two agree to float
+    precision. From the bottleneck the derivatives pass through transposed convolutions, batch norm and PReLU.
+
+    The output layer is shifted so that every raw logit falls with every feature of the last decoder stage (the
+    demo U-Net's state, :func:`shifted_output_layer`). On the code that reported "score -107312.89, range 0
+    to 0" the score was the summed raw target logit: every gradient at that layer was <= 0 (asserted below),
+    ReLU(G) left no weight, the map was zero, and it fails the comparison with this reference's non-zero map
+    (as does code whose weights, or whose score, differ from Grad-CAM++ of the log-odds).
+    """
+    torch.manual_seed(2)
+    network = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), norm="BATCH").eval()
+    shifted_output_layer(network, -1.0)
+    image = blob_image((12, 12, 12), seed=2)
+    context = make_context(network, image, options={"gradcampp": {"layer": layer}})
+    region = context.predicted_mask
+    name = resolve_layers(network, layer)[0][0]
+
+    expected, exp_score, activation, gradient = autograd_gradcampp(network, image, name, region)
     actual = SegGradCAMPlusPlus().explain(context).maps[0].array
-    assert_close(actual, expected)
+
+    assert 1e-30 < exp_score < 1e300  # exp(S) itself is representable: its derivatives are neither 0 nor inf
+    assert_close(actual, trilinear(expected, image.shape[2:]), tol=1e-4)
+    plain = np.maximum(np.tensordot(gradient.mean(axis=(1, 2, 3)), activation, axes=1), 0)
     assert np.corrcoef(expected.ravel(), plain.ravel())[0, 1] < 0.999  # the weights differ from Grad-CAM's
+    if layer == "last_decoder":  # the raw logit's gradients, which zeroed the map before scores were log-odds
+        _, raw_logit_gradient, _ = brute_force(network, image, name, [1], region, raw_logit=True)
+        assert raw_logit_gradient.max() <= 0 < -raw_logit_gradient.min()
+
+
+def test_gradcampp_map_is_zero_and_says_why_when_no_feature_raises_the_score():
+    network = PointwiseNet().eval()
+    with torch.no_grad():  # class 1's log-odds fall with every (non-negative) feature of the last layer
+        network.head.weight.abs_()
+        network.head.weight[1] *= -1
+    context = make_context(network, blob_image((8, 8, 8), seed=12), options={"gradcampp": {"region": "all"}})
+    explanation = SegGradCAMPlusPlus().explain(context)
+    (cam,) = explanation.maps
+    assert cam.array.max() == 0
+    assert "every gradient is zero or negative" in cam.description
+    assert "zero everywhere" in explanation.metadata["note"]
 
 
 class MaskedBlock(nn.Module):
@@ -301,14 +390,37 @@ def test_no_parameter_gradients_no_graph_before_the_layer_and_network_unchanged(
 def test_decoder_all_is_the_mean_of_normalised_stage_maps():
     network = tiny_unet(seed=7, num_res_units=2)
     context = make_context(network, blob_image(seed=7),
-                           options={"gradcam": {"layer": "decoder_all,model.1.submodule.2,model.2.0"}})
+                           options={"gradcam": {"layer": "decoder_all,model.1.submodule.2,model.2.0,last_decoder"}})
+    context.spacing = (1.5, 1.5, 1.5)
     explanation = SegGradCAM().explain(context)
-    maps = {m.variant: m.array for m in explanation.maps}
+    maps = {m.variant: m for m in explanation.maps}
 
-    stages = [maps["model_1_submodule_2"], maps["model_2_0"]]
+    assert list(maps) == ["all-decoder-stages", "decoder-stage", "last-decoder-stage"]  # last_decoder: a duplicate
+    stages = [maps["decoder-stage"].array, maps["last-decoder-stage"].array]
     expected = np.mean([(s - s.min()) / (s.max() - s.min()) for s in stages], axis=0)
     assert explanation.metadata["layers"]["decoder_all"] == ["model.1.submodule.2", "model.2.0"]
-    np.testing.assert_allclose(maps["decoder_all"], expected, atol=1e-6)
+    np.testing.assert_allclose(maps["all-decoder-stages"].array, expected, atol=1e-6)
+    assert maps["all-decoder-stages"].layer == "model.1.submodule.2, model.2.0"
+    assert maps["all-decoder-stages"].description.startswith(
+        "Grad-CAM averaged over the 2 decoder stages (3 mm and 1.5 mm grids): ")
+    assert maps["decoder-stage"].description.startswith("Grad-CAM at the decoder stage (3 mm grid): ")
+    assert not any("model." in m.description for m in maps.values())
+
+
+def test_layers_named_for_a_reader():
+    network = UNet(3, 1, 3, (4, 8, 16, 32), (2, 2, 2)).eval()
+    names = layer_names(network, ["model.1.submodule.2.conv"], spacing=(1.5, 1.5, 3.0))
+    words = {name: (layer.words, layer.slug) for name, layer in names.items()}
+    assert words == {  # this U-Net's last decoder stage runs at half resolution (the output conv is transposed)
+        "model.0": ("encoder stage, 3 x 3 x 6 mm grid", "encoder-stage-3x3x6mm"),
+        "model.1.submodule.0": ("encoder stage, 6 x 6 x 12 mm grid", "encoder-stage-6x6x12mm"),
+        "model.1.submodule.1.submodule.0": ("encoder stage, 12 x 12 x 24 mm grid", "encoder-stage-12x12x24mm"),
+        "model.1.submodule.1.submodule.1.submodule": ("bottleneck, 12 x 12 x 24 mm grid", "bottleneck"),
+        "model.1.submodule.1.submodule.2": ("decoder stage, 6 x 6 x 12 mm grid", "decoder-stage"),
+        "model.1.submodule.2": ("last decoder stage, 3 x 3 x 6 mm grid", "last-decoder-stage"),
+        "model.1.submodule.2.conv": ("part of the last decoder stage, 3 x 3 x 6 mm grid",
+                                     "part-of-the-last-decoder-stage")}
+    assert layer_names(network, [])["model.0"].grid == "2x coarser grid"  # no spacing: the downsampling
 
 
 @pytest.mark.parametrize("network, expected", [

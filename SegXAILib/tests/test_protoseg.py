@@ -215,11 +215,14 @@ def test_explainer_on_tiny_unet_matches_brute_force(tiny_card):
     assert 0.0 <= explanation.scalars["mean_sa"] <= 1.0
 
     maps = {m.name: m.array for m in explanation.maps}
-    assert set(maps) == {"protoseg-heat", "protoseg-layer-model_1_submodule_2"}
+    assert set(maps) == {"protoseg-heat", "protoseg-layer-last-decoder-stage"}
+    assert [m.layer for m in explanation.maps] == [last, last]  # the module's name, for experts
+    assert [c["title"] for c in curve] == ["encoder stage, 2x coarser grid", "encoder stage, 4x coarser grid",
+                                          "bottleneck, 4x coarser grid", "last decoder stage, 2x coarser grid"]
     heat = maps["protoseg-heat"]
     assert heat.shape == shape and heat.dtype == np.float32 and 0.0 <= heat.min() and heat.max() <= 1.0
     np.testing.assert_allclose(heat, np.mean([unit_sams[last, k] for k in range(4)], 0), atol=1e-6)
-    np.testing.assert_allclose(maps["protoseg-layer-model_1_submodule_2"], protoseg_of(features[last])[0], atol=1e-5)
+    np.testing.assert_allclose(maps["protoseg-layer-last-decoder-stage"], protoseg_of(features[last])[0], atol=1e-5)
     expected = dice(numpy_protoseg(image[0].numpy(), soft)[1], mask)
     assert explanation.scalars["input_separableness"] == pytest.approx(expected)
 
@@ -246,12 +249,17 @@ def test_explainer_with_label_feature_resolution_and_layer_option(tiny_card):
     label = blob((16, 16, 16), radius=0.5)
     image = (label.float() + 0.2 * torch.randn(label.shape))[None, None]
     options = {"protoseg": {"resolution": "feature", "layers": "model.0,bottleneck"}}
-    explanation = ProtoSegExplainer().explain(_context(model, image, label=label.numpy(), options=options))
+    explanation = ProtoSegExplainer().explain(_context(model, image, label=label.numpy(), options=options,
+                                                       spacing=(1.5, 1.5, 1.5)))
     assert explanation.metadata["reference"] == "label" and explanation.metadata["resolution"] == "feature"
     assert all(np.isfinite(c["sa"]) and 0 <= c["sa"] <= 1 for c in explanation.curves["sa_per_layer"])
     assert {"mean_sa", "mean_sa_label", "input_separableness"} <= set(explanation.scalars)
     assert sorted(m.name for m in explanation.maps) == [
-        "protoseg-heat", "protoseg-layer-model_0", "protoseg-layer-model_1_submodule_1_submodule"]
+        "protoseg-heat", "protoseg-layer-bottleneck", "protoseg-layer-encoder-stage-3mm"]
+    descriptions = {m.variant: m.description for m in explanation.maps}
+    assert descriptions["layer-encoder-stage-3mm"].startswith("probability that the features of the encoder stage "
+                                                              "(3 mm grid) put this voxel")
+    assert descriptions["heat"].startswith("fraction of the units of the last decoder stage (3 mm grid) whose")
     assert explanation.metadata["layers"] == {"model.0": ["model.0"], "bottleneck": ["model.1.submodule.1.submodule"]}
     for m in explanation.maps:
         assert m.array.shape == (16, 16, 16) and np.isfinite(m.array).all() and 0 <= m.array.min() <= m.array.max() <= 1
@@ -335,7 +343,7 @@ def test_tiled_run_equals_whole_volume_where_tiles_cannot_differ(tmp_path):
             for border in borders:
                 away[(slice(None),) * axis + (slice(border - 3, border + 3),)] = False
         maps = {m.name: (m.array[away], n.array[away]) for m, n in zip(whole.maps, tiled.maps)}
-        assert list(maps) == ["protoseg-heat", "protoseg-layer-model_1_submodule_2"]
+        assert list(maps) == ["protoseg-heat", "protoseg-layer-last-decoder-stage"]
         if resolution == "feature":
             for values in pairs.values():
                 np.testing.assert_allclose(*zip(*values), atol=1e-6)
@@ -344,7 +352,7 @@ def test_tiled_run_equals_whole_volume_where_tiles_cannot_differ(tmp_path):
         else:  # the prototypes move a little with the upsampling, which flips a few voxels' SAMs
             for values in pairs.values():
                 np.testing.assert_allclose(*zip(*values), atol=0.05)
-            np.testing.assert_allclose(*maps["protoseg-layer-model_1_submodule_2"], atol=1e-3)
+            np.testing.assert_allclose(*maps["protoseg-layer-last-decoder-stage"], atol=1e-3)
             assert np.mean(np.not_equal(*maps["protoseg-heat"])) < 0.01
 
 
