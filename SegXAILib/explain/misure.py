@@ -1,7 +1,12 @@
 """MiSuRe: sufficient and minimally sufficient regions in 3D (Hasany et al.; METHODS.md section 4).
 
-Notation: X_0 the scan on the model grid, b the baseline (a "switched-off" voxel), M_0 the model's mask
-of the target (argmax in one of the target's channels), f the network's softmax.
+Notation: X_0 the scan on the model grid, b the baseline (a "switched-off" voxel), f the network's softmax
+as it runs on every perturbed scan (one pass, in sliding windows beyond the patch size, followed by the
+card's postprocessing, :attr:`ExplainContext.postprocess`; no test-time mirroring, which would cost 8
+passes a step), M_0 = f(X_0)'s mask of the target (argmax in one of its channels). M_0 is f's own
+prediction, not the segmentation's (which averages mirrored passes): a Dice against another prediction
+measures how the two differ as well (on the demo, f's single unprocessed pass has Dice 0.80 with the
+segmentation, its postprocessed one 0.96); ``dice_with_segmentation`` in the metadata gives it.
 
 Stage 1, sufficient region (SR): the network sees X' = X_0 inside M and b outside (M = M_0 first); M is
 dilated with a ball of ``radius`` voxels until the target mask of f(X') has Dice >= ``tau`` with M_0,
@@ -20,8 +25,8 @@ never argmax masks (an argmax has no gradient). mean|M| is over the coarse cells
 grid and TV is the anisotropic ``sum_axes sum |dM|^beta`` over them divided by the same count, as the
 paper's means over the image domain; the soft Dice sums run over the whole model grid.
 
-Outputs: maps ``misure-sr`` (0/1) and ``misure-msr`` (M upsampled, times the SR: outside the SR
-X_SR is already b, so M has no effect there and is shown as 0), both in [0, 1] with units
+Outputs: maps ``misure-sr`` (0/1) and ``misure-msr`` (M upsampled, times the SR and the window: outside
+them X_SR is already b, so M has no effect there and is shown as 0), both in [0, 1] with units
 (``normalise=False``); scalars ``dilations``, ``dice_sufficient`` (stage 1's last Dice),
 ``dice_explained`` = Dice(target mask of f(X_MSR), M_0), ``perturbation_ratio`` = nonzero voxels of
 the MSR map / voxels of M_0; curves ``dilation_dice`` and ``loss``; forward/backward counts and
@@ -36,8 +41,10 @@ A crop within the card's patch size runs in one pass (padded with b to the size 
 crop runs in sliding windows of the patch size for stage 1 and the final Dice. Stage 2 optimises on
 the whole crop in one differentiable pass when it has at most ``max_voxels`` voxels (default: as many
 as the card's patch, so a step costs about one window's forward and backward pass, and its memory),
-else on a window of the patch size around the centre of M_0: outside that window the mask stays at its
-initial value (the SR is kept whole) and the perturbed prediction there is stage 1's prediction of X_SR.
+else on a window of the patch size around the centre of M_0: beyond that window the scan is removed
+(b, M = 0), as beyond the crop, because the network's pass on the window sees b there; the MSR and its
+Dice explained are of that volume (keeping the SR whole beyond the window, as before, drew the window's
+box into the map and kept a part the optimisation never saw).
 Stage 1 stops early when a dilation no longer changes M (the SR is the whole grid).
 
 Why 16 voxels: the convolutions of the bundled brain-lesion U-Net (3 stride-2 levels of 3^3
@@ -48,12 +55,16 @@ statistics remain. Those statistics make a crop an approximation of the whole-gr
 margin and b = 0 (the zero padding of its convolutions), a crop gives the whole-grid result.
 
 Options (``--option misure.NAME=VALUE``; defaults in brackets): ``radius`` [3], ``tau`` [0.9],
-``max_dilations`` [20], ``baseline`` [0; a number in normalised intensity units, or ``"min"``, the
-scan's minimum], ``coarse`` [4], ``steps`` [100], ``lr`` [0.1], ``lambda`` [0.01], ``gamma`` [0],
+``max_dilations`` [20], ``baseline`` [null: the scan's no-signal level,
+:func:`SegXAILib.preprocessing.no_signal_level`, 0 for a magnitude image, the minimum (air) for a z-scored
+one; or a number in normalised intensity units, or ``"min"``, the scan's minimum], ``coarse`` [4],
+``steps`` [100], ``lr`` [0.1], ``lambda`` [0.01], ``gamma`` [0; with 0 no term ties a coarse cell to its
+neighbours and cells survive independently, a speckle at the cell period; 0.1 halves it, docs/misure.md],
 ``tv_beta`` [1], ``alpha_background`` [1], ``alpha_target`` [2], ``margin`` [16; null], ``max_voxels``
-[the patch's voxels]. On z-scored MRI, 0 is mid-grey tissue: with it the bundled brain-lesion U-Net
-found a validation tumour in no dilated region up to the cap (Dice <= 0.32), with ``"min"`` (air)
-after 9 dilations (MSR: Dice explained 0.92, perturbation ratio 35).
+[the patch's voxels]. Why no signal and not 0: on z-scored MRI (the bundled lesion models), 0 is the
+head's mean intensity, mid-grey tissue; a region "switched off" to it is a grey head, not an absent one.
+On the demo the region with b = 0 never became sufficient (Dice <= 0.45 up to the cap), with air after
+10 dilations (docs/misure.md has the measurements).
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ from ..inference import network_probabilities, sliding_window_predict, target_ma
 from ..metrics import dice
 from ..models.networks import input_multiple
 from ..padding import padding_to
+from ..preprocessing import no_signal_level
 from ..upsampling import upsample_to
 from .base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
 from .layers import frozen_parameters
@@ -96,8 +108,8 @@ class MiSuReOptions(MethodOptions):
     radius: int = option(3, minimum=1)
     tau: float = option(0.9, check=lambda v: 0 < v <= 1, must="a number in (0, 1]")
     max_dilations: int = option(20, minimum=0)
-    baseline: float | str = option(0.0, check=lambda v: v == "min" or math.isfinite(v),
-                                   must="a number or 'min' (the scan's minimum)")
+    baseline: float | str | None = option(None, check=lambda v: v == "min" or math.isfinite(v),
+                                          must="a number or 'min' (the scan's minimum)")
     coarse: int = option(4, minimum=1)
     steps: int = option(100, minimum=0)
     lr: float = option(0.1, check=lambda v: v > 0, must="a number > 0")
@@ -221,26 +233,46 @@ class CropPredictor:
         return network_probabilities(logits[(..., *inner)], self.output)
 
 
+GridPrediction = Callable[[torch.Tensor, Box], np.ndarray]
+"""f of a volume that is b outside ``box``, given its crop (1, C, *box): the target mask (*S), bool."""
+
+
+def grid_predictor(predictor: CropPredictor, shape: tuple[int, ...], channels: list[int],
+                   postprocess: Callable[[np.ndarray], np.ndarray] | None) -> GridPrediction:
+    """The model's target mask of a perturbed volume as the pipeline makes it: f on the crop, background
+    (one-hot) beyond it (where the input is b), then the card's postprocessing of the whole grid."""
+
+    def predict(x: torch.Tensor, box: Box) -> np.ndarray:
+        crop = predictor(x)[0].cpu().numpy()
+        probabilities = np.zeros((crop.shape[0], *shape), np.float32)
+        probabilities[0] = 1.0
+        probabilities[(slice(None), *box.slices)] = crop
+        if postprocess is not None:
+            probabilities = postprocess(probabilities)
+        return target_mask(probabilities, channels)
+    return predict
+
+
 # ------------------------------------------------------------------ stage 1
 @dataclass
 class SufficientRegion:
-    """Stage 1's result: the SR mask (*S), its dilations, the Dice after each, and f(X_SR) on ``box``."""
+    """Stage 1's result: the SR mask (*S), its dilations, the Dice after each, and its crop ``box``."""
 
     mask: np.ndarray
     dilations: int
     dice: list[float]
     box: Box
-    probabilities: torch.Tensor
 
 
-def sufficient_region(predictor: CropPredictor, image: torch.Tensor, m0: np.ndarray, channels: list[int],
+def sufficient_region(predict: GridPrediction, image: torch.Tensor, m0: np.ndarray, baseline: float,
                       options: MiSuReOptions, align: tuple[int, ...],
                       on_check: Callable[[int, float], None] = lambda d, s: None) -> SufficientRegion:
     """Dilate M_0 until Dice(target mask of f(X'), M_0) >= tau or the cap (module docstring, stage 1).
 
     Args:
+        predict: f's target mask of a perturbed volume (:func:`grid_predictor`).
         image: X_0, (1, C, *S).
-        m0: the model's target mask, bool (*S), non-empty.
+        m0: the model's target mask of X_0 (``predict`` of the whole scan), bool (*S), non-empty.
         on_check: called with (dilations, Dice) after each pass.
     """
     structure = ball(options.radius, m0.ndim)
@@ -248,14 +280,11 @@ def sufficient_region(predictor: CropPredictor, image: torch.Tensor, m0: np.ndar
     while True:
         box = crop_box(mask, options.margin, align)
         kept = torch.from_numpy(mask[box.slices])
-        x = torch.where(kept, image[(..., *box.slices)], torch.tensor(predictor.baseline, dtype=image.dtype))
-        probabilities = predictor(x)
-        predicted = np.zeros_like(m0)
-        predicted[box.slices] = target_mask(probabilities[0], channels)
-        scores.append(dice(predicted, m0))
+        x = torch.where(kept, image[(..., *box.slices)], torch.tensor(baseline, dtype=image.dtype))
+        scores.append(dice(predict(x, box), m0))
         on_check(dilations, scores[-1])
         if scores[-1] >= options.tau or dilations >= options.max_dilations or mask.all():
-            return SufficientRegion(mask, dilations, scores, box, probabilities)
+            return SufficientRegion(mask, dilations, scores, box)
         mask = dilate(mask, structure)
         dilations += 1
 
@@ -284,7 +313,7 @@ def clamp_mask_(mask: torch.Tensor) -> torch.Tensor:
 @dataclass
 class DiceTerm:
     """One alpha_i * softDice_i term: the reference f(X_0) of channel group i on the window, and the
-    (sum pq, sum p, sum q) of the rest of the grid, where the perturbed prediction is fixed."""
+    (sum pq, sum p, sum q) of the rest of the grid, where the perturbed input is b and its prediction fixed."""
 
     channels: list[int]
     weight: float
@@ -296,24 +325,17 @@ class DiceTerm:
         return self.weight * soft_dice(probabilities[0, self.channels].sum(0), self.reference, self.outside)
 
 
-def outside_sums(reference: np.ndarray, crop_probabilities: np.ndarray, crop: Box, window: Box,
-                 background: bool) -> tuple[float, float, float]:
-    """(sum pq, sum p, sum q) over the grid outside ``window`` for one channel group.
+def outside_sums(reference: np.ndarray, window: Box, background: bool) -> tuple[float, float, float]:
+    """(sum pq, sum p, sum q) over the grid outside ``window`` for one channel group, where the input is b
+    and the model is taken to predict background: p = 1 for the background group, 0 for the target.
 
     Args:
         reference: q = f(X_0) of the group, (*S).
-        crop_probabilities: p inside ``crop`` (f(X_SR), stage 1), (*crop).
-        background: whether p is 1 (background) or 0 (target) outside the crop.
     """
-    p = crop_probabilities.astype(np.float64).copy()
-    p[window.within(crop)] = 0.0
-    q_crop = reference[crop.slices].astype(np.float64)
     q_total = float(reference.sum(dtype=np.float64))
-    beyond_q = q_total - float(q_crop.sum())
-    beyond_voxels = reference.size - crop.voxels
-    overlap = float((p * q_crop).sum()) + (beyond_q if background else 0.0)
-    sum_p = float(p.sum()) + (beyond_voxels if background else 0.0)
-    return overlap, sum_p, q_total - float(reference[window.slices].sum(dtype=np.float64))
+    beyond_q = q_total - float(reference[window.slices].sum(dtype=np.float64))
+    beyond_voxels = reference.size - window.voxels
+    return (beyond_q, float(beyond_voxels), beyond_q) if background else (0.0, 0.0, beyond_q)
 
 
 @dataclass
@@ -433,19 +455,30 @@ class MiSuRe(Explainer):
         options: MiSuReOptions = context.options_for(self)
         if 0 in context.channels:
             raise SegXAIError("MiSuRe explains a foreground target; channel 0 is its background term")
-        m0 = context.predicted_mask
-        if not m0.any():
+        if not context.predicted_mask.any():
             raise NotApplicable(f"the model predicts no voxel of {context.target!r}: MiSuRe explains a predicted "
                                 "object, and there is none")
         card = context.model.card
         image = context.image.float()
         shape = tuple(image.shape[2:])
         align = tuple(math.lcm(int(d), options.coarse) for d in input_multiple(card))
-        predictor = CropPredictor(context.model.network, tuple(card.patch_size), input_multiple(card),
-                                  resolve_baseline(options.baseline, image), context.device, card.output)
+        b = (no_signal_level(image.numpy()) if options.baseline is None
+             else resolve_baseline(options.baseline, image))
+        predictor = CropPredictor(context.model.network, tuple(card.patch_size), input_multiple(card), b,
+                                  context.device, card.output)
+        # f(X_0) as f runs on every perturbed scan (one pass, the card's postprocessing, no test-time
+        # mirroring): comparing f of a perturbed scan with another prediction would measure their difference
+        reference = predictor(image)[0].cpu().numpy()
+        if context.postprocess is not None:
+            reference = context.postprocess(reference)
+        m0 = target_mask(reference, context.channels)
+        if not m0.any():
+            raise NotApplicable(f"the network's single pass predicts no voxel of {context.target!r} (the segmentation "
+                                "averages mirrored passes): MiSuRe has no object to explain")
+        predict = grid_predictor(predictor, shape, context.channels, context.postprocess)
         progress = context.progress
         stage1 = sufficient_region(
-            predictor, image, m0, context.channels, options, align,
+            predict, image, m0, b, options, align,
             lambda d, s: progress.update(self.name, 0.1 * d / max(options.max_dilations, 1),
                                          f"dilation {d}: Dice {s:.3f}"))
         seconds_stage1 = time.perf_counter() - start
@@ -454,18 +487,18 @@ class MiSuRe(Explainer):
         crop = stage1.box
         whole_crop = crop.voxels <= (options.max_voxels or math.prod(card.patch_size))
         window = crop if whole_crop else centred_window(m0, crop, predictor.patch, align)
-        mask = CoarseMask(initial_cells(sr, options.coarse).to(context.device), options.coarse, window)
-        b = predictor.baseline
+        in_window = np.zeros_like(sr)
+        in_window[window.slices] = True
+        mask = CoarseMask(initial_cells(sr & in_window, options.coarse).to(context.device), options.coarse, window)
         x_sr = torch.where(torch.from_numpy(sr[window.slices]), image[(..., *window.slices)],
                            torch.tensor(b, dtype=image.dtype)).to(context.device)
         terms = []
         for group, weight, background in (([0], options.alpha_background, True),
                                           (context.channels, options.alpha_target, False)):
-            reference = context.probabilities[group].sum(0)
-            crop_p = stage1.probabilities[0, group].sum(0).cpu().numpy()
+            q = reference[group].sum(0)
             terms.append(DiceTerm(group, float(weight),
-                                  torch.from_numpy(reference[window.slices].astype(np.float32)).to(context.device),
-                                  outside_sums(reference, crop_p, crop, window, background)))
+                                  torch.from_numpy(q[window.slices].astype(np.float32)).to(context.device),
+                                  outside_sums(q, window, background)))
         losses: list[float] = []
 
         def on_step(step: int, _free: torch.Tensor, loss: float) -> None:
@@ -473,39 +506,54 @@ class MiSuRe(Explainer):
             progress.update(self.name, 0.1 + 0.9 * (step + 1) / max(options.steps, 1), f"step {step + 1}")
 
         free = optimise_mask(predictor, x_sr, mask, terms, options, on_step)
-        msr = mask.on_grid(free, shape).cpu().numpy() * sr
+        # the network saw b beyond the window: the MSR is cut there (trilinear weights reach 2 voxels past it)
+        msr = mask.on_grid(free, shape).cpu().numpy() * (sr & in_window)
 
-        # Dice explained: the network on X_MSR = X_SR * M + b (1 - M), over the SR's crop
-        fine = torch.from_numpy(msr[crop.slices])
-        x_msr = image[(..., *crop.slices)] * fine + b * (1 - fine)
-        explained = np.zeros_like(m0)
-        explained[crop.slices] = target_mask(predictor(x_msr)[0], context.channels)
+        # Dice explained: the network on X_MSR = X_SR * M + b (1 - M), which is b beyond the window
+        fine = torch.from_numpy(msr[window.slices])
+        explained = predict(image[(..., *window.slices)] * fine + b * (1 - fine), window)
         progress.update(self.name, 1.0, "done")
 
         objects = int(m0.sum())
+        sufficient = stage1.dice[-1] >= options.tau
         scalars = {"dilations": float(stage1.dilations), "dice_sufficient": stage1.dice[-1],
                    "dice_explained": dice(explained, m0), "perturbation_ratio": float((msr > 0).sum()) / objects}
+        reach_mm = None if context.spacing is None else stage1.dilations * options.radius * min(context.spacing)
+        head = sr_description(sufficient, stage1, options.tau, context.target, reach_mm)
         maps = [
-            ExplanationMap(self.name, sr.astype(np.float32), "sr", normalise=False, threshold=0.5,
-                           description=f"sufficient region: the part of the scan that, alone, lets the model find the "
-                                       f"{context.target} again (MiSuRe stage 1, {stage1.dilations} dilations)"),
+            ExplanationMap(self.name, sr.astype(np.float32), "sr", normalise=False, threshold=0.5, description=head),
             ExplanationMap(self.name, msr.astype(np.float32), "msr", normalise=False, threshold=CLAMP_BELOW,
                            description=f"minimally sufficient region: how much of each voxel the model needs to find "
                                        f"the {context.target} (0 = not needed, 1 = kept whole; MiSuRe stage 2)")]
         metadata: dict[str, Any] = {
-            "sufficient": stage1.dice[-1] >= options.tau, "baseline": b, "radius": options.radius,
+            "sufficient": sufficient, "baseline": b, "radius": options.radius,
             "tau": options.tau, "coarse": options.coarse, "steps": options.steps,
             "margin": options.margin, "crop": [list(crop.start), list(crop.stop)],
             "stage2": "crop" if whole_crop else "window", "window": [list(window.start), list(window.stop)],
-            "object_voxels": objects, "forward_passes": predictor.forward_passes,
+            "object_voxels": objects, "dice_with_segmentation": dice(m0, context.predicted_mask),
+            "sr_voxels": int(sr.sum()), "sr_fraction_of_grid": float(sr.mean()),
+            "forward_passes": predictor.forward_passes,
             "backward_passes": predictor.backward_passes, "seconds_stage1": round(seconds_stage1, 3),
             "seconds": round(time.perf_counter() - start, 3)}
-        if not metadata["sufficient"]:
+        if not sufficient:
             metadata["note"] = (f"stage 1 stopped after {stage1.dilations} dilations (the cap, or the whole grid) at "
                                 f"Dice {stage1.dice[-1]:.3f} < tau {options.tau}: the region is not sufficient; raise "
                                 "max_dilations or try another baseline")
         if not whole_crop:
             metadata["note_stage2"] = ("the crop exceeded max_voxels: the mask was optimised on a patch-sized window "
-                                       "around the object's centre; outside it the SR is kept whole")
+                                       "around the object's centre; beyond it the scan is removed (set to the "
+                                       "baseline) in the MSR and in its Dice")
         return Explanation(self.name, maps, scalars,
                            {"dilation_dice": stage1.dice, "loss": losses}, metadata)
+
+
+def sr_description(sufficient: bool, stage1: SufficientRegion, tau: float, target: str,
+                   reach_mm: float | None) -> str:
+    """The SR map's caption: what the region is, and when it is not sufficient, that the model needs more."""
+    grown = (f"the {target} and about {reach_mm:.0f} mm around it" if reach_mm is not None
+             else f"the {target} grown {stage1.dilations} times")
+    if sufficient:
+        return (f"sufficient region: the part of the scan that, alone, lets the model find the {target} again: "
+                f"{grown} (MiSuRe stage 1; overlap with its own {target}, Dice, {stage1.dice[-1]:.2f})")
+    return (f"region tried by MiSuRe stage 1, {grown}: even from it the model finds only part of the {target} "
+            f"again (overlap, Dice, {stage1.dice[-1]:.2f} < {tau:.2f}): it needs more of the scan than this")

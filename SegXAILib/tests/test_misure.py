@@ -25,6 +25,7 @@ from SegXAILib.explain.misure import (
     optimise_mask,
     soft_dice,
 )
+from SegXAILib.inference import sliding_window_predict
 from SegXAILib.methods import get_explainer
 from SegXAILib.metrics import dice
 from SegXAILib.models.card import ModelCard
@@ -200,7 +201,13 @@ def test_crop_gives_the_whole_grid_result_when_the_margin_covers_the_receptive_f
     assert cropped.metadata["sufficient"] and cropped.curves["loss"][-1] < cropped.curves["loss"][0] - 1e-3
 
 
-def test_a_crop_over_max_voxels_optimises_a_patch_window_and_keeps_the_sr_outside_it():
+def whole_grid_target(network: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The network's target mask of a whole (*S) volume, one pass: the reference the tests compute by hand."""
+    with torch.no_grad():
+        return (network(torch.from_numpy(x.astype(np.float32))[None, None]).argmax(1) == 1)[0].numpy()
+
+
+def test_a_crop_over_max_voxels_optimises_a_patch_window_and_removes_the_scan_beyond_it():
     image = np.zeros(SHAPE, np.float32)
     image[4:28, 8:24, 8:24] = 1.0
     network = BoxEvidence(h=1)
@@ -211,11 +218,90 @@ def test_a_crop_over_max_voxels_optimises_a_patch_window_and_keeps_the_sr_outsid
     assert explanation.metadata["stage2"] == "window"
     (start, stop) = explanation.metadata["window"]
     assert [b - a for a, b in zip(start, stop)] == [16, 16, 16]
+    window = np.zeros(SHAPE, bool)
+    window[tuple(slice(a, b) for a, b in zip(start, stop))] = True
+    sr, msr = (m.array for m in explanation.maps)
+    assert (sr[~window] > 0).any()  # the SR reaches beyond the window ...
+    assert (msr[~window] == 0).all()  # ... the MSR does not: no box of untouched SR around the window
+    # Dice explained is the network's own prediction of X_MSR (b = 0 beyond the window), taken as background
+    # beyond the window, as everywhere beyond the region f runs on
+    # M_0 is f(X_0) as the pipeline runs f on a scan larger than the patch: in sliding windows
+    m0 = (sliding_window_predict(network, torch.from_numpy(image)[None, None], (16, 16, 16),
+                                 torch.device("cpu")).argmax(1) == 1)[0].numpy()
+    assert explanation.metadata["object_voxels"] == m0.sum()
+    by_hand = dice(whole_grid_target(network, image * msr) & window, m0)
+    assert explanation.scalars["dice_explained"] == pytest.approx(by_hand) and by_hand < 1
+
+
+def test_a_sufficient_region_is_sufficient_on_the_whole_grid():
+    """Stage 1 says 'sufficient': the network, on the whole grid with b outside the SR, finds M_0 with Dice >= tau."""
+    rng = np.random.default_rng(3)
+    image = np.full(SHAPE, -1.5, np.float32)  # a z-scored scan: air is its minimum, -1.5
+    image[6:26, 6:26, 6:26] = rng.uniform(0.0, 1.0, (20, 20, 20))
+    image[12:20, 12:20, 12:20] += 1.0
+    network = BoxEvidence(h=2, level=0.9)
+    context = make_context(network, torch.from_numpy(image)[None, None], {"radius": 1, "tau": 0.95, "steps": 0})
+    explanation = MiSuRe().explain(context)
+    b = explanation.metadata["baseline"]
+    assert b == -1.5  # the default baseline is the scan's no-signal level, not 0 (mid-grey tissue here)
     sr = explanation.maps[0].array > 0
-    initial = upsample_to(initial_cells(sr, 4)[None, None], (32, 32, 32))[0, 0].numpy() * sr
-    far = np.ones(SHAPE, bool)
-    far[tuple(slice(max(a - 4, 0), b + 4) for a, b in zip(start, stop))] = False
-    np.testing.assert_array_equal(explanation.maps[1].array[far], initial[far])
+    assert explanation.metadata["sufficient"] and explanation.scalars["dilations"] >= 1
+    m0 = whole_grid_target(network, image)
+    by_hand = dice(whole_grid_target(network, np.where(sr, image, b)), m0)
+    assert by_hand == pytest.approx(explanation.scalars["dice_sufficient"]) and by_hand >= 0.95
+    # one dilation fewer is not sufficient
+    smaller = ndimage.binary_erosion(sr, ball(1)) | m0
+    assert dice(whole_grid_target(network, np.where(smaller, image, b)), m0) < 0.95
+    assert explanation.maps[0].description.startswith("sufficient region")
+    capped = MiSuRe().explain(make_context(network, torch.from_numpy(image)[None, None],
+                                           {"radius": 1, "tau": 0.95, "steps": 0, "max_dilations": 0}))
+    assert not capped.metadata["sufficient"]
+    assert "it needs more of the scan than this" in capped.maps[0].description
+
+
+def test_the_reference_is_the_networks_own_postprocessed_prediction():
+    """M_0 and the Dice reference are f(X_0) as f runs on perturbed scans (+ the card's postprocessing), not the
+    segmentation's probabilities (which average mirrored passes): against those, no region could be sufficient."""
+    image = np.zeros(SHAPE, np.float32)
+    image[8:16, 8:16, 8:16] = 1.0  # the object
+    image[24:30, 24:30, 24:30] = 1.0  # a second bright blob, removed by the 'postprocessing'
+    network = BoxEvidence(h=1)
+    context = make_context(network, torch.from_numpy(image)[None, None], {"radius": 1, "tau": 1.0, "steps": 0})
+    context.probabilities[:, 4:8, 20:24, 20:24] = [[[[0.0]]], [[[1.0]]]]  # the segmentation holds more
+
+    def drop_far_corner(probabilities: np.ndarray) -> np.ndarray:
+        probabilities[:, 20:, 20:, 20:] = np.array([1.0, 0.0])[:, None, None, None]
+        return probabilities
+    context.postprocess = drop_far_corner
+    explanation = MiSuRe().explain(context)
+    m0 = whole_grid_target(network, image)
+    m0[20:, 20:, 20:] = False
+    assert explanation.metadata["object_voxels"] == m0.sum() > 0
+    assert explanation.metadata["sufficient"] and explanation.scalars["dice_sufficient"] == 1.0
+    assert explanation.metadata["dice_with_segmentation"] == pytest.approx(dice(m0, context.predicted_mask))
+    assert explanation.metadata["dice_with_segmentation"] < 0.9
+
+
+def test_the_msr_has_no_step_at_the_coarse_cells_borders():
+    """Trilinear upsampling: neighbouring voxels across a coarse cell's border differ as much as inside a cell
+    (nearest-neighbour upsampling, or a threshold after it, would put every step on the borders)."""
+    rng = np.random.default_rng(4)
+    image = np.zeros(SHAPE, np.float32)
+    image[4:28, 4:28, 4:28] = rng.uniform(0.55, 1.0, (24, 24, 24))
+    context = make_context(BoxEvidence(h=1), torch.from_numpy(image)[None, None],
+                           {"radius": 2, "steps": 15, "lambda": 3.0, "margin": None})
+    explanation = MiSuRe().explain(context)
+    sr, msr = (m.array for m in explanation.maps)
+    inner = ndimage.binary_erosion(sr > 0, np.ones((3, 3, 3)), iterations=4)  # away from the SR's own edge
+    for axis in range(3):
+        steps = np.abs(np.diff(msr, axis=axis))
+        both = np.take(inner, range(SHAPE[axis] - 1), axis=axis) & np.take(inner, range(1, SHAPE[axis]), axis=axis)
+        border = np.zeros(SHAPE[axis] - 1, bool)
+        border[3::4] = True  # voxel 4j+3 -> 4j+4 crosses a cell border (cells start at voxel 0)
+        on_border = both & np.expand_dims(border, [a for a in range(3) if a != axis])
+        inside = both & ~on_border
+        assert steps[inside].mean() > 0.01  # the cells differ: there is something to compare
+        assert 0.5 < steps[on_border].mean() / steps[inside].mean() < 2.0
 
 
 def test_an_empty_prediction_is_not_applicable():

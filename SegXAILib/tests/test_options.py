@@ -102,7 +102,7 @@ def test_defaults_are_the_previous_hard_coded_values():
         "gradcam": grad_cam, "gradcampp": grad_cam,
         "protoseg": {"resolution": "input", "layers": ("last_decoder",), "max_voxels": 160**3},
         "attention": {}, "fusion": {}, "mhex": {},
-        "misure": {"radius": 3, "tau": 0.9, "max_dilations": 20, "baseline": 0.0, "coarse": 4, "steps": 100,
+        "misure": {"radius": 3, "tau": 0.9, "max_dilations": 20, "baseline": None, "coarse": 4, "steps": 100,
                    "lr": 0.1, "lam": 0.01, "gamma": 0.0, "tv_beta": 1.0, "alpha_background": 1.0,
                    "alpha_target": 2.0, "margin": 16, "max_voxels": None},
         "occlusion": {"margin": 16, "overlap": 0.25, "cube": 16, "stride": 8, "baseline": None, "reach": 0,
@@ -111,7 +111,7 @@ def test_defaults_are_the_previous_hard_coded_values():
         "smoothgrad": {"margin": 16, "overlap": 0.25, "samples": 8, "noise": 0.1, "seed": 0, "batch": 4},
         "integrated-gradients": {"margin": 16, "overlap": 0.25, "steps": 16, "method": "quadratic", "baseline": None,
                                  "batch": 4},
-        "mhex-uncertainty": {"route": "sketch", "k": 16, "chunk": 2, "seed": 0},
+        "mhex-uncertainty": {"route": "sketch", "k": 64, "chunk": 2, "seed": 0},
         "mcdropout": {"margin": 3, "samples": 8, "seed": 0},
         "tta": {"margin": 3, "transforms": 8, "plane": (1, 2)},
         "ensemble": {"margin": 3}}
