@@ -17,10 +17,12 @@ from SegXAILib.models.eunet import build_eunet, deep_supervision_loss
 from SegXAILib.models.loaders import LoadedModel, load_from_card
 from SegXAILib.models.networks import build_network
 from SegXAILib.uncertainty.collaboration import (
+    CollaborationOptions,
     CollaborationUncertainty,
     agreement,
     collaboration_map,
     collaboration_reference,
+    collaboration_volume,
 )
 from SegXAILib.upsampling import upsample_to
 
@@ -238,6 +240,21 @@ def test_uncertainty_explainer_equals_the_single_window_map(collaboration_case):
     np.testing.assert_allclose(explanation.maps[0].array, exact, atol=1e-5)
     assert explanation.scalars["zero_gradient_voxels"] == zero.sum() > 0
     assert explanation.maps[0].normalise is False
+
+
+def test_whole_scan_map_uses_the_label_it_is_given(collaboration_case):
+    """A label other than the argmax (a ground truth) travels through the sliding window: the scan's map
+    equals :func:`collaboration_map` with that label, and differs from the argmax-label map where they differ."""
+    network, image, label, exact, *_ = collaboration_case
+    other = label.clone()
+    other[0, 4:12, 4:12, 4:12] = (other[0, 4:12, 4:12, 4:12] + 1) % 3  # another class in a cube
+    reference, _ = collaboration_map(network, image, other, route="exact", chunk=64)
+    model = context_for(network, image).model
+    array, zero = collaboration_volume(model, image, other[0].numpy(), CollaborationOptions(route="exact", chunk=64),
+                                       torch.device("cpu"))
+    np.testing.assert_allclose(array, reference[0, 0].numpy(), atol=1e-5)
+    changed = other[0].numpy() != label[0].numpy()
+    assert np.abs(array - exact)[changed].mean() > 0.1
 
 
 # ----------------------------------------------------------------------------- agreement
