@@ -38,9 +38,11 @@ from SegXAILogic import (
 from SegXAILogic.exports import cameFromDicom, exportDicomSeg, exportSegmentationToFile, saveSceneBundle
 from SegXAILogic.requirements import SLICER_PROVIDED, TORCH_REQUIREMENT, missingRequirements, readRequirements
 from SegXAILogic.results import mapThreshold, mapWindow, setMapThreshold, setMapWindow, showMap, shownMap
-from SegXAILogic.scores import caseScores, reviewAdvice
+from SegXAILogic.scores import caseScores, reviewVerdict
 
 DEFAULT_MODEL = "brain-lesion-unet"
+VERDICT_STYLES = {"review": "color: #c0392b; font-weight: bold", "incomplete": "color: #b9770e", "ok": ""}
+"""How the verdict label looks: red when a score asks for review, amber when checks were not run."""
 ADD_CARD, ADD_BUNDLE = "Add model card...", "Add MONAI bundle folder..."
 
 #
@@ -368,9 +370,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scoresLabel.text = "<br>".join(f"{html.escape(s.label)}: <b>{html.escape(s.text)}</b>"
                                                + (" (poor)" if s.poor else "")
                                                for s in scores) or "No case-level scores for these methods."
-        advice = reviewAdvice(results.summary) if results else None
-        self.ui.reviewLabel.text = advice or ("No reason to review this case in these scores." if scores else "")
-        self.ui.reviewLabel.setStyleSheet("color: #c0392b; font-weight: bold" if advice else "")
+        verdict, level = reviewVerdict(results.summary) if results else ("", "ok")
+        self.ui.reviewLabel.text = verdict
+        self.ui.reviewLabel.setStyleSheet(VERDICT_STYLES[level])
         self.ui.exportDicomSegButton.visible = bool(results) and cameFromDicom(results.input)
 
     def selectedMap(self):

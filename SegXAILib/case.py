@@ -39,14 +39,23 @@ from .volume import Volume, read_volume
 
 @dataclass
 class CaseResult:
-    """An explained and judged case: the segmentation and its explanations (``run``), and the ``verdict``."""
+    """An explained and judged case: the segmentation and its explanations (``run``), the ``verdict``, and the
+    ``card`` of the model that made them (its classes name and colour the labels)."""
 
     run: ExplainResult
     verdict: CaseVerdict
+    card: ModelCard
 
     @property
     def segmentation(self) -> SegmentationResult:
         return self.run.segmentation
+
+    def show(self, height: int = 480) -> Any:
+        """The scan, the segmentation and every map in an interactive viewer for a Jupyter notebook (an
+        ``ipyniivue.NiiVue`` widget; needs ``pip install 'segxai[notebook]'``): :func:`SegXAILib.notebook.show_case`."""
+        from .notebook import show_case  # ipyniivue: only when a case is shown
+
+        return show_case(self.run, self.card, height)
 
 
 def explain_case(scan: Volume, model: LoadedModel, methods: list[str], target: str | None = None,
@@ -74,7 +83,7 @@ def explain_case(scan: Volume, model: LoadedModel, methods: list[str], target: s
     segmentation = segment(scan, model, device=device, progress=progress)
     explainers = [get_explainer(name) for name in methods]
     run = explain_segmentation(segmentation, model, explainers, target, device, progress, label, options)
-    return CaseResult(run, judge_case(run, model.card))
+    return CaseResult(run, judge_case(run, model.card, label), model.card)
 
 
 def run_record(card: ModelCard, methods: list[str], options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -127,7 +136,7 @@ def run_explain(scan_path: str, model_spec: str, methods: str, target: str | Non
         case = explain_case(scan, model, names, target, device, progress, label, options)
         summary = write_explain_outputs(out, case.run, case.verdict, model.card, scan_path, fmt,
                                         {"read_and_load": load_seconds, **case.segmentation.timings},
-                                        run_record(model.card, names, options))
+                                        run_record(model.card, names, options), label_path)
         if report:
             from .report import write_report
 

@@ -10,16 +10,15 @@ from .case import run_explain
 from .data.lesion import synthesize_lesion, write_case
 from .data.samples import default_demo_host, read_host
 from .fileio import OutputFolder, check_output_folder
-from .metrics import dice_per_target
 from .models.card import ModelCard
 from .models.registry import resolve_card
 from .progress import Progress
-from .volume import read_volume
 
 
 @dataclass
 class DemoResult:
-    """What the demo did: the case it made, the explain run's summary and the Dice against the known label."""
+    """What the demo did: the case it made, the explain run's summary and the Dice against the known label
+    (``summary["truth"]["dice"]``, as the explain run of a case with a label records it)."""
 
     host: str
     card: ModelCard
@@ -32,7 +31,8 @@ class DemoResult:
 def run_demo(out: Path, host: str | None, seed: int, model: str, methods: str, device: str,
              progress: Progress) -> DemoResult:
     """Place lesion ``seed`` in ``host`` (default: Colin27 when installed, else MNI152), write the case to
-    ``out/case``, explain it into ``out`` and score the segmentation against the lesion's label.
+    ``out/case``, explain it into ``out`` with the lesion's label as the ground truth (the run scores the
+    segmentation against it: ``summary["truth"]``).
 
     Both folders are published whole (:class:`~SegXAILib.fileio.OutputFolder`); ``out`` is checked first."""
     check_output_folder(out)  # before the lesion is drawn; run_explain checks the rest
@@ -43,7 +43,4 @@ def run_demo(out: Path, host: str | None, seed: int, model: str, methods: str, d
     image_path, label_path = out / "case" / "image.nii.gz", out / "case" / "label.nii.gz"
     summary = run_explain(str(image_path), model, methods, None, out, device, "nii.gz", progress,
                           label_path=str(label_path))
-    card = resolve_card(model)
-    predicted = read_volume(out / summary["files"]["segmentation"])
-    return DemoResult(host_name, card, summary, dice_per_target(predicted.array, case.label.array, card),
-                      image_path, label_path)
+    return DemoResult(host_name, resolve_card(model), summary, summary["truth"]["dice"], image_path, label_path)

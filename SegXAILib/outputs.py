@@ -20,11 +20,10 @@ from .fileio import OutputFolder, summary_files
 from .inference import SegmentationResult, volumes_ml
 from .models.card import ModelCard
 from .preprocessing import resample_to_grid
+from .report.display import display_range, head_mask
 from .verdict import CaseVerdict
 from .version import __version__
 from .volume import Volume, write_volume
-
-FORMATS = ("nii.gz", "nrrd", "nii", "mha")
 
 
 def segment_claims(fmt: str) -> tuple[str, ...]:
@@ -123,18 +122,20 @@ def map_on_scan(item: ExplanationMap, result: SegmentationResult) -> Volume:
 
 def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVerdict, card: ModelCard,
                           scan_path: str, fmt: str, timings: dict[str, float],
-                          record: dict[str, Any] | None = None) -> dict[str, Any]:
+                          record: dict[str, Any] | None = None, label_path: str | None = None) -> dict[str, Any]:
     """Write the segmentation, one file per map on the scan's grid, and summary.json (staged); return the summary.
 
     summary.json records the case-level ``scores`` (with ``reliability`` when a reliability model judged the
     case), the ``review`` verdict and the uncertainty ``agreement`` of ``verdict``
     (:func:`SegXAILib.verdict.judge_case`), and as ``run`` the model, methods and options it was explained
-    with (``record``, :func:`SegXAILib.case.run_record`).
+    with (``record``, :func:`SegXAILib.case.run_record`). A case judged against a ground truth records it as
+    ``truth``: ``{"label": label_path, "dice": {class or group: Dice}}``.
     """
     result = run.segmentation
     files = {"segmentation": f"segmentation.{fmt}"}
     write_volume(result.labels, out.path(files["segmentation"]))
     maps = []
+    head = head_mask(result.scan.array) if any(e.maps for e in run.explanations) else None  # for the display ranges
     for explanation in run.explanations:
         for item in explanation.maps:
             relative = f"maps/{item.name}_{slug(run.target)}.{fmt}"
@@ -144,7 +145,9 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVe
                          "class": run.target, "description": item.description, "colormap": item.colormap,
                          "threshold": item.threshold, "normalised": item.normalise,
                          "range": [float(volume.array.min()), float(volume.array.max())],
-                         "seconds": explanation.metadata.get("seconds")})
+                         "seconds": explanation.metadata.get("seconds"),
+                         **({"layer": item.layer} if item.layer else {})})
+            maps[-1]["display"] = display_range(volume.array, head, maps[-1]).to_json()  # one rule for every viewer
             del volume
     summary = segmentation_summary(result, card, scan_path, files, timings)
     summary.update({
@@ -161,6 +164,8 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVe
     summary["review"] = verdict.review  # the one verdict the report and Slicer show
     if verdict.agreement:
         summary["agreement"] = verdict.agreement
+    if verdict.dice:
+        summary["truth"] = {"label": label_path, "dice": verdict.dice}
     write_summary(out, summary)
     return summary
 

@@ -18,6 +18,10 @@ come from::
 Keys are ``<score>_below`` or ``<score>_above`` for the scores of :data:`SCORE_RULES`, in the units of
 the default (entropy and mutual information as a fraction of log(number of classes)). Either way a
 threshold says "look at this case more closely", never "this segmentation is right".
+
+No score past its threshold is no all-clear when checks were left out: the verdict lists the checks of
+:data:`CHECKS` (size, segmentation ability, uncertainty inside the object, reliability) that the run made
+and, for each one it did not, what would make it (a method to add, a reliability model to fit).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import SegXAIError
+from .glossary import counted, method_name, readable
 from .image_quality import IMAGE_SCORES
 
-__all__ = ["ScoreRule", "ScoreRow", "SCORE_RULES", "DEFAULT_BASIS", "is_finite_number", "reliability_judges",
-           "review_case", "review_limits", "score_rows"]
+__all__ = ["CHECKS", "Check", "ScoreRule", "ScoreRow", "SCORE_RULES", "DEFAULT_BASIS", "case_checks",
+           "is_finite_number", "reliability_judges", "review_case", "review_limits", "score_rows",
+           "verdict_sentence"]
 
 SA_REVIEW_BELOW = 0.5
 """Mean SA score mu below this: the last layers' features barely separate the object from the rest
@@ -98,18 +104,19 @@ class ScoreRule:
 SCORE_RULES: dict[str, ScoreRule] = {
     "object_volume_ml": ScoreRule(
         "Volume of the segmented object (mL)",
-        "How much the model segmented as {target}, in millilitres.",
+        "How much the model segmented as {target}, in millilitres (1 mL = 1 cubic centimetre).",
         "the model segmented almost nothing as {target}", "below", OBJECT_REVIEW_BELOW_ML),
     "mean_sa": ScoreRule(
-        "Mean segmentation-ability score \u03bc",
+        "Segmentation ability of the last layers (mean SA \u03bc)",
         "How cleanly the features of the network's last two layers separate the segmented {target} from "
         "everything else, from 0 (not at all) to 1 (perfectly). It needs no ground truth; low values go with "
         "poor segmentations, typically of small or blurred objects.",
         "the network's last layers barely separate the {target} from the rest", "below", SA_REVIEW_BELOW),
     "entropy_inside": ScoreRule(
         "Uncertainty inside the object (entropy, nats)",
-        "Mean uncertainty of repeated predictions inside the segmented {target}: 0 = all certain and in "
-        "agreement, {max_entropy:.2f} = no idea which class.",
+        "Mean uncertainty of repeated predictions inside the segmented {target}, in nats (information counted "
+        "with the natural logarithm): 0 = all certain and in agreement, {max_entropy:.2f} (ln of the "
+        "{n_classes} classes) = no idea which class.",
         "repeated predictions are unsure inside the {target}", "above", ENTROPY_REVIEW_ABOVE, True),
     "variance_inside": ScoreRule(
         "Disagreement inside the object (variance)",
@@ -119,12 +126,13 @@ SCORE_RULES: dict[str, ScoreRule] = {
     "mutual_information_inside": ScoreRule(
         "Model uncertainty inside the object (mutual information, nats)",
         "The part of the uncertainty inside the segmented {target} that comes from the repeated predictions "
-        "disagreeing with each other (the model is unsure, not the image): 0 = they agree.",
+        "disagreeing with each other (the model is unsure, not the image): 0 = they agree, at most "
+        "{max_entropy:.2f} nats.",
         "the model itself is unsure inside the {target}", "above", MUTUAL_INFORMATION_REVIEW_ABOVE, True),
     "reliability": ScoreRule(
         "Reliability (probability)",
-        "The chance, from 0 to 1, that this segmentation of the {target} is right, predicted by {method}'s "
-        "reliability classifier from its explanation (no ground truth needed).",
+        "The chance, from 0 to 1, that this segmentation of the {target} is right, predicted by a reliability "
+        "classifier from the case's explanations (no ground truth needed).",
         "the segmentation of the {target} is more likely wrong than right", "below", RELIABILITY_REVIEW_BELOW),
 }
 """The rules by score name (the part after ``<method>.``); any name containing ``reliability`` uses
@@ -191,7 +199,7 @@ def score_rows(summary: dict[str, Any], card_review: dict[str, Any] | None = Non
     rows = []
     for key, value in (summary.get("scores") or {}).items():
         method, _, name = key.rpartition(".")
-        by = f" ({method})" if method else ""
+        by = f" ({method_name(method)})" if method and method != "image" else ""
         ruled = rule_name(name)
         if ruled is None:
             image_score = method == "image" and name in IMAGE_SCORES
@@ -204,15 +212,20 @@ def score_rows(summary: dict[str, Any], card_review: dict[str, Any] | None = Non
         text = f"review if {sign} {used['threshold']:.3g}"
         if used["basis"] != DEFAULT_BASIS:
             text += f", calibrated: {used['basis']}"
-        judged = ruled != "reliability" or reliability_judges(summary)
+        judged = _rule_judges(ruled, summary)
         if not judged:
             auc = _classifier_auc(summary)
             text = (f"not used for review: the classifier's cross-validated AUROC is "
                     f"{f'{auc:.2f}' if is_finite_number(auc) else 'unknown'}, below {RELIABILITY_MIN_AUC_CV}")
-        meaning = rule.meaning.format(target=target, method=method or "the pipeline", max_entropy=math.log(n_classes))
+        meaning = rule.meaning.format(target=target, n_classes=n_classes, max_entropy=math.log(n_classes))
         rows.append(ScoreRow(key, rule.label + by, value, meaning, text,
                              judged and is_finite_number(value) and rule.crossed(float(value), used["threshold"])))
     return rows
+
+
+def _rule_judges(rule: str | None, summary: dict[str, Any]) -> bool:
+    """Whether scores under ``rule`` may flag the case of ``summary`` (all but an untrusted reliability)."""
+    return rule != "reliability" or reliability_judges(summary)
 
 
 def reliability_judges(summary: dict[str, Any]) -> bool:
@@ -238,19 +251,107 @@ def review_case(summary: dict[str, Any], card_review: dict[str, Any] | None = No
         card_review: the model card's ``review`` object (calibrated thresholds and their basis), if any.
 
     Returns:
-        ``{"needed": bool, "reasons": [one clause per flagged score], "scores": [:class:`ScoreRow` as
-        dicts], "thresholds": {rule: {"review", "threshold", "basis"[, "fraction_of_max_entropy"]}}}``;
-        ``thresholds`` holds the rules that judged a score of this summary, ``threshold`` in the
-        score's own units.
+        ``{"needed": bool, "reasons": [one clause per flagged score], "complete": bool (every check of
+        :data:`CHECKS` made), "checks": :func:`case_checks`, "verdict": the verdict in words, "scores":
+        [:class:`ScoreRow` as dicts], "thresholds": {rule: {"review", "threshold", "basis"[,
+        "fraction_of_max_entropy"]}}}``; ``thresholds`` holds the rules that judged a score of this summary,
+        ``threshold`` in the score's own units.
     """
     rows = score_rows(summary, card_review)
     thresholds = _thresholds(card_review, _n_classes(summary))
-    used = [rule_name(row.key.rpartition(".")[2]) for row in rows]
+    used = [_row_rule(row) for row in rows]
     target = _target(summary)
-    reasons = [f"{SCORE_RULES[name].concern.format(target=target)} ({row.label} = {row.value:.3g}; {row.rule})"
+    reasons = [f"{SCORE_RULES[name].concern.format(target=target)} ({row.label} = {readable(row.value)}; {row.rule})"
                for row, name in zip(rows, used) if row.review]
-    return {"needed": bool(reasons), "reasons": reasons, "scores": [asdict(row) for row in rows],
+    checks = case_checks(summary, rows)
+    return {"needed": bool(reasons), "reasons": reasons, "complete": all(c["made"] for c in checks),
+            "checks": checks, "verdict": verdict_sentence(reasons, checks, target),
+            "scores": [asdict(row) for row in rows],
             "thresholds": {name: thresholds[name] for name in SCORE_RULES if name in used}}
+
+
+# ------------------------------------------------------------------ the checks a verdict rests on
+@dataclass(frozen=True)
+class Check:
+    """One question the verdict asks of a case: the review rules that answer it and what a run needs for them.
+
+    Attributes:
+        name: the question in a reader's words.
+        rules: keys of :data:`SCORE_RULES`; the check is made when a score under any of them is judged.
+        how: what to run to make it, for a run that did not.
+    """
+
+    name: str
+    rules: tuple[str, ...]
+    how: str
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("size of the segmented object", ("object_volume_ml",), "every explain run measures it"),
+    Check("segmentation ability", ("mean_sa",), "add protoseg to --methods"),
+    Check("uncertainty inside the object", ("entropy_inside", "variance_inside", "mutual_information_inside"),
+          "add mcdropout, tta or ensemble to --methods"),
+    Check("reliability", ("reliability",),
+          "needs a reliability model for this model (fit one with 'segxai train-reliability' on labelled "
+          "cases) and the methods it was fitted with"),
+)
+"""The checks of the review verdict, in the order they are listed. A verdict without a problem is only as
+strong as the checks that were made; the ones left out are named with what would make them."""
+
+
+def case_checks(summary: dict[str, Any], rows: list[ScoreRow]) -> list[dict[str, Any]]:
+    """Each of :data:`CHECKS` for ``summary``: ``{"check", "made", "scores"}``, and ``"how"`` (what to run to
+    make it) for a check not made.
+
+    A check is made when a score under one of its rules is a finite number that may flag the case. For
+    reliability, the reason the run recorded (``summary["not_applicable"]["reliability"]``: the methods the
+    reliability model needs) or the classifier's too-low AUROC replaces the general advice.
+    """
+    checks = []
+    for check in CHECKS:
+        ruled = [row for row in rows if _row_rule(row) in check.rules]
+        judged = [row.key for row in ruled if is_finite_number(row.value) and _rule_judges(_row_rule(row), summary)]
+        entry: dict[str, Any] = {"check": check.name, "made": bool(judged), "scores": judged}
+        if not judged:
+            entry["how"] = _how_to_make(check, ruled, summary)
+        checks.append(entry)
+    return checks
+
+
+def _row_rule(row: ScoreRow) -> str | None:
+    """The key of :data:`SCORE_RULES` that judges ``row`` (``None``: no rule)."""
+    return rule_name(row.key.rpartition(".")[2])
+
+
+def _how_to_make(check: Check, ruled: list[ScoreRow], summary: dict[str, Any]) -> str:
+    """Why ``check`` was not made and what would make it."""
+    if check.rules == ("reliability",):
+        recorded = (summary.get("not_applicable") or {}).get("reliability")
+        if recorded:
+            return str(recorded)
+        if ruled and not reliability_judges(summary):
+            return ruled[0].rule
+    if ruled:
+        return "its score was not a number (nothing segmented?)"
+    return check.how
+
+
+def verdict_sentence(reasons: list[str], checks: list[dict[str, Any]], target: str) -> str:
+    """The verdict in one paragraph: the review reasons, or how many checks found nothing; then the checks not
+    made and what would make them."""
+    made = [c["check"] for c in checks if c["made"]]
+    missing = [c for c in checks if not c["made"]]
+    if reasons:
+        text = "Review this case: " + "; ".join(reasons) + "."
+    elif not missing:
+        text = (f"No problem found by the {len(made)} checks ({', '.join(made)}). This does not prove the "
+                f"outline of the {target} is right; look at the pictures.")
+    else:
+        text = (f"No problem found by the {counted(len(made), 'check')} that ran ({', '.join(made) or 'none'}); "
+                f"{counted(len(missing), 'check')} not run, so this is no all-clear.")
+    if missing:
+        text += " Not checked: " + "; ".join(f"{c['check']} ({c['how']})" for c in missing) + "."
+    return text
 
 
 def _thresholds(card_review: dict[str, Any] | None, n_classes: int) -> dict[str, dict[str, Any]]:
@@ -283,4 +384,4 @@ def _unknown_score_meaning(summary: dict[str, Any], method: str, name: str) -> s
         for item in summary.get("maps", []):
             if item.get("method") == method and item.get("variant") == variant:
                 return f"Mean inside the segmented object of: {item.get('description', variant)}."
-    return f"Reported by {method or 'the pipeline'}."
+    return f"Reported by {method_name(method) if method else 'the pipeline'}."

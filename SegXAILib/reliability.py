@@ -45,6 +45,7 @@ import numpy as np
 
 from .errors import SegXAIError
 from .fileio import atomic_write_text, read_json_object
+from .glossary import method_name
 from .models.card import ModelCard
 from .quality import is_finite_number
 
@@ -60,6 +61,10 @@ MISURE_FEATURES = ("dilations", "dice_explained", "perturbation_ratio")
 VOLUME_FEATURE = "log_object_volume_ml"
 
 FORMAT = "segxai-reliability"
+
+FAR_FROM_TRAINING_SD = 5.0
+"""A case whose feature lies more than this many training standard deviations from the training mean gets
+no probability: the logistic regression would extrapolate (e.g. after a method's outputs changed)."""
 """The ``kind`` of a reliability file, so that no other JSON is mistaken for one."""
 
 
@@ -86,6 +91,12 @@ def case_features(summary: Mapping[str, Any]) -> dict[str, float]:
     if is_finite_number(scores.get("object_volume_ml")):
         features[VOLUME_FEATURE] = math.log1p(max(float(scores["object_volume_ml"]), 0.0))
     return {name: float(value) for name, value in features.items() if is_finite_number(value)}
+
+
+def feature_words(name: str) -> str:
+    """``misure.dilations`` -> ``"MiSuRe's dilations"``: a feature as a reader names it."""
+    method, _, key = name.rpartition(".")
+    return f"{method_name(method)}'s {key.replace('_', ' ')}" if method else key.replace("_", " ")
 
 
 def feature_method(name: str) -> str | None:
@@ -137,8 +148,22 @@ class ReliabilityModel:
         return 0.5 * (1.0 + np.tanh(0.5 * logit))  # the logistic function without overflow in exp
 
     def probability(self, features: Mapping[str, float]) -> float:
-        """The probability for one case's :func:`case_features`."""
-        return float(self.predict_proba(self.matrix([features]))[0])
+        """The probability for one case's :func:`case_features`.
+
+        Raises:
+            SegXAIError: a feature is missing, or lies more than :data:`FAR_FROM_TRAINING_SD` training standard
+                deviations from the training cases (the message names it and says to fit the model again).
+        """
+        x = self.matrix([features])
+        z = np.abs((x[0] - self.mean) / self.scale)
+        if z.max() > FAR_FROM_TRAINING_SD:
+            i = int(z.argmax())
+            raise SegXAIError(
+                f"this case's {feature_words(self.features[i])} ({x[0, i]:.3g}) lies {z[i]:.1f} standard deviations "
+                f"from the cases the reliability model of {self.model} was fitted on (mean {self.mean[i]:.3g}, sd "
+                f"{self.scale[i]:.3g}): its probability would be a guess; fit it again on cases explained by "
+                "this version ('segxai train-reliability')")
+        return float(self.predict_proba(x)[0])
 
     # ------------------------------------------------------------ storage
     def to_dict(self) -> dict[str, Any]:

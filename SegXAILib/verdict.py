@@ -13,11 +13,13 @@ import numpy as np
 
 from .explain.pipeline import ExplainResult
 from .image_quality import image_quality
+from .metrics import dice_per_target
 from .models.card import ModelCard
 from .preprocessing import foreground_mask
 from .quality import review_case
 from .reliability import case_features, judge_reliability
 from .uncertainty.collaboration import agreement
+from .volume import Volume
 
 SAMPLED_UNCERTAINTY = ("ensemble", "mcdropout", "tta")
 """Methods whose entropy and variance maps the collaboration-gradient map is compared with."""
@@ -34,6 +36,7 @@ class CaseVerdict:
         agreement: the collaboration-gradient map against the sampled uncertainties (``{}`` unless both ran).
         reliability_model: the record of the reliability model that judged the case, or ``None``.
         not_applicable: judgements that could not be made, with the reason (``reliability``).
+        dice: Dice of every class and group against the ground truth, when one was given (``{}`` otherwise).
     """
 
     scores: dict[str, Any]
@@ -41,6 +44,7 @@ class CaseVerdict:
     agreement: dict[str, Any] = field(default_factory=dict)
     reliability_model: dict[str, Any] | None = None
     not_applicable: dict[str, str] = field(default_factory=dict)
+    dice: dict[str, float] = field(default_factory=dict)
 
 
 def case_scores(run: ExplainResult) -> dict[str, Any]:
@@ -94,9 +98,12 @@ def uncertainty_agreement(run: ExplainResult, card_modality: str) -> dict[str, A
             "against": {name: agreement(collaboration, other, region) for name, other in others.items()}}
 
 
-def judge_case(run: ExplainResult, card: ModelCard) -> CaseVerdict:
+def judge_case(run: ExplainResult, card: ModelCard, label: Volume | None = None) -> CaseVerdict:
     """Scores, reliability (when a reliability model lies beside ``card``), review verdict by the card's
-    thresholds, and uncertainty agreement of ``run``; nothing is written."""
+    thresholds, uncertainty agreement of ``run``, and with a ground-truth ``label`` (on the scan's grid) the
+    Dice of every class and group (:func:`~SegXAILib.metrics.dice_per_target`); nothing is written.
+
+    The label never enters the scores or the verdict: they stay what a case without one would get."""
     scores = case_scores(run)
     # the fields of summary.json that the reliability features and the review rules read
     record: dict[str, Any] = {
@@ -114,5 +121,7 @@ def judge_case(run: ExplainResult, card: ModelCard) -> CaseVerdict:
     elif reliability is not None:
         scores["reliability"] = reliability.probability
         record["reliability_model"] = reliability.record
+    record["not_applicable"] = not_applicable  # the verdict names why reliability was not judged
+    dice = {} if label is None else dice_per_target(run.segmentation.labels.array, label.array, card)
     return CaseVerdict(scores, review_case(record, card.review), uncertainty_agreement(run, card.modality),
-                       record.get("reliability_model"), not_applicable)
+                       record.get("reliability_model"), not_applicable, dice)

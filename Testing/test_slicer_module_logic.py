@@ -34,10 +34,10 @@ from SegXAILib.volume import Volume, read_volume  # noqa: E402
 from SegXAILogic import ExplainLogic, findResults, showMap, shownMap, updateNodeFromVolume  # noqa: E402
 from SegXAILogic.colors import colorTableNodeID, getColorTable  # noqa: E402
 from SegXAILogic.exports import exportSegmentationToFile, saveSceneBundle  # noqa: E402
-from SegXAILogic.results import INPUT_REFERENCE, mapStem  # noqa: E402
+from SegXAILogic.results import INPUT_REFERENCE, mapStem, mapThreshold  # noqa: E402
 from SegXAILogic.standalone import standaloneScene  # noqa: E402
 
-METHODS = ["gradcam", "protoseg"]
+METHODS = ["gradcam", "protoseg", "saliency"]
 CLASS_COLORS = {"core": [255, 64, 64], "rim": [40, 200, 90]}
 
 
@@ -98,6 +98,19 @@ def blended_slice(env) -> np.ndarray:
     image = connection.GetProducer().GetOutputDataObject(connection.GetIndex())
     width, height, _ = image.GetDimensions()
     return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1).copy()
+
+
+def slice_through_peak(env, inputNode, mapNode, magnitude: bool = False) -> None:
+    """The Red view on the input's plane, through the map's largest value (|value| with ``magnitude``), in world
+    coordinates (the input is transformed)."""
+    composite = env.sliceLogic.GetSliceCompositeNode()
+    composite.SetBackgroundVolumeID(inputNode.GetID())
+    env.sliceLogic.GetSliceNode().RotateToVolumePlane(inputNode)
+    env.sliceLogic.ResizeSliceNode(320, 320)
+    env.sliceLogic.FitSliceToBackground()
+    array = slicer.util.arrayFromVolume(mapNode)
+    k, j, i = np.unravel_index(np.argmax(np.abs(array) if magnitude else array), array.shape)
+    env.sliceLogic.GetSliceNode().JumpSliceByOffsetting(*(to_world(mapNode) @ ijk_to_ras(mapNode) @ [i, j, k, 1])[:3])
 
 
 def map_under_pixels(env, node) -> np.ndarray:
@@ -218,9 +231,12 @@ def test_map_display_colour_window_and_threshold(explained):
     gradcam = explained.results.map("gradcam")
     display = gradcam.GetDisplayNode()
     assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"  # Slicer's own table ID
-    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
     item = next(i for i in explained.summary["maps"] if i["method"] == "gradcam")
-    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(item["threshold"])
+    low, high = item["display"]["low"], item["display"]["high"]  # the report's colour bar
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx((low, high))
+    assert high < 1.0  # the 99th percentile inside the head, below the relative map's maximum
+    assert display.GetApplyThreshold()
+    assert display.GetLowerThreshold() == pytest.approx(low + item["threshold"] * (high - low))
 
 
 def test_results_sit_beside_the_input_in_the_subject_hierarchy(explained):
@@ -231,16 +247,7 @@ def test_results_sit_beside_the_input_in_the_subject_hierarchy(explained):
 
 def test_showing_a_map_blends_it_into_the_slice_view_and_none_removes_it(explained):
     env, gradcam = explained.env, explained.results.map("gradcam")
-    composite = env.sliceLogic.GetSliceCompositeNode()
-    composite.SetBackgroundVolumeID(explained.input.GetID())
-    env.sliceLogic.GetSliceNode().RotateToVolumePlane(explained.input)
-    env.sliceLogic.ResizeSliceNode(320, 320)
-    env.sliceLogic.FitSliceToBackground()
-    # through the map's brightest voxel, in world coordinates (the input is transformed)
-    array = slicer.util.arrayFromVolume(gradcam)
-    k, j, i = np.unravel_index(np.argmax(array), array.shape)
-    env.sliceLogic.GetSliceNode().JumpSliceByOffsetting(*(to_world(gradcam) @ ijk_to_ras(gradcam) @ [i, j, k, 1])[:3])
-
+    slice_through_peak(env, explained.input, gradcam)
     showMap(explained.scene, None)
     background_only = blended_slice(env)
     showMap(explained.scene, gradcam, opacity=0.6)
@@ -258,6 +265,32 @@ def test_showing_a_map_blends_it_into_the_slice_view_and_none_removes_it(explain
     assert changed[high].mean() > 0.99  # the map shows where it is high ...
     assert not changed[low].any()  # ... and is transparent below its threshold
     np.testing.assert_array_equal(hidden_again, background_only)  # "none" restores the slice exactly
+
+
+def test_a_signed_map_hides_small_values_of_both_signs(explained):
+    env, signed = explained.env, explained.results.map("saliency-signed")
+    item = next(i for i in explained.summary["maps"] if i["variant"] == "signed")
+    display = signed.GetDisplayNode()
+    high = item["display"]["high"]
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx((-high, high))  # symmetric
+    cutoff = item["display"]["threshold"] * high
+    assert mapThreshold(signed) == pytest.approx(item["display"]["threshold"])
+    slice_through_peak(env, explained.input, signed, magnitude=True)
+    showMap(explained.scene, None)
+    background_only = blended_slice(env)
+    showMap(explained.scene, signed, opacity=1.0)
+    with_map = blended_slice(env)
+    showMap(explained.scene, None)
+
+    value = map_under_pixels(env, signed)
+    changed = np.any(with_map[..., :3] != background_only[..., :3], axis=-1)
+    positive, negative, small = value > 1.2 * cutoff, value < -1.2 * cutoff, np.abs(value) < 0.8 * cutoff
+    assert positive.sum() > 20 and negative.sum() > 20 and small.sum() > 100
+    assert changed[positive].mean() > 0.99 and changed[negative].mean() > 0.99  # both signs drawn ...
+    assert not changed[small].any()  # ... and |value| below the threshold transparent
+    colour = with_map[..., :3].astype(int)
+    assert (colour[positive, 0] > colour[positive, 2]).mean() > 0.9  # red for positive
+    assert (colour[negative, 2] > colour[negative, 0]).mean() > 0.9  # blue for negative
 
 
 def test_saved_bundle_reloads_equal_arrays(explained, tmp_path):
@@ -300,6 +333,7 @@ def test_colour_table_is_built_with_slicers_node_id():
 
 
 # ------------------------------------------------------ more child processes
+@pytest.mark.slow
 def test_cancel_kills_the_child_and_leaves_the_scene_as_before(explained):
     before = scene_state(explained.scene)
     old = [n.GetID() for n in explained.results.nodes]
@@ -330,6 +364,7 @@ def test_a_failing_run_reports_the_command_lines_error_and_adds_nothing(explaine
     assert scene_state(explained.scene) == before
 
 
+@pytest.mark.slow
 def test_a_callers_output_folder_survives_a_failed_and_a_cancelled_run(explained, tmp_path):
     """The logic removes only what it made: a caller's outDir and the user's file in it stay, and the
     cancelled child (SIGTERM first) leaves no staging folder behind."""
@@ -354,6 +389,7 @@ def test_a_callers_output_folder_survives_a_failed_and_a_cancelled_run(explained
     assert (out / "notes.txt").read_text() == "the user's own notes\n"
 
 
+@pytest.mark.slow
 def test_rerun_replaces_the_previous_results(explained):
     """Runs last: the first run's nodes are gone afterwards."""
     scene = explained.scene

@@ -12,7 +12,7 @@ from packaging.requirements import Requirement  # noqa: E402
 
 from SegXAILib.quality import review_case  # noqa: E402
 from SegXAILogic.requirements import SLICER_PROVIDED, missingRequirements, readRequirements  # noqa: E402
-from SegXAILogic.scores import caseScores, reviewAdvice  # noqa: E402
+from SegXAILogic.scores import caseScores, reviewAdvice, reviewVerdict  # noqa: E402
 
 CLASSES = [{"name": n, "label": v} for n, v in (("background", 0), ("necrotic core", 1), ("edema", 2), ("rim", 4))]
 
@@ -30,16 +30,16 @@ def test_good_scores_give_no_advice():
     assert not any(s.poor for s in by_key.values()) and reviewAdvice(case) is None
     # entropy judged against half its maximum, log(4 classes) = 1.386 nats
     assert by_key["tta.entropy_inside"].text == "0.2 (review if > 0.693)"
-    assert by_key["protoseg.mean_sa"].label == "Mean segmentation-ability score \u03bc (protoseg)"
+    assert by_key["protoseg.mean_sa"].label == "Segmentation ability of the last layers (mean SA \u03bc) (ProtoSeg)"
     assert by_key["object_volume_ml"].value == 12.5
 
 
 @pytest.mark.parametrize("key, value, reason", [
     ("protoseg.mean_sa", 0.41, "barely separate the whole tumour from the rest"),
     ("tta.entropy_inside", 0.8, "unsure inside the whole tumour (Uncertainty inside the object (entropy, nats) "
-                                "(tta) = 0.8"),
-    ("mcdropout.entropy_inside", 0.8, "(mcdropout) = 0.8; review if > 0.693"),
-    ("misure.reliability", 0.3, "more likely wrong than right (Reliability (probability) (misure) = 0.3"),
+                                "(test-time augmentation) = 0.8"),
+    ("mcdropout.entropy_inside", 0.8, "(Monte Carlo dropout) = 0.8; review if > 0.693"),
+    ("misure.reliability", 0.3, "more likely wrong than right (Reliability (probability) (MiSuRe) = 0.3"),
     ("object_volume_ml", 0.0, "the model segmented almost nothing as whole tumour"),
 ])
 def test_each_poor_score_asks_for_review(key, value, reason):
@@ -63,7 +63,22 @@ def test_the_panel_shows_the_verdict_the_run_wrote():
     assert reviewAdvice(case) is None
     case["review"] = review_case(case, {"mean_sa_below": 0.05, "basis": basis})
     advice = reviewAdvice(case)
-    assert "barely separate the whole tumour" in advice and "(protoseg) = 0.01; review if < 0.05, calibrated" in advice
+    assert "barely separate the whole tumour" in advice and "(ProtoSeg) = 0.01; review if < 0.05, calibrated" in advice
+
+
+def test_the_verdict_is_amber_and_names_what_is_missing_until_every_check_ran():
+    gradcam_only = summary(object_volume_ml=12.5)
+    text, level = reviewVerdict(gradcam_only)
+    assert level == "incomplete" and "no all-clear" in text and "add protoseg" in text
+    everything = summary(object_volume_ml=12.5, **{"protoseg.mean_sa": 0.83, "tta.entropy_inside": 0.2,
+                                                   "misure.reliability": 0.9})
+    assert reviewVerdict(everything)[1] == "ok"
+    everything["scores"]["protoseg.mean_sa"] = 0.01
+    text, level = reviewVerdict(everything)
+    assert level == "review" and text.startswith("Review this case: ")
+    older = summary(object_volume_ml=12.5)
+    older["review"] = {"needed": False, "reasons": [], "scores": []}  # written before the checks existed
+    assert reviewVerdict(older)[1] == "incomplete"
 
 
 def test_requirements_follow_pyproject_except_what_slicer_provides():

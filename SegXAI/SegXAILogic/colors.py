@@ -16,13 +16,16 @@ import slicer
 
 from SegXAILib.errors import SegXAIError
 
-__all__ = ["colorTableNodeID", "getColorTable", "labelColorTable"]
+__all__ = ["colorTableNodeID", "getColorTable", "labelColorTable", "twoSidedColorTable", "TWO_SIDED_ATTRIBUTE"]
 
 SLICER_FILE_TABLES = {"inferno": "Inferno", "viridis": "Viridis", "magma": "Magma", "plasma": "Plasma",
                       "cividis": "Cividis"}
 """matplotlib colour map name -> Slicer's colour file stem (Libs/MRML/Core/Resources/ColorFiles)."""
 
 TABLE_SIZE = 256
+
+TWO_SIDED_ATTRIBUTE = "SegXAI.TwoSidedFor"
+"""Attribute of a map's own two-sided colour table: the ID of the map node it belongs to."""
 
 
 def _stem(colormap: str) -> str:
@@ -76,4 +79,25 @@ def labelColorTable(scene, name: str, classes: Sequence[dict]):
     for c in classes:
         r, g, b = (float(v) / 255.0 for v in c["color"])
         node.SetColor(int(c["label"]), str(c["name"]), r, g, b, 0.0 if int(c["label"]) == 0 else 1.0)
+    return node
+
+
+def twoSidedColorTable(scene, mapNode, colormap: str, low: float, high: float, hidden: float):
+    """``mapNode``'s own colour table over its window ``low``..``high``: ``colormap``'s colours, transparent where
+    |value| < ``hidden`` (Slicer's slice views honour a table's opacity), so a signed map shows both signs past
+    a two-sided threshold. Made once per map, then updated in place.
+    """
+    import matplotlib
+
+    display = mapNode.GetDisplayNode()
+    node = display.GetColorNode() if display is not None else None
+    if node is None or node.GetAttribute(TWO_SIDED_ATTRIBUTE) != mapNode.GetID():
+        node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{mapNode.GetName()}: colours")
+        node.SetTypeToUser()
+        node.SetNumberOfColors(TABLE_SIZE)
+        node.SetHideFromEditors(True)  # belongs to one map, not a table to pick for another
+        node.SetAttribute(TWO_SIDED_ATTRIBUTE, mapNode.GetID())
+    values = np.linspace(low, high, TABLE_SIZE)
+    for index, (value, rgba) in enumerate(zip(values, matplotlib.colormaps[colormap](np.linspace(0, 1, TABLE_SIZE)))):
+        node.SetColor(index, "", *map(float, rgba[:3]), 0.0 if abs(value) < hidden else 1.0)
     return node

@@ -6,9 +6,11 @@ What one run puts into the scene, all tied to the input volume by the node refer
 - a segmentation node (segment names and colours from the model card, reference geometry from the
   input, the input's parent transform), with a hidden label colour table that keeps the model's label
   values for export;
-- one scalar volume node per map: the input's geometry and parent transform, a perceptual colour table,
-  window over the map's range (0..1 for maps without units) and a lower threshold that makes low values
-  transparent in the slice views.
+- one scalar volume node per map: the input's geometry and parent transform, the colour map and window of
+  the map's display (``summary["maps"][n]["display"]``, the colour range of the report's pictures and viewer:
+  :mod:`SegXAILib.report.display`) and a threshold that makes low values transparent in the slice views; for
+  a signed map the threshold is two-sided (|value| below it transparent, both signs shown) through the map's
+  own colour table.
 
 In the subject hierarchy the results sit beside the input, under the input's parent (its study for a
 DICOM series, where Slicer's DICOM SEG export looks for them). The input is never modified.
@@ -27,9 +29,10 @@ import slicer.util
 import vtk
 
 from SegXAILib.errors import SegXAIError
+from SegXAILib.report.display import map_display
 from SegXAILib.volume import read_volume
 
-from .colors import getColorTable, labelColorTable
+from .colors import TWO_SIDED_ATTRIBUTE, getColorTable, labelColorTable, twoSidedColorTable
 
 __all__ = ["ExplainResults", "loadResults", "findResults", "resultNodes", "removeResults", "removeNode", "showMap",
            "shownMap", "setMapThreshold", "mapThreshold", "setMapWindow", "mapWindow", "ROLE_ATTRIBUTE",
@@ -43,6 +46,8 @@ SUMMARY_ATTRIBUTE = "SegXAI.Summary"
 """Segmentation node attribute: JSON with model, target, classes, case-level scores and maps."""
 MAP_ATTRIBUTES = ("method", "variant", "class", "colormap", "threshold", "normalised", "file")
 """summary.json map fields kept as ``SegXAI.<field>`` attributes of each map node."""
+SIGNED_THRESHOLD_ATTRIBUTE = "SegXAI.signedThreshold"
+"""Map node attribute of a signed map: its two-sided threshold, a fraction of the window's larger end."""
 SUMMARY_KEYS = ("model", "target", "classes", "groups", "device", "scores", "not_applicable", "maps", "seconds")
 """The parts of summary.json the panel needs (curves and versions stay in the output folder)."""
 
@@ -116,6 +121,10 @@ def removeNode(scene, node) -> None:
         owned += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
     if node.IsA("vtkMRMLStorableNode"):
         owned += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    if node.IsA("vtkMRMLScalarVolumeNode") and node.GetDisplayNode() is not None:
+        table = node.GetDisplayNode().GetColorNode()  # a signed map's own table goes with it
+        if table is not None and table.GetAttribute(TWO_SIDED_ATTRIBUTE) == node.GetID():
+            owned.append(table)
     scene.RemoveNode(node)
     for other in owned:
         if other is not None and scene.IsNodePresent(other):
@@ -222,25 +231,28 @@ def _mapNode(scene, inputNode, array: np.ndarray, item: dict, name: str):
     for key in MAP_ATTRIBUTES:
         value = item.get(key)
         node.SetAttribute(f"SegXAI.{key}", "" if value is None else str(value))
+    shown = map_display(item, array, slicer.util.arrayFromVolume(inputNode))  # the report's range and colours
+    node.SetAttribute("SegXAI.signed", "1" if shown.signed else "")
+    node.SetAttribute("SegXAI.display", json.dumps(shown.to_json()))
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(getColorTable(scene, item.get("colormap") or "inferno").GetID())
-    low, high = defaultWindow(item)
+    display.SetAndObserveColorNodeID(getColorTable(scene, shown.colormap).GetID())
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(low, high)
+    display.SetWindowLevelMinMax(shown.low, shown.high if not shown.constant else shown.low + 1.0)
     display.AutoThresholdOff()
-    display.SetApplyThreshold(1)
-    setMapThreshold(node, float(item.get("threshold") or 0.0))
+    display.SetApplyThreshold(0 if shown.signed else 1)  # a signed map's threshold is its table's opacity
+    setMapThreshold(node, shown.threshold)
     return node
 
 
-def defaultWindow(item: dict) -> tuple[float, float]:
-    """Display range of a map: 0..1 for maps without units, else 0 (or the minimum) to the maximum."""
-    if item.get("normalised", True):
-        return 0.0, 1.0
-    low, high = (float(v) for v in item.get("range", (0.0, 1.0)))
-    low = min(low, 0.0)
-    return low, high if high > low else low + 1.0
+def _isSigned(mapNode) -> bool:
+    return bool(mapNode.GetAttribute("SegXAI.signed"))
+
+
+def _colormapOf(mapNode) -> str:
+    """The matplotlib colour map of a map node's display (the summary's display, else its explainer's)."""
+    shown = json.loads(mapNode.GetAttribute("SegXAI.display") or "{}")
+    return shown.get("colormap") or mapNode.GetAttribute("SegXAI.colormap") or "inferno"
 
 
 def _placeBesideInput(scene, inputNode, nodes) -> None:
@@ -290,13 +302,22 @@ def setMapWindow(mapNode, low: float, high: float) -> None:
 
 
 def mapThreshold(mapNode) -> float:
-    """Lower display threshold as a fraction of the colour range."""
+    """Display threshold as a fraction of the colour range (of its larger end, for a signed map)."""
+    if _isSigned(mapNode):
+        return float(mapNode.GetAttribute(SIGNED_THRESHOLD_ATTRIBUTE) or 0.0)
     low, high = mapWindow(mapNode)
     return (mapNode.GetDisplayNode().GetLowerThreshold() - low) / (high - low) if high > low else 0.0
 
 
 def setMapThreshold(mapNode, fraction: float) -> None:
-    """Values below ``low + fraction * (high - low)`` of the colour range are transparent."""
+    """Values below ``low + fraction * (high - low)`` of the colour range are transparent; for a signed map,
+    values with |value| below ``fraction * max(|low|, |high|)``, whatever their sign."""
     low, high = mapWindow(mapNode)
+    if _isSigned(mapNode):
+        mapNode.SetAttribute(SIGNED_THRESHOLD_ATTRIBUTE, repr(float(fraction)))
+        table = twoSidedColorTable(mapNode.GetScene(), mapNode, _colormapOf(mapNode), low, high,
+                                   float(fraction) * max(abs(low), abs(high)))
+        mapNode.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
+        return
     upper = max(high, float(np.max(slicer.util.arrayFromVolume(mapNode))))  # nothing above the range is cut
     mapNode.GetDisplayNode().SetThreshold(low + float(fraction) * (high - low), upper)

@@ -14,7 +14,7 @@ from typing import Any
 
 from SegXAILib.quality import review_case
 
-__all__ = ["CaseScore", "caseReview", "caseScores", "reviewAdvice"]
+__all__ = ["CaseScore", "caseReview", "caseScores", "reviewAdvice", "reviewVerdict"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,19 @@ def reviewAdvice(summary: dict) -> str | None:
     """``Review this case: ...`` with the reason of every flagged score, or ``None`` when none is flagged."""
     reasons = caseReview(summary)["reasons"]
     return "Review this case: " + "; ".join(reasons) + "." if reasons else None
+
+
+def reviewVerdict(summary: dict) -> tuple[str, str]:
+    """The verdict as the panel shows it: ``(sentence, level)``, level ``"review"`` (a score asks for review),
+    ``"incomplete"`` (no score did, but checks were not run: the sentence names them and what to add) or
+    ``"ok"`` (every check made, none flagged). A summary written before the checks existed has no sentence:
+    it gets the advice alone and counts as incomplete."""
+    review = caseReview(summary)
+    if review["needed"]:
+        return review.get("verdict") or reviewAdvice(summary), "review"
+    if "verdict" not in review:
+        return "No score of this run asks for review; which checks ran is not recorded.", "incomplete"
+    return review["verdict"], "ok" if review["complete"] else "incomplete"
 
 
 def _text(value: Any, rule: str) -> str:

@@ -9,7 +9,9 @@ scan, the segmentation and the maps, inline too), which the pictures stand in fo
 
 The verdict "review this case" and the scores table are ``summary["review"]``, written by the explain
 run with the model card's thresholds (:mod:`SegXAILib.quality`); a summary written before that entry
-existed is judged here with the default thresholds.
+existed is judged here with the default thresholds. The page speaks a reader's words
+(:mod:`SegXAILib.glossary`): methods by their reader names, numbers rounded, and each unit and term it uses
+explained once at its end; a run given the true label (``summary["truth"]``) shows its Dice in a table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import base64
 import html
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -29,8 +32,10 @@ from matplotlib.colors import to_hex
 
 from ..errors import SegXAIError
 from ..fileio import atomic_write_text
+from ..glossary import counted, map_title, method_name, readable, readable_range, terms_used
 from ..quality import ScoreRow, review_case
 from ..volume import Volume, read_volume, volume_suffix
+from .display import with_displays
 from .montage import (
     CONTOUR_COLOUR,
     class_colours,
@@ -59,6 +64,9 @@ def write_report(folder: Path) -> Path:
     labels = [int(v) for v in target["labels"]]
     center = object_center(segmentation.array, labels)
     window = scan_window(scan.array)
+    # each map's colour range, threshold and peak (display.py's rule): the summary's, or computed for an older one
+    summary["maps"] = with_displays(summary.get("maps", []), scan.array,
+                                    lambda item: read_volume(folder / item["file"]).array)
 
     segmentation_png = render_segmentation_montage(scan, segmentation, summary["classes"], center,
                                                    folder / SEGMENTATION_PICTURE, labels, window)
@@ -73,7 +81,8 @@ def write_report(folder: Path) -> Path:
     review = summary.get("review") or review_case(summary)
     sa_png = None if sa is None else render_sa_curve(
         sa["curves"]["sa_per_layer"], folder / SA_PICTURE, (sa.get("metadata") or {}).get("reference", "model"),
-        review["thresholds"].get("mean_sa", {}).get("threshold"))
+        review["thresholds"].get("mean_sa", {}).get("threshold"), (sa.get("metadata") or {}).get("network_grid"),
+        (summary.get("model_grid") or {}).get("spacing_mm"))
 
     viewer = viewer_section(folder, summary, scan, segmentation, center, window)  # the interactive viewer
     page = _page(summary, review, target, scan, center, segmentation_png, montages, sa, sa_png,
@@ -127,12 +136,15 @@ def _page(summary: dict[str, Any], review: dict[str, Any], target: dict[str, Any
         _how_to_read(name),
         _scores(review, name),
         _volumes(summary, segmentation_png, scan, center),
+        _truth(summary),
         viewer,
         _maps(summary.get("maps", []), montages),
     ]
     if sa is not None and sa_png is not None:
         sections.append(_sa_section(sa, sa_png))
     sections += [_not_applicable(summary.get("not_applicable") or {}), _timings(summary, seconds)]
+    # the viewer's text is its own (layer names, controls); the glossary explains the page's words
+    sections.append(_glossary([s for s in sections if s is not viewer], len(summary.get("classes") or [])))
     versions = ", ".join(f"{k} {v}" for k, v in (summary.get("versions") or {}).items())
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>SegXAI report: {name}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
@@ -186,9 +198,10 @@ the uncertainty maps are bright.</p></section>"""
 
 
 def _format(value: Any) -> str:
+    """A number rounded for reading (:func:`~SegXAILib.glossary.readable`); anything else as text."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return html.escape(str(value))
-    return f"{value:.3f}" if math.isfinite(value) else str(value)
+    return readable(float(value))
 
 
 def _scores(review: dict[str, Any], target: str) -> str:
@@ -196,14 +209,30 @@ def _scores(review: dict[str, Any], target: str) -> str:
     rows = [ScoreRow(**score) for score in review["scores"]]
     if not rows:
         return ""
+    checks = review.get("checks")  # absent from a summary written before the checks were named
+    made = [c["check"] for c in checks or [] if c["made"]]
+    missing = [c for c in checks or [] if not c["made"]]
     if review["needed"]:
         flagged = [r for r in rows if r.review]
         verdict = ("<p class=\"verdict review\"><span class=\"flag\">Review this case</span> "
                    + "; ".join(f"{html.escape(r.label)} = {_format(r.value)} ({html.escape(r.rule)})" for r in flagged)
                    + "</p>")
-    else:
+    elif missing:
+        verdict = (f"<p class=\"verdict incomplete\"><b>No problem found by the {counted(len(made), 'check')} "
+                   f"that ran</b> ({html.escape(', '.join(made) or 'none')}), <b>but {counted(len(missing), 'check')} "
+                   f"did not run</b>, so this is no all-clear. This does not prove the outline of the {target} is "
+                   "right; look at the pictures.</p>")
+    elif checks is None:
         verdict = ("<p class=\"verdict ok\">No score crossed its review threshold. This does not prove the "
                    f"outline of the {target} is right; look at the pictures.</p>")
+    else:
+        verdict = (f"<p class=\"verdict ok\">No problem found by the {counted(len(made), 'check')} "
+                   f"({html.escape(', '.join(made))}). This does not prove the outline of the {target} is right; "
+                   "look at the pictures.</p>")
+    if missing:
+        verdict += ("<p>Not checked:</p><ul class=\"missing\">"
+                    + "".join(f"<li><b>{html.escape(c['check'])}</b>: {html.escape(c['how'])}</li>" for c in missing)
+                    + "</ul>")
     body = "".join(_score_row(r) for r in rows)
     return ("<section><h2>Case-level scores</h2>\n" + verdict
             + "<table><thead><tr><th>Score</th><th>Value</th><th>What it means</th><th>Threshold</th></tr></thead>"
@@ -212,8 +241,9 @@ def _scores(review: dict[str, Any], target: str) -> str:
 
 def _score_row(row: ScoreRow) -> str:
     flag = '<br><span class="flag">review</span>' if row.review else ""
-    return (f"<tr{' class=review' if row.review else ''}><td>{html.escape(row.label)}<br>"
-            f"<code>{html.escape(row.key)}</code></td><td class=\"num\">{_format(row.value)}</td>"
+    # the summary.json key as a tooltip: a reader meets the label, a programmer can still find the number
+    return (f"<tr{' class=review' if row.review else ''}><td title=\"{html.escape(row.key)}\">"
+            f"{html.escape(row.label)}</td><td class=\"num\">{_format(row.value)}</td>"
             f"<td>{html.escape(row.meaning)}</td><td>{html.escape(row.rule)}{flag}</td></tr>")
 
 
@@ -221,10 +251,10 @@ def _volumes(summary: dict[str, Any], segmentation_png: Path, scan: Volume, cent
     classes = [c for c in summary.get("classes", []) if int(c["label"]) != 0]
     colours = class_colours(classes)  # as drawn in the picture
     rows = [[f"<span class=\"swatch\" style=\"background:{to_hex(colours[int(c['label'])])}\"></span>"
-             + html.escape(c["name"]), str(c["label"]), str(c.get("voxels", "")), _format(c.get("volume_ml", ""))]
+             + html.escape(c["name"]), str(c["label"]), _voxels(c.get("voxels", "")), _format(c.get("volume_ml", ""))]
             for c in classes]
     rows += [[f"<i>{html.escape(g)}</i> (group)", ", ".join(str(v) for v in info["labels"]),
-              str(info.get("voxels", "")), _format(info.get("volume_ml", ""))]
+              _voxels(info.get("voxels", "")), _format(info.get("volume_ml", ""))]
              for g, info in (summary.get("groups") or {}).items()]
     ras = scan.ijk_to_ras @ np.append(center, 1.0)
     caption = (f"Slices through voxel (i, j, k) = ({', '.join(f'{v:.0f}' for v in center)}), "
@@ -233,18 +263,39 @@ def _volumes(summary: dict[str, Any], segmentation_png: Path, scan: Volume, cent
             + _figure(segmentation_png, "Segmentation in the class colours over the scan", caption) + "</section>")
 
 
+def _voxels(count: Any) -> str:
+    """A voxel count with thousands separators (7,057,124)."""
+    return f"{count:,}" if isinstance(count, int) and not isinstance(count, bool) else html.escape(str(count))
+
+
+def _truth(summary: dict[str, Any]) -> str:
+    """The segmentation's Dice against the ground truth given to the run (``summary["truth"]``), if any."""
+    truth = summary.get("truth") or {}
+    if not truth.get("dice"):
+        return ""
+    groups = summary.get("groups") or {}
+    rows = [[html.escape(name) + (" <i>(group)</i>" if name in groups else ""), _format(value)]
+            for name, value in truth["dice"].items()]
+    source = f" ({html.escape(str(truth['label']))})" if truth.get("label") else ""
+    return ("<section><h2>Against the known label</h2>\n"
+            f"<p>This run was given the true outline{source}. Dice measures how well the model's outline "
+            "matches it: 1 = identical, 0 = no overlap. The scores and the verdict above do not use it.</p>\n"
+            + _table(["Class", "Dice"], rows, (1,)) + "</section>")
+
+
 def _maps(maps: Sequence[dict[str, Any]], montages: Sequence[Path]) -> str:
     if not maps:
         return ""
     cards = []
     for item, png in zip(maps, montages):
-        title = item["method"] + (f" / {item['variant']}" if item.get("variant") else "")
+        title = map_title(item["method"], item.get("variant"))
+        title = title[:1].upper() + title[1:]
         lo, hi = item["range"]
         scale = ("scaled to 0 to 1 for display: compare values within this map only" if item.get("normalised")
                  else "in the method's own units")
         seconds = item.get("seconds")
         facts = {
-            "Value range": f"{lo:.3g} to {hi:.3g} ({scale})",
+            "Value range": f"{readable_range(lo, hi)} ({scale})",
             "Shown above": f"{item.get('threshold', 0):.0%} of the range (colour map {item.get('colormap', '?')})",
             "Computed in": "?" if seconds is None else f"{seconds:.1f} s (the whole method)",
             "File": item["file"],
@@ -270,17 +321,28 @@ def _sa_section(sa: dict[str, Any], png: Path) -> str:
 def _not_applicable(reasons: dict[str, str]) -> str:
     if not reasons:
         return ""
-    items = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(r)}</li>" for m, r in reasons.items())
+    items = "".join(f"<li><b>{html.escape(method_name(m))}</b>: {html.escape(r)}</li>" for m, r in reasons.items())
     return f"<section><h2>Methods that did not apply</h2>\n<ul>{items}</ul></section>"
 
 
 def _timings(summary: dict[str, Any], report_seconds: float) -> str:
     steps = {stage.replace("_", " "): s for stage, s in (summary.get("seconds") or {}).items()}
-    steps |= {f"method {e['method']}": (e.get("metadata") or {}).get("seconds")
+    steps |= {method_name(e["method"]): (e.get("metadata") or {}).get("seconds")
               for e in summary.get("explanations", [])}
     steps["drawing this report"] = report_seconds
-    rows = [[html.escape(k), "?" if v is None else f"{v:.2f}"] for k, v in steps.items()]
+    rows = [[html.escape(k), "?" if v is None else f"{v:.1f}"] for k, v in steps.items()]
     return "<section><h2>Timings</h2>\n" + _table(["Step", "Seconds"], rows, (1,)) + "</section>"
+
+
+def _glossary(sections: Sequence[str], n_classes: int) -> str:
+    """Each unit and term that the page's ``sections`` use, explained once (:data:`SegXAILib.glossary.TERMS`)."""
+    words = html.unescape(re.sub(r"<(script|style)\b.*?</\1>|<[^>]+>|data:[^\"]+", " ", "\n".join(sections),
+                                 flags=re.S))
+    n_classes = max(2, n_classes)
+    items = "".join(f"<dt>{html.escape(term.term)}</dt><dd>"
+                    f"{html.escape(term.meaning.format(classes=n_classes, max_entropy=math.log(n_classes)))}</dd>"
+                    for term in terms_used(words))
+    return f"<section><h2>Words and units on this page</h2>\n<dl>{items}</dl></section>" if items else ""
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
@@ -316,6 +378,7 @@ tr.review td{background:#fff1f0}code{font-size:.85em;color:#555}
 .flag{background:#c62828;color:#fff;border-radius:3px;padding:0 .35em;font-weight:600;white-space:nowrap}
 .verdict{padding:.6em .8em;border-radius:4px}.verdict.review{background:#fff1f0;border:1px solid #c62828}
 .verdict.ok{background:#f1f8f1;border:1px solid #2e7d32}
+.verdict.incomplete{background:#fff8e1;border:1px solid #f9a825}
 .swatch{display:inline-block;width:.9em;height:.9em;margin-right:.4em;border:1px solid #888;vertical-align:middle}
 .card{border:1px solid #ddd;border-radius:6px;padding:.4em 1em;margin:1em 0}
 figure{margin:.6em 0}img{max-width:100%;height:auto}figcaption{color:#444;font-size:.9em}

@@ -28,14 +28,16 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
 
 from ..errors import SegXAIError
 from ..fileio import atomic_write
+from ..glossary import map_title
 from ..volume import Volume
+from .display import MapDisplay, map_display, readable
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -44,6 +46,9 @@ EDGE_LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), 
 
 CONTOUR_COLOUR = "#00e5ff"
 """Outline of the segmented object: cyan is in neither ``inferno`` nor the grey scan, and far from ``viridis``."""
+
+PEAK_COLOUR = "#39ff14"
+"""Marker of a map's peak: a bright green, apart from the outline's cyan and the colour maps' ends."""
 
 OVERLAY_ALPHA = 0.65
 """Opacity of a map over the scan: the anatomy stays readable under the colour."""
@@ -143,12 +148,6 @@ def scan_window(array: np.ndarray) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
-def display_cutoff(value_range: Sequence[float], threshold: float) -> float:
-    """The value below which a map is not drawn: ``threshold`` is a fraction of its value range."""
-    lo, hi = (float(v) for v in value_range)
-    return lo + float(threshold) * (hi - lo)
-
-
 def grey_rgb(scan: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """A scan slice as grey RGB float (H, W, 3) in [0, 1] through ``window`` (NaN shown black)."""
     lo, hi = window
@@ -156,21 +155,20 @@ def grey_rgb(scan: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def blend(scan: np.ndarray, values: np.ndarray, window: tuple[float, float], colormap: str,
-          value_range: Sequence[float], threshold: float, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+def blend(scan: np.ndarray, values: np.ndarray, window: tuple[float, float], display: MapDisplay,
+          alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """A map over a scan slice: RGB float (H, W, 3) in [0, 1].
 
-    The scan is grey through ``window``; where the map reaches ``display_cutoff`` its colour
-    (``colormap`` over ``value_range``) is laid over the grey with opacity ``alpha``; elsewhere,
+    The scan is grey through ``window``; where ``display`` draws the map (past its cutoff; in size, both signs,
+    for a signed map) its colour over the display range is laid over the grey with opacity ``alpha``; elsewhere,
     and everywhere when the map is constant (it then says nothing), the pixel stays grey.
     """
     rgb = grey_rgb(scan, window)
-    vmin, vmax = (float(v) for v in value_range)
-    if vmax <= vmin:
-        return rgb
-    shown = np.nan_to_num(values, nan=-np.inf) >= display_cutoff(value_range, threshold)
-    colour = colormaps[colormap](Normalize(vmin, vmax, clip=True)(values[shown]))[:, :3]
-    rgb[shown] = (1.0 - alpha) * rgb[shown] + alpha * colour
+    shown = display.shown(values)
+    if shown.any():
+        normalise = Normalize(display.low, display.high, clip=True)
+        colour = colormaps[display.colormap](normalise(np.asarray(values, dtype=np.float64)[shown]))[:, :3]
+        rgb[shown] = (1.0 - alpha) * rgb[shown] + alpha * colour
     return rgb
 
 
@@ -200,21 +198,26 @@ def _save(figure: Figure, path: Path) -> Path:
     return atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=DPI), ".png")
 
 
-def _three_panels(scan: Volume, title: str) -> tuple[Figure, dict[str, Any], dict[str, float]]:
-    """A figure with one panel per plane, titled and marked with patient directions."""
-    figure = Figure(figsize=(10, 4.4), layout="constrained")
-    figure.suptitle(title, fontsize=11)
-    panels = dict(zip(PLANES, figure.subplots(1, 3)))
+def _plane_panels(container: Figure | SubFigure, title: str, title_size: float) -> dict[str, Any]:
+    """One panel per plane in ``container``, titled and marked with patient directions."""
+    container.suptitle(title, fontsize=title_size)
+    panels = dict(zip(PLANES, container.subplots(1, 3)))
     for plane, ax in panels.items():
-        ax.set_title(plane, fontsize=9)
+        ax.set_title(plane, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         left, right, top, bottom = EDGE_LETTERS[plane]
         for text, x, y, ha, va in ((left, 0.01, 0.5, "left", "center"), (right, 0.99, 0.5, "right", "center"),
                                    (top, 0.5, 0.99, "center", "top"), (bottom, 0.5, 0.01, "center", "bottom")):
-            ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=8, fontweight="bold",
+            ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=9, fontweight="bold",
                     path_effects=[withStroke(linewidth=2, foreground="black")])  # readable on bright anatomy
-    return figure, panels, AnatomicalAxes.of(scan).aspects()
+    return panels
+
+
+def _three_panels(scan: Volume, title: str) -> tuple[Figure, dict[str, Any], dict[str, float]]:
+    """A figure with one panel per plane, titled and marked with patient directions."""
+    figure = Figure(figsize=(10, 4.6), layout="constrained")
+    return figure, _plane_panels(figure, title, 12), AnatomicalAxes.of(scan).aspects()
 
 
 def _outline(ax: Any, mask: np.ndarray) -> None:
@@ -223,38 +226,61 @@ def _outline(ax: Any, mask: np.ndarray) -> None:
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[CONTOUR_COLOUR], linewidths=1.0)
 
 
+def point_in_slices(volume: Volume, ijk: Sequence[float]) -> dict[str, tuple[int, int]]:
+    """Where voxel ``ijk`` (i, j, k) of ``volume``'s grid falls in each of its :func:`orthogonal_slices` through it:
+    (row, column) per plane."""
+    marker = np.zeros(volume.shape, bool)
+    marker[tuple(np.clip(np.rint(np.asarray(ijk, dtype=np.float64)[::-1]), 0, np.asarray(volume.shape) - 1)
+                 .astype(int))] = True
+    return {plane: tuple(int(v) for v in np.argwhere(picture)[0])
+            for plane, picture in orthogonal_slices(volume.with_array(marker), ijk).items()}
+
+
 def render_map_montage(scan: Volume, target_mask: Volume, map_volume: Volume, map_meta: dict[str, Any],
                        center: Sequence[float], path: Path, window: tuple[float, float] | None = None) -> Path:
-    """One PNG: the map over the scan on three planes through ``center`` (i, j, k), outline and colour bar.
+    """One PNG: the map over the scan on three planes through ``center`` (i, j, k) and three through the map's
+    peak inside the head, the object's outline, the peak marked, and a colour bar that says its range and rule.
 
     Args:
         scan: the scan; ``target_mask`` (the segmented target, bool) and ``map_volume`` on its grid.
         map_meta: the map's entry of ``summary.json`` ("method", "variant", "class", "description",
-            "colormap", "threshold", "range").
+            "colormap", "threshold", "display"; without "display" it is computed by :mod:`.display`'s rule).
         window: grey window of the scan (default :func:`scan_window`); pass it to share it between figures.
     """
     _check_grids(scan, segmentation=target_mask, map=map_volume)
     window = window or scan_window(scan.array)
-    value_range = [float(v) for v in map_meta["range"]]
-    threshold = float(map_meta.get("threshold") or 0.0)
-    colormap = map_meta.get("colormap") or "inferno"
-    name = map_meta["method"] + (f" / {map_meta['variant']}" if map_meta.get("variant") else "")
-    figure, panels, aspects = _three_panels(scan, f"{name}: {map_meta.get('class', '')}")
-    scans, masks, values = (orthogonal_slices(v, center) for v in (scan, target_mask, map_volume))
-    for plane, ax in panels.items():
-        ax.imshow(blend(scans[plane], values[plane], window, colormap, value_range, threshold), aspect=aspects[plane])
-        _outline(ax, masks[plane])
+    display = map_display(map_meta, map_volume.array, scan.array)
+    peak, peak_value = display.peak, display.peak_value
+    unit = f" {display.unit}" if display.unit else ""
+    target = map_meta.get("class") or "object"
+    name = map_title(map_meta["method"], map_meta.get("variant"))
+    figure = Figure(figsize=(10, 9.4), layout="constrained")
+    figure.suptitle(f"{name}: {target}", fontsize=13)
+    aspects = AnatomicalAxes.of(scan).aspects()
+    rows = {
+        "centre": (center, f"Slices through the centre of the segmented {target} (outlined in cyan)"),
+        "peak": (peak, f"Slices through the map's peak inside the head (green cross): {readable(peak_value)}{unit} "
+                       f"at voxel (i, j, k) = ({', '.join(f'{v:.0f}' for v in peak)})"),
+    }
+    axes = []
+    for row, (place, (point, title)) in zip(figure.subfigures(2, 1), rows.items()):
+        panels = _plane_panels(row, title, 11)
+        scans, masks, values = (orthogonal_slices(v, point) for v in (scan, target_mask, map_volume))
+        marks = point_in_slices(scan, point) if place == "peak" else {}
+        for plane, ax in panels.items():
+            ax.imshow(blend(scans[plane], values[plane], window, display), aspect=aspects[plane])
+            _outline(ax, masks[plane])
+            if plane in marks:
+                ax.plot(marks[plane][1], marks[plane][0], "+", color=PEAK_COLOUR, markersize=22, markeredgewidth=2.5,
+                        path_effects=[withStroke(linewidth=5, foreground="black")])
+        axes.append(panels)
 
-    lo, hi = value_range
-    bar = figure.colorbar(ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1.0), colormaps[colormap]),
-                          ax=list(panels.values()), orientation="horizontal", fraction=0.06, aspect=60)
-    cutoff = display_cutoff(value_range, threshold)
-    hidden = f"values below {cutoff:.3g} not drawn" if hi > lo else f"the map is constant ({lo:.3g}): nothing drawn"
-    bar.set_label(textwrap.fill(f"{map_meta.get('description', '')} [range {lo:.3g} to {hi:.3g}; {hidden}]", 150),
-                  fontsize=8)
-    bar.ax.tick_params(labelsize=7)
-    outline = Line2D([], [], color=CONTOUR_COLOUR, label=f"outline of the segmented {map_meta.get('class', 'object')}")
-    figure.legend(handles=[outline], loc="upper right", fontsize=8, frameon=False)
+    normalise = Normalize(display.low, display.high if not display.constant else display.low + 1.0)
+    bar = row.colorbar(ScalarMappable(normalise, colormaps[display.colormap]), ax=list(axes[-1].values()),
+                       orientation="horizontal", fraction=0.07, aspect=50)
+    description = str(map_meta.get("description", "")).rstrip(".")
+    bar.set_label(textwrap.fill(f"{description}. Colour bar: {display.caption()}.", 120), fontsize=10)
+    bar.ax.tick_params(labelsize=9)
     return _save(figure, path)
 
 
@@ -302,48 +328,85 @@ def render_thumbnail(scan: Volume, segmentation: Volume, target_labels: Sequence
     return _save(figure, path)
 
 
+def stage_names(curve: Sequence[dict[str, Any]], network_grid: Sequence[int] | None = None,
+                spacing_mm: Sequence[float] | None = None) -> list[str]:
+    """A reader's name for each layer of an SA curve (forward order), from the grids the layers work on.
+
+    A point's own ``title`` (a reader's name given by the explainer) wins. Otherwise the layers on the coarsest
+    grid are the "bottleneck"; those before it "encoder stage 1, 2, ...", those after it "decoder stage 1, 2, ..."
+    (the last one "last decoder stage"), numbered in forward order; a layer without a ``shape`` keeps its module
+    name. Several layers on the coarsest grid: the first, which reached it by downsampling, is the encoder's
+    last stage, the others the bottleneck. With the ``network_grid`` (voxels, array order K, J, I, as the
+    layers' ``shape``) and its ``spacing_mm`` (i, j, k), each name says its voxel size
+    ("decoder stage 2, 3 mm grid").
+    """
+    voxels = [int(np.prod(point["shape"])) if point.get("shape") else None for point in curve]
+    known = [n for n, v in enumerate(voxels) if v is not None]
+    if not known:
+        return [str(point.get("title") or point["layer"]) for point in curve]
+    coarsest = [n for n in known if voxels[n] == min(voxels[m] for m in known)]
+    # the first layer to reach the coarsest grid got there by downsampling: the encoder's last stage
+    bottleneck = coarsest[1:] or coarsest
+    decoder = [n for n in known if n > bottleneck[-1]]
+    names = []
+    for n, point in enumerate(curve):
+        if point.get("title"):
+            names.append(str(point["title"]))
+            continue
+        if voxels[n] is None:
+            names.append(str(point["layer"]))
+            continue
+        if n in bottleneck:
+            name = "bottleneck"
+        elif n < bottleneck[0]:
+            name = f"encoder stage {len([m for m in known if m <= n])}"
+        else:
+            name = "last decoder stage" if n == decoder[-1] else f"decoder stage {decoder.index(n) + 1}"
+        if network_grid is not None and spacing_mm is not None:
+            # the layer's grid covers the network's input grid: its voxels are that many times larger
+            size = float(np.mean([s * g / max(int(d), 1) for s, g, d in
+                                  zip(spacing_mm, network_grid[::-1], point["shape"][::-1])]))
+            name += f", {readable(size)} mm grid"
+        names.append(name)
+    return names
+
+
 def render_sa_curve(curve: Sequence[dict[str, Any]], path: Path, reference: str = "model",
-                    review_below: float | None = None) -> Path:
-    """Line plot of the per-layer SA score (``[{"layer", "sa", "output"?}]``, forward order).
+                    review_below: float | None = None, network_grid: Sequence[int] | None = None,
+                    spacing_mm: Sequence[float] | None = None) -> Path:
+    """Line plot of the per-layer SA score (``[{"layer", "sa", "shape"?, "output"?, "title"?}]``, forward order).
+
+    The layers are named by :func:`stage_names`; the legend sits below the plot, off the curve.
 
     Args:
         reference: what the SA score compares with: ``model`` (the model's own mask) or ``label``.
         review_below: draw the case-level review threshold of the mean SA score as a dashed line.
+        network_grid, spacing_mm: the grid the network ran on (voxels K, J, I; mm along i, j, k), for the layers'
+            voxel sizes
+            (ProtoSeg's ``metadata["network_grid"]`` and the summary's ``model_grid["spacing_mm"]``).
     """
-    names = [str(point["layer"]) for point in curve]
-    prefix = _common_prefix(names)
+    names = stage_names(curve, network_grid, spacing_mm)
     scores = [float(point["sa"]) for point in curve]
     x = np.arange(len(scores))
-    figure = Figure(figsize=(min(12.0, max(7.0, 0.4 * len(scores) + 3)), 4.2), layout="constrained")
+    figure = Figure(figsize=(min(12.0, max(7.5, 0.9 * len(scores) + 3)), 5.2), layout="constrained")
     ax = figure.subplots()
-    ax.plot(x, scores, "-o", color="#1f5fa8", markersize=4, label="SA score of the layer's features")
+    ax.plot(x, scores, "-o", color="#1f5fa8", markersize=5, label="SA score of the layer's features")
+    for n, score in enumerate(scores):
+        ax.annotate(f"{score:.2f}", (x[n], score), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
     output = [n for n, point in enumerate(curve) if point.get("output")]
     if output:
-        ax.plot(x[output], np.asarray(scores)[output], "s", markerfacecolor="none", color="#d62728", markersize=8,
+        ax.plot(x[output], np.asarray(scores)[output], "s", markerfacecolor="none", color="#d62728", markersize=9,
                 label="output layer (the prediction itself)")
     if review_below is not None:
         ax.axhline(review_below, color="grey", linestyle="--", linewidth=1,
-                   label=f"review threshold of the mean SA score ({review_below:g})")
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(x, [name[len(prefix):] or name for name in names], rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("layer, input (left) to output (right)" + (f"; names after '{prefix}'" if prefix else ""), fontsize=8)
-    ax.set_ylabel("SA score (Dice)", fontsize=8)
+                   label=f"review threshold of the mean SA score ({review_below:.2f})")
+    ax.set_ylim(0, 1.05)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=10)
+    ax.set_xlabel("layer of the network, from the input (left) to the output (right)", fontsize=10)
+    ax.set_ylabel("SA score (Dice, 0 to 1)", fontsize=10)
+    ax.tick_params(axis="y", labelsize=9)
     against = "the ground truth" if reference == "label" else "the model's own segmentation"
-    ax.set_title(f"Segmentation ability per layer (ProtoSeg), against {against}", fontsize=9)
+    ax.set_title(f"Segmentation ability per layer (ProtoSeg), against {against}", fontsize=12)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    figure.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
     return _save(figure, path)
-
-
-def _common_prefix(names: Sequence[str]) -> str:
-    """The dotted prefix all layer names share ('model.'), so the tick labels show what differs."""
-    if len(names) < 2:
-        return ""
-    parts = [name.split(".") for name in names]
-    shared = []
-    for tokens in zip(*parts):
-        if len(set(tokens)) > 1:
-            break
-        shared.append(tokens[0])
-    shared = shared[: min(len(p) for p in parts) - 1]  # keep at least one token of every name
-    return ".".join(shared) + "." if shared else ""

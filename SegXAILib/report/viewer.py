@@ -9,8 +9,9 @@ What the page holds, besides the static pictures (kept for printing: the viewer 
 - NiiVue's script, inline;
 - the scan, the segmentation and each map of ``summary["maps"]``, each a gzipped NIfTI-1 file in base64,
   in a ``<script type="application/octet-stream">`` block (data the browser does not run);
-- a layer list: a checkbox, an opacity slider and, for maps, a threshold slider (NiiVue's ``cal_min``:
-  values below it are not drawn), named as the report's sections name them; sliders through the axial,
+- a layer list: a checkbox, an opacity slider and, for maps, a threshold slider (values below it are not
+  drawn; for a signed map, values whose size |value| is below it, so both signs stay), named as the report's
+  sections name them; sliders through the axial,
   coronal and sagittal slices (and the arrow keys on the picture); the values under the cross in words.
 
 Storage, chosen to lose nothing visible:
@@ -18,9 +19,10 @@ Storage, chosen to lose nothing visible:
 - scan: 16-bit integers, exact when its voxels are integers within int16's range (most MRI and CT files),
   else scaled over its [min, max] through the NIfTI ``scl_slope``/``scl_inter`` (65,535 steps);
 - segmentation: its labels, exact (uint8; uint16 above 255);
-- each map: uint8 over the map's value range in the summary (the range its montage uses): 256 steps, as
-  many as the colour map it is drawn with has colours; the value read under the cross is within 1/510
-  of the range; NaN is stored as the bottom of the range.
+- each map: uint8 over its display range (``summary["maps"][n]["display"]``, the colour bar of its montage,
+  chosen by :mod:`.display`'s rule): 256 steps, as many as the colour map it is drawn with has colours; the
+  value read under the cross is within 1/510 of the range, and values beyond it read as its end ("at least
+  0.31"); NaN is stored as the bottom of the range.
 
 Size rule (``VOLUME_BUDGET``): the embedded volumes, in base64, take at most 22 MiB, so that with NiiVue
 (2.3 MB) and the pictures a report of a 256^3 scan stays under about 30 MB. The scan and the segmentation
@@ -48,8 +50,10 @@ import numpy as np
 from matplotlib import colormaps
 
 from ..errors import SegXAIError
+from ..glossary import map_title
 from ..volume import Volume, read_volume
-from .montage import OVERLAY_ALPHA, class_colours, display_cutoff
+from .display import MapDisplay, with_displays
+from .montage import OVERLAY_ALPHA, class_colours
 
 NIIVUE_JS = Path(__file__).with_name("assets") / "niivue.umd.js"
 NIIVUE_VERSION = "0.69.0"
@@ -147,6 +151,11 @@ def downsample(volume: Volume, factor: int, labels: bool = False) -> Volume:
     return Volume(np.ascontiguousarray(array), volume.spacing * factor, origin, volume.direction)
 
 
+def display_ends(item: dict[str, Any]) -> tuple[float, float]:
+    """The ends of a summary map entry's display range (its ``display``, :mod:`.display`)."""
+    return float(item["display"]["low"]), float(item["display"]["high"])
+
+
 def base64_size(raw: int) -> int:
     """Length of ``raw`` bytes in base64."""
     return 4 * (-(-raw // 3))
@@ -180,7 +189,7 @@ def encode_maps(folder: Path, maps: Sequence[dict[str, Any]], budget: int) -> tu
         total = 0
         for item in maps:
             volume = read_volume(folder / item["file"])
-            encoded.append(encode_map(downsample(volume, factor), [float(v) for v in item["range"]]))
+            encoded.append(encode_map(downsample(volume, factor), display_ends(item)))
             del volume  # one scan-sized map in memory at a time
             total += base64_size(len(encoded[-1]))
             if total > budget and factor < MAX_FACTOR:
@@ -207,9 +216,9 @@ class Layer:
                 "file": f"{self.kind}-{index}.nii.gz", "factor": self.factor, **self.settings}
 
 
-def map_title(item: dict[str, Any]) -> str:
-    """A map's name as the report's "Maps" section writes it: method / variant (class)."""
-    title = item["method"] + (f" / {item['variant']}" if item.get("variant") else "")
+def layer_title(item: dict[str, Any]) -> str:
+    """A map layer's name in the viewer: the map's reader name (:func:`SegXAILib.glossary.map_title`) and class."""
+    title = map_title(item["method"], item.get("variant"))
     return title + (f" ({item['class']})" if item.get("class") else "")
 
 
@@ -217,7 +226,7 @@ def colormap_rgb(name: str) -> list[list[int]]:
     """A matplotlib colour map as 256 RGB triplets (0-255), the colours of the montages.
 
     The page's script turns them into one NiiVue colour map per map layer, spread over the part of the map's
-    range that is drawn (threshold to top), so a value has the montage's colour whatever the threshold.
+    display range, with the values the threshold hides transparent, so a value has the montage's colour.
     """
     return np.rint(colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(int).tolist()
 
@@ -254,17 +263,16 @@ def viewer_layers(folder: Path, summary: dict[str, Any], scan: Volume, segmentat
         Layer("segmentation", "segmentation", labels_data, factor,
               {"colormap": "", "opacity": OVERLAY_ALPHA, "lut": label_lut(summary.get("classes", []))}),
     ]
-    maps = summary.get("maps", [])
+    maps = with_displays(summary.get("maps", []), scan.array, lambda item: read_volume(folder / item["file"]).array)
     encoded, map_factor = encode_maps(folder, maps, budget - sum(base64_size(len(layer.data)) for layer in layers))
     for item, data in zip(maps, encoded):
-        value_range = [float(v) for v in item["range"]]
-        colormap = item.get("colormap") or "inferno"
-        lo, hi = value_range
-        layers.append(Layer(map_title(item), "map", data, map_factor, {
-            "colormap": f"segxai-layer-{len(layers)}", "matplotlib": colormap, "opacity": OVERLAY_ALPHA,
-            "cal_min": display_cutoff(value_range, float(item.get("threshold") or 0.0)),
-            "cal_max": hi if hi > lo else lo + 1.0, "range": value_range, "step": (hi - lo) / 255 if hi > lo else 0.0,
-            "description": item.get("description", ""), "shown": len(layers) == 2}))
+        display = MapDisplay.from_json(item["display"])
+        lo, hi = display_ends(item)
+        layers.append(Layer(layer_title(item), "map", data, map_factor, {
+            "colormap": f"segxai-layer-{len(layers)}", "matplotlib": display.colormap, "opacity": OVERLAY_ALPHA,
+            "cal_min": lo, "cal_max": hi if hi > lo else lo + 1.0, "range": [lo, hi], "signed": display.signed,
+            "threshold": display.cutoff, "step": (hi - lo) / 255 if hi > lo else 0.0,
+            "description": item.get("description", ""), "caption": display.caption(), "shown": len(layers) == 2}))
     return layers
 
 
@@ -302,11 +310,14 @@ def _layer_row(index: int, layer: Layer) -> str:
     if layer.kind == "map":
         lo, hi = settings["range"]
         step = settings["step"] or 1.0
-        threshold = (f"<input type=\"range\" min=\"{lo!r}\" max=\"{hi!r}\" step=\"{step!r}\" "
-                     f"value=\"{settings['cal_min']!r}\" data-threshold=\"{index}\" "
+        start = 0.0 if settings["signed"] else lo  # a signed map's threshold is a size: 0 to the range's end
+        threshold = (f"<input type=\"range\" min=\"{start!r}\" max=\"{hi!r}\" step=\"{step!r}\" "
+                     f"value=\"{settings['threshold']!r}\" data-threshold=\"{index}\" "
                      f"aria-label=\"threshold of {name}\"{'' if hi > lo else ' disabled'}> "
                      f"<output data-threshold-value=\"{index}\"></output>")
-    title = f" title=\"{html.escape(settings['description'])}\"" if settings.get("description") else ""
+    title = " ".join(filter(None, (settings.get("description"), settings.get("caption") and
+                                   f"Colours: {settings['caption']}.")))
+    title = f" title=\"{html.escape(title)}\"" if title else ""
     checked = " checked" if settings.get("shown", True) else ""
     return (f"<tr><td><input type=\"checkbox\"{checked} data-layer=\"{index}\" id=\"segxai-layer-{index}\"></td>"
             f"<td><label for=\"segxai-layer-{index}\"{title}>{name}</label> <small>({_grid_note(layer)})</small></td>"
@@ -355,8 +366,9 @@ def viewer_section(folder: Path, summary: dict[str, Any], scan: Volume, segmenta
 drag on a picture to move the cross; the slice sliders, the mouse wheel over a picture, or the arrow keys
 (up and down: through the slices of the plane last clicked) scroll through the slices. Tick a layer to show it;
 its opacity slider fades it; a map's threshold slider sets the value below which the map is not drawn (it starts at
-the threshold of the pictures). This viewer needs a browser with WebGL2; on paper, the pictures below stand in
-for it.</p>
+the threshold of the pictures; for a signed map, blue-white-red, it hides the values closer to 0 than the threshold,
+on both sides). The colours span each map's display range, as in its picture below. This viewer needs a browser
+with WebGL2; on paper, the pictures below stand in for it.</p>
 <style>{_CSS}</style>
 <div class="segxai-viewer-canvas"><canvas id="segxai-canvas" tabindex="0"
 aria-label="the scan in three planes with the layers ticked below"></canvas></div>
@@ -397,7 +409,11 @@ _VIEWER_JS = r"""
   function number(value) {
     if (!Number.isFinite(value)) return String(value);
     const a = Math.abs(value);
-    return a !== 0 && (a < 0.001 || a >= 100000) ? value.toExponential(2) : String(Number(value.toPrecision(4)));
+    if (a !== 0 && (a < 0.001 || a >= 100000)) {  // "2.8 × 10^-18", not "2.81e-18"
+      const [mantissa, exponent] = value.toExponential(1).split("e");
+      return mantissa + " \u00d7 10^" + Number(exponent);
+    }
+    return String(Number(value.toPrecision(3)));
   }
   function voxel(mm) {
     const m = config.rasToIjk;
@@ -414,21 +430,36 @@ _VIEWER_JS = r"""
     show3Dcrosshair: false, loadingText: "loading the scan ...", logLevel: "error",
   });
   const shown = layers.map((layer) => layer.shown !== false);
-  // a map's colour map spans the drawn part of its range (threshold to top) with the montage's colours;
-  // entry 0, where NiiVue puts every value at or below the threshold, is transparent
+  // a map's threshold: values below it are not drawn; for a signed map, values whose size |value| is below it
+  const threshold = layers.map((layer) => layer.threshold);
+  function drawn(n, value) {
+    const layer = layers[n];
+    const [lo, hi] = layer.range;
+    const half = layer.step / 2;  // the map is stored in steps: compare as the stored levels do
+    return hi > lo && (layer.signed ? Math.abs(value) >= threshold[n] - half : value >= threshold[n] - half);
+  }
+  // a map's colour map spans its display range (cal_min to cal_max) with the montage's colours; the entries
+  // of values that the threshold hides are transparent
   function mapColours(n) {
     const layer = layers[n];
     const base = config.colormaps[layer.matplotlib];
     const [lo, hi] = layer.range;
-    const from = nv.volumes[n] ? nv.volumes[n].cal_min : layer.cal_min;
     const lut = {R: [], G: [], B: [], A: [], I: []};
     for (let t = 0; t < 256; t++) {
-      const value = from + (t / 255) * (layer.cal_max - from);
+      const value = layer.cal_min + (t / 255) * (layer.cal_max - layer.cal_min);
       const u = hi > lo ? Math.min(Math.max((value - lo) / (hi - lo), 0), 1) : 0;
       const rgb = base[Math.round(u * 255)];
-      lut.R.push(rgb[0]); lut.G.push(rgb[1]); lut.B.push(rgb[2]); lut.A.push(t === 0 ? 0 : 255); lut.I.push(t);
+      lut.R.push(rgb[0]); lut.G.push(rgb[1]); lut.B.push(rgb[2]); lut.A.push(drawn(n, value) ? 255 : 0);
+      lut.I.push(t);
     }
     nv.addColormap(layer.colormap, lut);
+  }
+  function mapValue(n, value) {  // values beyond the display range were stored as its ends
+    const layer = layers[n];
+    const [lo, hi] = layer.range;
+    if (hi > lo && value >= hi - layer.step / 2) return "at least " + number(hi);
+    if (hi > lo && layer.signed && value <= lo + layer.step / 2) return "at most " + number(lo);
+    return number(value);
   }
   const opacity = layers.map((layer) => layer.opacity);
   let plane = 0;  // the plane the arrow keys scroll: 0 axial, 1 coronal, 2 sagittal
@@ -448,7 +479,7 @@ _VIEWER_JS = r"""
         const name = (layer.lut.labels || [])[label];
         text = label === 0 ? "background (label 0)" : (name || "label") + " (label " + label + ")";
       } else if (layer.kind === "map") {
-        text = number(entry.value) + (entry.value >= nv.volumes[n].cal_min ? " (drawn)" : " (below the threshold)");
+        text = mapValue(n, entry.value) + (drawn(n, entry.value) ? " (drawn)" : " (below the threshold)");
       } else {
         text = number(entry.value);
       }
@@ -525,15 +556,17 @@ _VIEWER_JS = r"""
     const show = () => {
       const layer = layers[n];
       const [lo, hi] = layer.range;
-      const fraction = hi > lo ? (Number(input.value) - lo) / (hi - lo) : 0;
-      section.querySelector('output[data-threshold-value="' + n + '"]').textContent =
-        number(Number(input.value)) + " (" + Math.round(100 * fraction) + "% of the range)";
+      const value = Number(input.value);
+      const fraction = hi > lo ? (layer.signed ? value / hi : (value - lo) / (hi - lo)) : 0;
+      section.querySelector('output[data-threshold-value="' + n + '"]').textContent = layer.signed
+        ? "|value| \u2265 " + number(value) + " (" + Math.round(100 * fraction) + "% of the range's end)"
+        : number(value) + " (" + Math.round(100 * fraction) + "% of the range)";
     };
     show();
     input.addEventListener("input", () => {
       show();
       if (!nv.volumes[n]) return;
-      nv.volumes[n].cal_min = Math.min(Number(input.value), layers[n].cal_max);
+      threshold[n] = Number(input.value);
       redraw();
     });
   });

@@ -82,6 +82,37 @@ def test_judging_returns_the_verdict_the_summary_records(tmp_path, tiny_card):
     assert summary["review"]["reasons"] == case.verdict.review["reasons"]
 
 
+def test_a_known_label_gives_the_dice_of_every_class_and_group(tmp_path, tiny_card):
+    """The label's Dice lands in the verdict and in summary["truth"]; it changes no score and no verdict."""
+    scan = ball_head(shape=(24, 24, 24))
+    model = load_model(tiny_card)
+    unlabelled = explain_case(scan, model, ["gradcam"], device="cpu")
+    predicted = unlabelled.segmentation.labels.array
+    truth = predicted.copy()
+    truth[:12] = 0  # the label: the segmentation without its lower half, so every class is a subset of it
+    label = scan.with_array(truth)
+
+    def subset_dice(values: list[int]) -> float:
+        """Dice of a label B inside the prediction A: 2|B| / (|A| + |B|)."""
+        a, b = int(np.isin(predicted, values).sum()), int(np.isin(truth, values).sum())
+        return 2 * b / (a + b)
+
+    expected = {"core": subset_dice([1]), "rim": subset_dice([4]), "lesion": subset_dice([1, 4])}
+    assert all(0.2 < value < 0.9 for value in expected.values())  # the random network segments both classes
+    labelled = explain_case(scan, model, ["gradcam"], device="cpu", label=label)
+    assert labelled.verdict.dice == pytest.approx(expected, abs=1e-12) and unlabelled.verdict.dice == {}
+    assert labelled.verdict.scores == unlabelled.verdict.scores
+    assert labelled.verdict.review == unlabelled.verdict.review
+
+    scan_path, label_path = write_volume(scan, tmp_path / "scan.nii.gz"), write_volume(label, tmp_path / "label.nii.gz")
+    out = tmp_path / "out"
+    assert main(["explain", str(scan_path), "--model", str(tiny_card), "--methods", "gradcam", "--label",
+                 str(label_path), "--out", str(out), "--no-report", "--progress", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["truth"]["label"] == str(label_path)
+    assert summary["truth"]["dice"] == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("option, named", [
     ("protoseg.layer=model.1", ["unknown", "protoseg", "layers"]),
     ("gradcam.lyer=bottleneck", ["unknown", "gradcam", "layer", "region"]),
@@ -118,6 +149,7 @@ def test_the_public_api_names_exist():
         SegXAILib.not_a_name  # noqa: B018
 
 
+@pytest.mark.slow
 def test_the_readme_notebook_example_runs(tmp_path, monkeypatch):
     """The README's Python example, as written, on a small brain scan standing in for its file name."""
     block = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 
 import pytest
 
@@ -80,7 +82,8 @@ def test_scores_without_a_rule_or_a_number_are_shown_but_never_flagged():
     assert [s["key"] for s in review["scores"]] == list(summary["scores"])
     assert not review["needed"] and review["reasons"] == []
     assert set(review["thresholds"]) == {"mean_sa", "entropy_inside"}  # only rules that judged a score
-    assert review["scores"][0]["rule"] == "" and review["scores"][0]["meaning"] == "Reported by mhex-uncertainty."
+    assert review["scores"][0]["rule"] == ""
+    assert review["scores"][0]["meaning"] == "Reported by collaboration-gradient uncertainty."
 
 
 def test_reasons_name_each_flagged_score():
@@ -90,8 +93,8 @@ def test_reasons_name_each_flagged_score():
     assert review["needed"] and flagged(summary) == {"object_volume_ml", "protoseg.mean_sa", "tta.variance_inside"}
     volume, sa, variance = review["reasons"]
     assert volume.startswith("the model segmented almost nothing as blob") and "= 0.02; review if < 0.1" in volume
-    assert "barely separate the blob" in sa and "(protoseg) = 0.31; review if < 0.5" in sa
-    assert "disagree about the blob" in variance and "(tta) = 0.09; review if > 0.05" in variance
+    assert "barely separate the blob" in sa and "(ProtoSeg) = 0.31; review if < 0.5" in sa
+    assert "disagree about the blob" in variance and "(test-time augmentation) = 0.09; review if > 0.05" in variance
 
 
 def test_a_card_calibration_changes_the_verdict_and_reports_its_basis():
@@ -161,3 +164,80 @@ def test_explain_writes_the_cards_verdict_into_the_summary_and_the_report(tmp_pa
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Review this case" in page and "calibrated: test: every mean SA is below 1.01" in page
     assert "Scan noise (1/SNR)" in page and "measured on the scan itself" in page
+
+
+# ------------------------------------------------------------------ the checks a verdict rests on
+ALL_CHECKS = ["size of the segmented object", "segmentation ability", "uncertainty inside the object", "reliability"]
+
+
+def checks_made(review: dict) -> list[str]:
+    return [c["check"] for c in review["checks"] if c["made"]]
+
+
+def test_a_verdict_without_a_problem_names_the_checks_that_did_not_run():
+    gradcam_only = summary_with({"object_volume_ml": 12.0, "image.noise": 0.03})  # the scores of --methods gradcam
+    review = review_case(gradcam_only)
+    assert not review["needed"] and review["complete"] is False
+    assert [c["check"] for c in review["checks"]] == ALL_CHECKS and checks_made(review) == ALL_CHECKS[:1]
+    how = {c["check"]: c.get("how") for c in review["checks"]}
+    assert how["segmentation ability"] == "add protoseg to --methods"
+    assert how["uncertainty inside the object"] == "add mcdropout, tta or ensemble to --methods"
+    assert "reliability model" in how["reliability"] and "segxai train-reliability" in how["reliability"]
+    assert review["verdict"].startswith("No problem found by the 1 check that ran (size of the segmented object); "
+                                        "3 checks not run, so this is no all-clear. Not checked: segmentation "
+                                        "ability (add protoseg to --methods); ")
+
+    # every check made: an all-clear (that still does not prove the outline right)
+    full = summary_with({"object_volume_ml": 12.0, "protoseg.mean_sa": 0.7, "tta.entropy_inside": 0.1,
+                         "reliability": 0.95})
+    review = review_case(full)
+    assert review["complete"] and checks_made(review) == ALL_CHECKS and "how" not in review["checks"][3]
+    assert review["checks"][2]["scores"] == ["tta.entropy_inside"]
+    assert review["verdict"].startswith("No problem found by the 4 checks (size of the segmented object, ")
+
+
+@pytest.mark.parametrize("scores, extra, check, how", [
+    # the reliability model needs methods the run left out: its recorded reason says which
+    ({}, {"not_applicable": {"reliability": "the reliability model of m needs misure; explain with misure"}},
+     "reliability", "the reliability model of m needs misure; explain with misure"),
+    # a classifier too weak to judge: its probability is shown but checks nothing
+    ({"reliability": 0.9}, {"reliability_model": {"auc_cv": 0.6}}, "reliability",
+     "not used for review: the classifier's cross-validated AUROC is 0.60, below 0.75"),
+    # a method ran but its score is not a number
+    ({"tta.entropy_inside": float("nan")}, {}, "uncertainty inside the object",
+     "its score was not a number (nothing segmented?)"),
+])
+def test_a_check_not_made_says_why(scores, extra, check, how):
+    summary = summary_with({"object_volume_ml": 12.0, "protoseg.mean_sa": 0.7, "tta.entropy_inside": 0.1,
+                            "reliability": 0.95} | scores) | extra
+    if "not_applicable" in extra:
+        del summary["scores"]["reliability"]
+    review = review_case(summary)
+    assert [c["check"] for c in review["checks"] if not c["made"]] == [check]
+    assert next(c["how"] for c in review["checks"] if c["check"] == check) == how
+    assert not review["complete"] and f"Not checked: {check} ({how})." in review["verdict"]
+
+
+def test_a_flagged_case_also_names_the_checks_that_did_not_run():
+    review = review_case(summary_with({"object_volume_ml": 0.02}))
+    assert review["needed"] and not review["complete"]
+    assert review["verdict"].startswith("Review this case: the model segmented almost nothing as blob "
+                                        "(Volume of the segmented object (mL) = 0.02; review if < 0.1). Not checked: ")
+
+
+def test_a_gradcam_only_run_is_no_all_clear_in_the_summary_or_the_report(tmp_path, scan_file):
+    """The run of issue 23: Grad-CAM alone, no score past its threshold, and most checks not made."""
+    out = tmp_path / "out"
+    assert main(["explain", str(scan_file), "--model", str(make_card(tmp_path)), "--methods", "gradcam",
+                 "--out", str(out), "--device", "cpu", "--progress", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    review = summary["review"]
+    if review["needed"]:  # a random network may segment almost nothing; the checks are the point here
+        assert [s["key"] for s in review["scores"] if s["review"]] == ["object_volume_ml"]
+    assert checks_made(review) == ["size of the segmented object"] and not review["complete"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    box = re.search(r"<p class=\"verdict (\w+)\">", page).group(1)
+    assert box == ("review" if review["needed"] else "incomplete")  # never the green all-clear
+    assert "verdict ok" not in page
+    for check in review["checks"][1:]:
+        assert f"<li><b>{check['check']}</b>: {html.escape(check['how'])}</li>" in page

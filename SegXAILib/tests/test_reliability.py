@@ -101,6 +101,17 @@ def test_missing_feature_one_class_and_bad_files_are_clear_errors(tmp_path):
         ReliabilityModel.load(tmp_path / "x.json")
 
 
+def test_a_case_far_from_the_training_cases_gets_no_probability():
+    cases, _, dice = dataset()
+    model = fit_reliability(cases, dice, "tiny", "lesion")
+    i = model.features.index("misure.dice_explained")
+    inside = dict(cases[0], **{"misure.dice_explained": model.mean[i] + 4.9 * model.scale[i]})
+    assert 0 <= model.probability(inside) <= 1
+    outside = dict(cases[0], **{"misure.dice_explained": model.mean[i] - 5.1 * model.scale[i]})
+    with pytest.raises(SegXAIError, match=r"MiSuRe.s dice explained .* lies 5.1 standard deviations .* fit it again"):
+        model.probability(outside)
+
+
 def explain(tmp_path, card, scan, out, methods="protoseg", *extra):
     assert main(["explain", str(scan), "--model", str(card), "--methods", methods, "--out", str(tmp_path / out),
                  "--no-report", "--progress", "none", *extra]) == 0

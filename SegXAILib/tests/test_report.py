@@ -22,7 +22,15 @@ from PIL import Image
 from SegXAILib.errors import SegXAIError
 from SegXAILib.quality import review_case
 from SegXAILib.report import object_center, orthogonal_slices, write_report
-from SegXAILib.report.montage import AnatomicalAxes, blend
+from SegXAILib.report.display import (
+    SIGNED_MIN_THRESHOLD,
+    MapDisplay,
+    display_range,
+    head_mask,
+    map_peak,
+    readable,
+)
+from SegXAILib.report.montage import AnatomicalAxes, blend, point_in_slices, stage_names
 from SegXAILib.volume import Volume, write_volume
 
 SHAPE = (4, 5, 6)  # K, J, I: every axis a different length
@@ -135,17 +143,144 @@ def test_object_center_of_a_crescent_is_a_voxel_of_it():
 def test_blend_colours_only_where_the_map_reaches_its_threshold():
     scan = np.full((2, 4), 50.0)
     values = np.array([[0.9, 0.5, 0.4, 0.0], [np.nan, 0.39, 1.0, 0.1]])  # 0.4: exactly at the cutoff
-    rgb = blend(scan, values, window=(0.0, 100.0), colormap="viridis", value_range=(0.2, 1.0), threshold=0.25,
-                alpha=0.6)
+    display = MapDisplay(0.2, 1.0, False, 0.25, "viridis", "test")
+    rgb = blend(scan, values, window=(0.0, 100.0), display=display, alpha=0.6)
     cutoff = 0.2 + 0.25 * 0.8  # 0.4: a quarter of the way up the range
+    assert display.cutoff == pytest.approx(cutoff)
     for (r, c), v in np.ndenumerate(values):
         if np.isfinite(v) and v >= cutoff - 1e-12:
             colour = np.array(colormaps["viridis"](np.clip((v - 0.2) / 0.8, 0, 1))[:3])
             np.testing.assert_allclose(rgb[r, c], 0.4 * 0.5 + 0.6 * colour, atol=1e-12, err_msg=str(v))
         else:
             np.testing.assert_allclose(rgb[r, c], [0.5, 0.5, 0.5], err_msg=str(v))  # grey: the scan shows
-    flat = blend(scan, np.full((2, 4), 3.0), (0.0, 100.0), "inferno", (3.0, 3.0), 0.0)
+    flat = blend(scan, np.full((2, 4), 3.0), (0.0, 100.0), MapDisplay(3.0, 3.0, False, 0.0, "inferno", "test"))
     np.testing.assert_allclose(flat, 0.5)  # a constant map says nothing and draws nothing
+
+
+def test_a_signed_map_is_drawn_on_both_sides_of_a_two_sided_threshold():
+    scan = np.full((1, 7), 50.0)
+    values = np.array([[-3.0, -1.0, -0.49, 0.0, 0.3, 0.5, 2.0]])
+    display = MapDisplay(-2.0, 2.0, True, 0.25, "RdBu_r", "test")  # hides |value| < 0.5
+    rgb = blend(scan, values, (0.0, 100.0), display, alpha=1.0)
+    for c, v in enumerate(values[0]):
+        if abs(v) >= 0.5:
+            expected = colormaps["RdBu_r"](np.clip((v + 2.0) / 4.0, 0, 1))[:3]  # -3 beyond the range: its end
+            np.testing.assert_allclose(rgb[0, c], expected, atol=1e-12, err_msg=str(v))
+        else:
+            np.testing.assert_allclose(rgb[0, c], 0.5, err_msg=str(v))
+    assert rgb[0, 0, 2] > rgb[0, 0, 0] and rgb[0, 6, 0] > rgb[0, 6, 2]  # negative blue, positive red
+
+
+# ------------------------------------------------------------------ display ranges
+def ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return (i - centre[0]) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2 <= radius ** 2
+
+
+def bump(shape: tuple[int, int, int], centre: tuple[float, float, float], width: float) -> np.ndarray:
+    """A Gaussian bump of height 1 at ``centre`` (i, j, k)."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r2 = (i - centre[0]) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2
+    return np.exp(-r2 / (2 * width ** 2)).astype(np.float32)
+
+
+def test_the_head_is_the_bright_foreground_with_its_dark_inside():
+    shape = (30, 32, 34)
+    head = ball(shape, (17, 16, 15), 12)
+    ventricle = ball(shape, (17, 16, 15), 4)  # dark fluid inside: still the head
+    rng = np.random.default_rng(0)
+    scan = np.where(head & ~ventricle, 300.0, 15.0) + rng.normal(0, 5, shape)
+    np.testing.assert_array_equal(head_mask(scan), head)
+
+
+def test_a_map_concentrated_low_gets_a_range_far_below_its_maximum():
+    shape = (30, 32, 34)
+    head = ball(shape, (17, 16, 15), 12)
+    rng = np.random.default_rng(1)
+    entropy = (0.02 * rng.random(shape) + 1.2 * bump(shape, (17, 16, 15), 1.0)).astype(np.float32)  # low but a few
+    entropy[0, 0, 0] = 5.0  # outside the head: not counted
+    meta = {"method": "tta", "variant": "entropy", "normalised": False, "threshold": 0.2, "colormap": "viridis"}
+    display = display_range(entropy, head, meta)
+    assert not display.signed and display.low == 0.0
+    assert display.high == pytest.approx(np.percentile(entropy[head], 99))  # brute force
+    assert display.high < 0.1 * entropy[head].max()
+    assert display.cutoff == pytest.approx(0.2 * display.high)
+    assert display.caption() == (f"colours from 0 to {readable(display.high)} nats (0 to the 99th percentile of the "
+                                 f"values inside the head); values below {readable(0.2 * display.high)} not drawn")
+    assert display.peak == (17.0, 16.0, 15.0)  # the peak inside the head, not the larger value outside it
+    assert display.peak_value == pytest.approx(entropy[15, 16, 17])
+    assert MapDisplay.from_json(json.loads(json.dumps(display.to_json()))) == display  # through summary.json
+
+
+def test_signed_maps_get_a_symmetric_range_and_fractions_the_whole_scale():
+    shape = (30, 32, 34)
+    head = ball(shape, (17, 16, 15), 12)
+    rng = np.random.default_rng(2)
+    attribution = rng.normal(0.5, 1.0, shape).astype(np.float32)  # more positive than negative
+    meta = {"method": "occlusion", "variant": None, "normalised": False, "threshold": 0.2, "colormap": "inferno"}
+    display = display_range(attribution, head, meta)
+    end = np.percentile(np.abs(attribution[head]), 99)
+    assert display.signed and (display.low, display.high) == pytest.approx((-end, end))
+    assert display.colormap == "RdBu_r"  # a one-sided colour map cannot show the sign
+    shown = display.shown(attribution)
+    np.testing.assert_array_equal(shown, np.abs(attribution) >= 0.2 * end)
+    assert (attribution[shown] < 0).any() and (attribution[shown] > 0).any()
+    assert display.caption().startswith(f"colours from \u2212{readable(end)} to +{readable(end)} (\u00b1 the 99th")
+
+    ripple = np.abs(attribution)
+    ripple[head & (ripple < 0.05)] = -1e-4  # interpolation ripple below 0: not a signed map
+    assert not display_range(ripple, head, meta).signed
+    signed_zero = display_range(np.abs(attribution), head, {**meta, "variant": "signed", "threshold": 0.0})
+    assert signed_zero.signed and signed_zero.threshold == SIGNED_MIN_THRESHOLD  # near-0 white would veil the scan
+
+    probability = (0.3 * rng.random(shape)).astype(np.float32)
+    fraction = display_range(probability, head, {"method": "protoseg", "variant": "heat", "normalised": False})
+    assert (fraction.low, fraction.high) == (0.0, 1.0)
+
+
+def test_a_map_that_is_0_on_most_of_the_head_is_shown_up_to_its_largest_value():
+    shape = (30, 32, 34)
+    head = ball(shape, (17, 16, 15), 12)
+    cam = np.zeros(shape, np.float32)
+    cam[ball(shape, (17, 16, 15), 2)] = 0.7  # 33 voxels of over 7,000 in the head
+    display = display_range(cam, head, {"method": "gradcam", "normalised": True, "threshold": 0.2})
+    assert display.high == pytest.approx(0.7) and "largest" in display.rule
+
+
+def test_the_peak_is_inside_the_head_and_not_one_stray_voxel():
+    shape = (30, 32, 34)
+    head = ball(shape, (17, 16, 15), 12)
+    values = bump(shape, (10, 20, 12), 2.0)  # the map's blob
+    values[20, 10, 22] = 10.0  # one stray voxel
+    values[1, 1, 1] = 50.0  # outside the head
+    assert map_peak(values, head, signed=False) == (10.0, 20.0, 12.0)
+    assert map_peak(-values, head, signed=True) == (10.0, 20.0, 12.0)  # the largest size, whatever its sign
+
+
+def test_numbers_are_rounded_for_a_reader():
+    assert [readable(v) for v in (0.31234, 4521.7, 338.8, 0.00123, 1.0, 0.0, -0.04)] == [
+        "0.31", "4,500", "340", "0.0012", "1", "0", "-0.04"]
+    assert readable(2.81e-18) == "0"  # a floor of 2.81e-18 is no information
+
+
+def test_slices_through_a_point_meet_at_it():
+    volume = identity_volume()
+    for ijk in ((0, 0, 0), (5, 4, 3), (2, 1, 3)):
+        marks = point_in_slices(volume, ijk)
+        slices = orthogonal_slices(volume, ijk)
+        value = volume.array[ijk[2], ijk[1], ijk[0]]  # every voxel different
+        for plane, (row, column) in marks.items():
+            assert slices[plane][row, column] == value, plane
+
+
+def test_layers_of_the_sa_curve_get_stage_names():
+    shapes = [[60, 72, 60], [30, 36, 30], [15, 18, 15], [15, 18, 15], [30, 36, 30], [60, 72, 60]]
+    curve = [{"layer": f"model.{n}", "sa": 0.1, "shape": shape} for n, shape in enumerate(shapes)]
+    assert stage_names(curve, [120, 144, 120], [1.5, 1.5, 1.5]) == [
+        "encoder stage 1, 3 mm grid", "encoder stage 2, 6 mm grid", "encoder stage 3, 12 mm grid",
+        "bottleneck, 12 mm grid", "decoder stage 1, 6 mm grid", "last decoder stage, 3 mm grid"]
+    curve[0]["title"] = "first convolution"
+    assert stage_names(curve)[:2] == ["first convolution", "encoder stage 2"]
 
 
 # ------------------------------------------------------------------ the page
@@ -236,13 +371,14 @@ def test_report_is_one_self_contained_page(explain_folder):
     for item in summary["maps"]:
         assert html.escape(item["description"]) in page
     assert "Review this case" in page  # no "review" in this summary: judged by the default, mean SA 0.421 < 0.5
-    for method, reason in summary["not_applicable"].items():
+    for method, reason in (("attention gates", "the model has no attention gates"),
+                           ("MHEX+ heads", "the model has no MHEX+ heads")):  # the methods by their reader names
         assert f"<b>{method}</b>: {reason}" in page
     assert "tiny (unet)" in page and "image.nii.gz" in page
 
 
 def verdict(page: str) -> str:
-    return re.search(r"<p class=\"verdict (review|ok)\">", page).group(1)
+    return re.search(r"<p class=\"verdict (review|incomplete|ok)\">", page).group(1)
 
 
 def test_report_shows_the_verdict_written_into_the_summary(explain_folder):
@@ -251,16 +387,75 @@ def test_report_shows_the_verdict_written_into_the_summary(explain_folder):
     summary["review"] = review_case(summary, {"mean_sa_below": 0.05, "basis": basis})
     (folder / "summary.json").write_text(json.dumps(summary))
     page = write_report(folder).read_text(encoding="utf-8")
-    assert verdict(page) == "ok" and "Review this case" not in page  # mean SA 0.421 is fine for this model
+    # mean SA 0.421 is fine for this model, but reliability was not checked: no all-clear
+    assert verdict(page) == "incomplete" and "Review this case" not in page
     assert f"review if &lt; 0.05, calibrated: {basis}" in page
+
+    summary["scores"]["reliability"] = 0.9  # every check made now
+    summary["review"] = review_case(summary, {"mean_sa_below": 0.05, "basis": basis})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert verdict(write_report(folder).read_text(encoding="utf-8")) == "ok"
 
     summary["scores"]["mcdropout.entropy_inside"] = 0.9  # 0.82 of log(3 classes)
     summary["review"] = review_case(summary, {"mean_sa_below": 0.05, "basis": basis})
     (folder / "summary.json").write_text(json.dumps(summary))
     page = write_report(folder).read_text(encoding="utf-8")
     assert verdict(page) == "review"
-    assert ("<span class=\"flag\">Review this case</span> Uncertainty inside the object (entropy, nats) (mcdropout) "
-            "= 0.900 (review if &gt; 0.549)</p>") in page  # the one flagged score, with its threshold
+    assert ("<span class=\"flag\">Review this case</span> Uncertainty inside the object (entropy, nats) (Monte Carlo "
+            "dropout) = 0.9 (review if &gt; 0.549)</p>") in page  # the one flagged score, with its threshold
+
+
+def without_viewer(page: str) -> str:
+    """The page without its interactive viewer (whose layer names and controls test_report_viewer.py checks)."""
+    return re.sub(r"<section class=\"segxai-viewer\".*?</section>", "", page, flags=re.S)
+
+
+def visible_text(page: str) -> str:
+    """The words a reader sees: no scripts, styles, tags or embedded pictures."""
+    return html.unescape(re.sub(r"<(script|style)\b.*?</\1>|<[^>]+>|data:[^\"]+", " ", page, flags=re.S))
+
+
+def test_report_speaks_plain_words(explain_folder):
+    """Numbers rounded (no 2.81e-18, no 0.08733427710197218), units and jargon explained once, methods by
+    their reader names, and the Dice against a known label in a table."""
+    folder, summary = explain_folder
+    summary["maps"][1]["range"] = [2.81e-18, 0.8]  # an uncertainty map's floor, as MC dropout writes it
+    summary["scores"]["protoseg.mean_sa"] = 0.08733427710197218
+    summary["scores"]["mcdropout.mutual_information_inside"] = 0.0138763
+    summary["truth"] = {"label": "case/label.nii.gz", "dice": {"core": 0.87654, "rim": 0.5, "blob": 0.91234}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    page = without_viewer(write_report(folder).read_text(encoding="utf-8"))
+    text = visible_text(page)
+
+    assert not re.search(r"\d[eE][-+]?\d", text)  # no exponent notation anywhere a reader looks
+    assert not re.search(r"\d\.\d{5,}", text)  # nor a number with more than 4 decimals
+    assert ">0.0873</td>" in page and ">0.0139</td>" in page  # three significant digits
+    assert "0 to 0.8 (in the method's own units)" in text
+    # the Dice table: every class and group of the truth, rounded, the group marked as one
+    truth = re.search(r"<h2>Against the known label</h2>(.*?)</section>", page, re.S).group(1)
+    assert re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(.*?)</td></tr>", truth) == [
+        ("core", "0.877"), ("rim", "0.5"), ("blob <i>(group)</i>", "0.912")]
+    assert "case/label.nii.gz" in truth
+
+    # reader names, no registry or score keys
+    assert "Monte Carlo dropout: entropy (total uncertainty)" in text and "Grad-CAM" in text
+    assert "<code>" not in page and "mcdropout / entropy" not in text
+    assert "(mean SA \u03bc) (ProtoSeg)" in text
+
+    # each unit and term explained once, in the glossary, with the maximum entropy of this model's 3 classes
+    glossary = re.search(r"<h2>Words and units on this page</h2>(.*?)</section>", page, re.S).group(1)
+    terms = re.findall(r"<dt>(.*?)</dt>", glossary)
+    assert len(terms) == len(set(terms))
+    assert {"mL", "nats", "log-odds (logits)", "mutual information (BALD)", "Dice"} <= set(terms)
+    assert "ln 3 = 1.10 nats" in html.unescape(glossary)
+    assert "variance" not in terms  # no variance map or score on this page: not explained
+
+
+def test_a_report_without_a_known_label_has_no_dice_table(explain_folder):
+    folder, _ = explain_folder
+    page = write_report(folder).read_text(encoding="utf-8")
+    assert "Against the known label" not in page
+    assert "<dt>Dice</dt>" in page  # the SA curve's caption still speaks of Dice, so the glossary explains it
 
 
 def test_report_needs_its_scan(explain_folder):

@@ -30,6 +30,7 @@ from PIL import Image
 
 from SegXAILib.errors import SegXAIError
 from SegXAILib.report import viewer, write_report
+from SegXAILib.report.display import display_range, head_mask
 from SegXAILib.report.viewer import (
     downsample,
     encode_labels,
@@ -146,11 +147,15 @@ def case_folder(tmp_path):
     labels = np.where(r2 <= 9, 1, np.where(r2 <= 36, 4, 0)).astype(np.uint8)
     saliency = np.exp(-r2 / 30.0).astype(np.float32)
     entropy = (0.8 * np.exp(-np.abs(np.sqrt(r2) - 6.0))).astype(np.float32)
+    # signed: a positive lobe right of the centre, a negative one left of it, both in the first slices shown
+    signed = (np.exp(-((i - 15) ** 2 + (j - 14) ** 2 + (k - 11) ** 2) / 6.0)
+              - np.exp(-((i - 25) ** 2 + (j - 14) ** 2 + (k - 11) ** 2) / 6.0)).astype(np.float32)
     write_volume(scan, tmp_path / "case" / "image.nii.gz")
     out = tmp_path / "out"
     write_volume(scan.with_array(labels), out / "segmentation.nii.gz")
     write_volume(scan.with_array(saliency), out / "maps" / "gradcam_blob.nii.gz")
     write_volume(scan.with_array(entropy), out / "maps" / "tta-entropy_blob.nii.gz")
+    write_volume(scan.with_array(signed), out / "maps" / "saliency-signed_blob.nii.gz")
     maps = [
         {"file": "maps/gradcam_blob.nii.gz", "method": "gradcam", "variant": None, "class": "blob",
          "description": "where the features raise the blob logits", "colormap": "inferno", "threshold": 0.2,
@@ -158,6 +163,9 @@ def case_folder(tmp_path):
         {"file": "maps/tta-entropy_blob.nii.gz", "method": "tta", "variant": "entropy", "class": "blob",
          "description": "predictive entropy in nats", "colormap": "viridis", "threshold": 0.2,
          "normalised": False, "range": [float(entropy.min()), float(entropy.max())], "seconds": 2.0},
+        {"file": "maps/saliency-signed_blob.nii.gz", "method": "saliency", "variant": "signed", "class": "blob",
+         "description": "positive where a brighter scan raises the blob", "colormap": "RdBu_r", "threshold": 0.0,
+         "normalised": False, "range": [float(signed.min()), float(signed.max())], "seconds": 1.0},
     ]
     summary = {
         "input": str(tmp_path / "case" / "image.nii.gz"),
@@ -177,18 +185,27 @@ def test_the_page_embeds_every_layer_by_the_report_s_names(case_folder):
     page = write_report(folder).read_text(encoding="utf-8")
     section = page[page.index('<section class="segxai-viewer"'):]
     section = section[: section.index("</section>")]
-    for name in ("segmentation", "gradcam (blob)", "tta / entropy (blob)"):
+    for name in ("segmentation", "Grad-CAM (blob)", "test-time augmentation: entropy (total uncertainty) (blob)",
+                 "saliency: signed (blob)"):
         assert f">{html.escape(name)}</label>" in section, name
     config = json.loads(re.search(r'<script type="application/json" id="segxai-viewer-config">(.*?)</script>',
                                   section, re.S).group(1))
-    assert [layer["kind"] for layer in config["layers"]] == ["scan", "segmentation", "map", "map"]
+    assert [layer["kind"] for layer in config["layers"]] == ["scan", "segmentation", "map", "map", "map"]
     blocks = re.findall(r'<script type="application/octet-stream" id="(segxai-volume-\d+)">([^<]*)</script>', section)
     assert [b[0] for b in blocks] == [layer["block"] for layer in config["layers"]]
     labels = read_back(base64.b64decode(blocks[1][1]))[0]
     np.testing.assert_array_equal(labels, read_volume_array(folder / "segmentation.nii.gz"))
-    gradcam = config["layers"][2]
-    lo, hi = summary["maps"][0]["range"]
-    assert gradcam["cal_min"] == pytest.approx(lo + 0.2 * (hi - lo)) and gradcam["factor"] == 1
+    # every map on its display range (the montages' colour bar), its threshold where the pictures put it
+    scan = read_volume(summary["input"])
+    head = head_mask(scan.array)
+    for layer, item in zip(config["layers"][2:], summary["maps"]):
+        display = display_range(read_volume(folder / item["file"]).array, head, item)
+        assert (layer["cal_min"], layer["cal_max"]) == pytest.approx((display.low, display.high))
+        assert layer["threshold"] == pytest.approx(display.cutoff) and layer["factor"] == 1
+        assert layer["signed"] == display.signed == (item["variant"] == "signed")
+        assert layer["caption"] == display.caption()
+    signed = config["layers"][4]
+    assert signed["cal_min"] == -signed["cal_max"] and signed["matplotlib"] == "RdBu_r"
     assert "@media print{.segxai-viewer{display:none}}" in section  # paper gets the pictures
 
 
@@ -198,7 +215,7 @@ def test_names_cannot_break_out_of_the_page_s_scripts(case_folder):
     (folder / "summary.json").write_text(json.dumps(summary))
     page = write_report(folder).read_text(encoding="utf-8")
     assert page.count("<script") - page.count("</script>") == 1  # NiiVue's own text holds one "<script" in a string
-    assert "gradcam (blob &lt;/script&gt;&lt;!-- &lt;script&gt;)</label>" in page
+    assert "Grad-CAM (blob &lt;/script&gt;&lt;!-- &lt;script&gt;)</label>" in page
 
 
 def read_volume_array(path: Path) -> np.ndarray:
@@ -352,6 +369,7 @@ def changed(before: np.ndarray, after: np.ndarray) -> int:
     return int((np.abs(before - after).sum(axis=-1) > 0).sum())
 
 
+@pytest.mark.slow
 def test_the_viewer_runs_in_a_browser(case_folder, browser):
     folder, _ = case_folder
     report = write_report(folder)
@@ -362,7 +380,7 @@ def test_the_viewer_runs_in_a_browser(case_folder, browser):
     assert state == "ready", location
     assert browser.console_errors() == []
     # the cross starts at the object's centre, the slices of the pictures: it reads the core's label
-    assert "segmentation: core (label 1)" in location and "gradcam (blob): " in location
+    assert "segmentation: core (label 1)" in location and "Grad-CAM (blob): " in location
 
     browser.evaluate("document.getElementById('segxai-canvas').scrollIntoView()")
     browser.settle()
@@ -408,4 +426,41 @@ def test_the_viewer_runs_in_a_browser(case_folder, browser):
     location = browser.evaluate("document.getElementById('segxai-location').innerText")
     assert "segmentation: background (label 0)" in location
     assert browser.evaluate("document.querySelector('output[data-plane-value=\"2\"]').textContent").startswith("1 of ")
+    assert browser.console_errors() == []
+
+
+def red_and_blue(picture: np.ndarray) -> tuple[int, int]:
+    """Pixels clearly red and clearly blue (the two sides of the blue-white-red colour map) in the slices: above
+    NiiVue's colour bar (the bottom 15% of the canvas), the cyan cross left out."""
+    slices = picture[: int(0.85 * picture.shape[0])]
+    r, g, b = slices[..., 0], slices[..., 1], slices[..., 2]
+    return int(((r - b > 50) & (r - g > 30)).sum()), int(((b - r > 50) & (g < 200)).sum())
+
+
+@pytest.mark.slow
+def test_a_signed_map_is_thresholded_on_both_sides_in_a_browser(case_folder, browser):
+    folder, _ = case_folder
+    browser.send("Page.navigate", url=write_report(folder).resolve().as_uri())
+    state = browser.wait_for("(() => { const s = document.getElementById('segxai-viewer');"
+                             " return s && s.dataset.state !== 'loading' ? s.dataset.state : null; })()", 120)
+    assert state == "ready", browser.evaluate("document.getElementById('segxai-location').innerText")
+    for layer in (1, 2, 4):  # segmentation and gradcam off (red labels would count), the signed map on
+        browser.evaluate(f"document.getElementById('segxai-layer-{layer}').click()")
+    browser.evaluate("document.getElementById('segxai-canvas').scrollIntoView()")
+    browser.settle()
+    red, blue = red_and_blue(browser.screenshot("#segxai-canvas"))
+    assert red > 200 and blue > 200  # both lobes drawn, in their own colours
+
+    def threshold(fraction: float) -> tuple[int, int]:
+        browser.evaluate("(() => { const t = document.querySelector('input[data-threshold=\"4\"]');"
+                         f" t.value = String({fraction} * Number(t.max)); t.dispatchEvent(new Event('input')); }})()")
+        browser.settle()
+        return red_and_blue(browser.screenshot("#segxai-canvas"))
+
+    high_red, high_blue = threshold(0.7)
+    assert 0 < high_red < 0.5 * red and 0 < high_blue < 0.5 * blue  # |value| < t hidden on both sides, both kept
+    assert browser.evaluate("document.querySelector('output[data-threshold-value=\"4\"]').textContent").startswith(
+        "|value| \u2265 ")
+    top_red, top_blue = threshold(1.0)  # only the values at the range's ends (clipped there) are left
+    assert top_red < 0.1 * red and top_blue < 0.1 * blue
     assert browser.console_errors() == []
