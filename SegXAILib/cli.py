@@ -5,6 +5,10 @@ Every user error ends as one ``error: ...`` line on stderr and exit code 2, with
 files left behind (outputs are staged inside the output folder and published only when a command
 succeeds: :class:`SegXAILib.fileio.OutputFolder`). Ctrl-C (SIGINT) and SIGTERM end a command with one
 ``error:`` line and exit code 130 or 143, after its staging folder is removed.
+
+Arguments, input paths, method names and model names are checked before torch is imported (importing
+torch and MONAI takes seconds): each command checks what needs no torch first, then imports the library.
+Only ``--help`` of a command that takes ``--methods`` imports the explainers, to list them and their options.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 from .errors import Cancelled, SegXAIError
 from .progress import Progress, TqdmProgress, json_progress_line
@@ -23,6 +30,9 @@ DEFAULT_MODEL = "brain-lesion-unet"
 MODEL_HELP = "name from 'segxai models', card .json or MONAI bundle folder"
 TRUST_HELP = ("open a model whose loading runs code stored in it (a TorchScript file: torch.jit.load runs the "
               "archive's code); only for a model from a source you trust")
+DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"
+FORMATS = ("nii.gz", "nrrd", "nii", "mha")
+"""The single-file formats the commands write volumes in (``--format``)."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -33,14 +43,6 @@ def _progress(args: argparse.Namespace) -> Progress:
     return Progress(TqdmProgress(disable=mode == "none"))
 
 
-def _format(fmt: str) -> str:
-    from .outputs import FORMATS
-
-    if fmt not in FORMATS:
-        raise SegXAIError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
-    return fmt
-
-
 def _options(args: argparse.Namespace) -> dict[str, dict]:
     """``--option METHOD.NAME=VALUE`` pairs, checked against the methods' declared options."""
     from .methods import check_options, parse_option_pairs
@@ -48,6 +50,40 @@ def _options(args: argparse.Namespace) -> dict[str, dict]:
     options = parse_option_pairs(args.option)
     check_options(options)
     return options
+
+
+# ------------------------------------------------ checks made before torch is imported
+def _require(path: str | None, what: str) -> None:
+    """Raise the one-line error for a missing input ``path`` (``None``: not given, nothing to check)."""
+    if path is not None and not Path(path).exists():
+        raise SegXAIError(f"{what} not found: {path}; check the path")
+
+
+def _check_methods(args: argparse.Namespace) -> None:
+    """``--methods`` and the methods named by ``--option``: names only (their option values need the explainers'
+    code, checked once it is imported)."""
+    from .methods import check_method_names, parse_methods, parse_option_pairs
+
+    parse_methods(args.methods)
+    check_method_names(parse_option_pairs(getattr(args, "option", [])))
+
+
+def _check_model(args: argparse.Namespace, target: str | None = None, check_target: bool = False) -> None:
+    """The model named by ``--model`` exists (a bundle folder's card is read when it is loaded) and, with
+    ``check_target``, has the class or group ``target`` (``None``: its default)."""
+    if Path(args.model).is_dir():
+        return
+    from .models.registry import resolve_card
+
+    card = resolve_card(args.model)
+    if check_target:
+        card.target_channels(target)
+
+
+def _check_output_folder(out: str) -> None:
+    from .fileio import check_output_folder
+
+    check_output_folder(Path(out))
 
 
 # ----------------------------------------------------------------- commands
@@ -74,10 +110,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    _check_methods(args)
+    options = _options(args)  # imports the explainers given --option (and torch) only when there are some
+    _check_output_folder(args.out)
+    _require(args.scan, "file")
+    _require(args.label, "label file")
+    _check_model(args, args.target, check_target=True)
     from .case import run_explain
 
     summary = run_explain(args.scan, args.model, args.methods, args.target, Path(args.out), args.device,
-                          _format(args.format), _progress(args), args.label, _options(args),
+                          args.format, _progress(args), args.label, options,
                           report=not args.no_report, trust_model_code=args.trust_model_code)
     for item in summary["maps"]:
         print(f"{item['file']:48s} {item['description']}")
@@ -92,6 +134,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_maps(args: argparse.Namespace) -> int:
+    _require(args.folder, "explain output folder")
+    if args.model is not None:
+        _check_model(args)
     from .faithfulness import evaluate_maps
 
     model = args.model
@@ -112,18 +157,30 @@ def cmd_evaluate_maps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_settings(args: argparse.Namespace, **extra):
+def _audit_settings(args: argparse.Namespace, options: dict[str, dict], **extra):
     """How ``audit`` and ``train-reliability`` explain each case (:class:`SegXAILib.audit.AuditSettings`)."""
     from .audit import AuditSettings
 
-    return AuditSettings(args.model, args.methods, device=args.device, options=_options(args),
+    return AuditSettings(args.model, args.methods, device=args.device, options=options,
                          trust_model_code=args.trust_model_code, **extra)
 
 
+def _check_cohort(args: argparse.Namespace, target: str | None = None,
+                  check_target: bool = False) -> dict[str, dict]:
+    """The checks of ``audit`` and ``train-reliability`` before any case; the parsed ``--option`` pairs."""
+    _check_methods(args)
+    options = _options(args)  # imports the explainers given --option (and torch) only when there are some
+    _require(args.cases, "cases folder")
+    _check_model(args, target, check_target)
+    return options
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
+    options = _check_cohort(args, args.target, check_target=True)
+    _check_output_folder(args.out)
     from .audit import run_audit
 
-    settings = _audit_settings(args, target=args.target, fmt=_format(args.format), reports=args.reports)
+    settings = _audit_settings(args, options, target=args.target, fmt=args.format, reports=args.reports)
     result = run_audit(args.cases, settings, Path(args.out), args.workers, args.scheduler, _progress(args))
     failed = [row for row in result.rows if row.status != "ok"]
     print(f"audited {len(result.rows)} cases: {result.skipped} done by an earlier run, {len(failed)} failed, "
@@ -143,9 +200,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_train_reliability(args: argparse.Namespace) -> int:
+    options = _check_cohort(args)
     from .audit import train_reliability
 
-    model, path = train_reliability(args.cases, _audit_settings(args), args.out, args.work, args.workers,
+    model, path = train_reliability(args.cases, _audit_settings(args, options), args.out, args.work, args.workers,
                                     args.scheduler, _progress(args))
     info = model.training
     print(f"trained on {info['cases']} cases ({info['positives']} with {model.target} Dice >= "
@@ -162,9 +220,12 @@ def cmd_train_reliability(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    _check_output_folder(args.out)
+    _require(args.scan, "file")
+    _check_model(args)
     from .case import run_segment
 
-    summary = run_segment(args.scan, args.model, Path(args.out), args.device, _format(args.format),
+    summary = run_segment(args.scan, args.model, Path(args.out), args.device, args.format,
                           _progress(args), trust_model_code=args.trust_model_code)
     for c in summary["classes"][1:]:
         print(f"{c['name']:24s} {c['voxels']:9d} voxels {c['volume_ml']:9.2f} mL")
@@ -172,12 +233,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_host(host: str | None) -> None:
+    """``host`` is a sample name or an existing scan (``None``: the default sample)."""
+    from .data.samples import SAMPLE_HOSTS
+
+    if host is not None and host not in SAMPLE_HOSTS and not Path(host).exists():
+        raise SegXAIError(f"host not found: {host}; give a sample name ({', '.join(SAMPLE_HOSTS)}) or the path "
+                          "of a T1 MRI scan")
+
+
 def cmd_synth_lesion(args: argparse.Namespace) -> int:
+    _check_host(args.host)
+    _check_output_folder(args.out)
     from .data.lesion import synthesize_lesion, write_case
     from .data.samples import read_host
     from .fileio import OutputFolder
 
-    fmt = _format(args.format)
+    fmt = args.format
     with OutputFolder(Path(args.out), inputs=[args.host], claims=(f"image.{fmt}", f"label.{fmt}")) as out:
         write_case(synthesize_lesion(read_host(args.host), seed=args.seed), out.staging, fmt=fmt)
     print(f"wrote {Path(args.out) / ('image.' + args.format)} and {Path(args.out) / ('label.' + args.format)}")
@@ -185,6 +257,7 @@ def cmd_synth_lesion(args: argparse.Namespace) -> int:
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
+    _require(args.scan, "file")
     from .data.degrade import degrade
     from .volume import read_volume, write_volume
 
@@ -197,11 +270,12 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
 
 def cmd_ct_phantom(args: argparse.Namespace) -> int:
+    _check_output_folder(args.out)
     from .data.ct_phantom import ct_phantom
     from .fileio import OutputFolder
     from .volume import write_volume
 
-    fmt = _format(args.format)
+    fmt = args.format
     with OutputFolder(Path(args.out), claims=(f"image.{fmt}", f"label.{fmt}")) as out:
         image, label = ct_phantom(shape=tuple(args.shape), seed=args.seed)
         write_volume(image, out.path(f"image.{fmt}"))
@@ -211,19 +285,21 @@ def cmd_ct_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_dataset(args: argparse.Namespace) -> int:
+    hosts = args.hosts.split(",")
+    for host in hosts:
+        _check_host(host)
+    _check_output_folder(args.out)
     from .training import synthesize_dataset
 
-    first, _, last = args.seeds.partition(":")
-    seeds = range(int(first), int(last)) if last else [int(first)]
-    low, _, high = (args.host_scale or "").partition(":")
-    host_scale = (float(low), float(high)) if args.host_scale else None
-    written = synthesize_dataset(args.hosts.split(","), seeds, Path(args.out), _progress(args), host_scale,
+    first, last = args.seeds
+    written = synthesize_dataset(hosts, range(first, last), Path(args.out), _progress(args), args.host_scale,
                                  args.host_blur, args.host_noise)
     print(f"wrote {len(written)} cases to {args.out}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _require(args.config, "training configuration")
     from .training import TrainConfig, train
 
     config = TrainConfig.load(args.config)
@@ -237,6 +313,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _check_methods(args)
+    _check_host(args.host)
+    _check_output_folder(args.out)
+    _check_model(args)
     from .demo import run_demo
 
     out = Path(args.out)
@@ -257,17 +337,121 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------- parser
+def _shown(value: Any) -> str:
+    """A default as it would be typed: ``None`` -> null, a tuple or list -> its items."""
+    if value is None:
+        return "null"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout (the list of methods) and appends each option's default to its help, where the
+    help does not already say it; options off by default (flags) and those with no default say nothing more."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default in (None, False, [], argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line, and whose help may end with text made only when
+    the help is shown (``epilog_of``: the methods, whose code imports torch)."""
+
+    def __init__(self, *args: Any, epilog_of: Callable[[], str] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.epilog_of = epilog_of
+
+    def format_help(self) -> str:
+        if self.epilog_of is not None:
+            self.epilog = self.epilog_of()
+        return super().format_help()
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _methods_help(with_options: bool) -> Callable[[], str]:
+    """The epilog of a command that takes ``--methods``: each method's name and summary and, ``with_options``,
+    its options (``--option METHOD.NAME=VALUE``) with their defaults."""
+
+    def text() -> str:
+        from .methods import EXPLAINERS, explainer_class
+
+        lines = ["methods (--methods takes their names, comma-separated, or 'all'):"]
+        for name in EXPLAINERS:
+            cls = explainer_class(name)
+            lines += textwrap.wrap(cls.summary, 100, initial_indent=f"  {name:22s}", subsequent_indent=" " * 24,
+                                   break_on_hyphens=False)
+            if with_options:
+                options = cls.Options
+                pairs = [f"{public}={_shown(f.default)}" for public, f in zip(options.names(), fields(options))
+                         if f.default is not MISSING]
+                lines += textwrap.wrap(", ".join(pairs) if pairs else "none", 100,
+                                       initial_indent=" " * 24 + "options: ", subsequent_indent=" " * 33,
+                                       break_on_hyphens=False)
+        if with_options:
+            lines.append("Set an option with --option METHOD.NAME=VALUE, e.g. --option gradcam.layer=bottleneck.")
+        return "\n".join(lines)
+
+    return text
+
+
+def _seed_range(text: str) -> tuple[int, int]:
+    """``FIRST:STOP`` (stop excluded) or one seed ``N`` -> (first, stop)."""
+    first, sep, stop = text.partition(":")
+    try:
+        bounds = (int(first), int(stop) if sep else int(first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be FIRST:STOP or one seed, e.g. 0:200, got {text!r}") from None
+    if bounds[1] <= bounds[0]:
+        raise argparse.ArgumentTypeError(f"FIRST:STOP needs STOP > FIRST, got {text!r}")
+    return bounds
+
+
+def _number_range(text: str) -> tuple[float, float]:
+    """``LOW:HIGH`` -> (low, high)."""
+    low, _, high = text.partition(":")
+    try:
+        return float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LOW:HIGH, e.g. 0.45:1.0, got {text!r}") from None
+
+
+def _workers(text: str) -> int | str:
+    """``auto`` or a number of worker processes (at least 1)."""
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 1, or 'auto', got {text!r}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.degrade import DEFAULT_STRENGTH, DEGRADATIONS
     from .version import __version__
 
-    parser = argparse.ArgumentParser(prog="segxai", description="Segment 3D scans and explain the segmentation.")
+    parser = _Parser(prog="segxai", description="Segment 3D scans and explain the segmentation.")
     parser.add_argument("--version", action="version", version=f"segxai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_progress(p: argparse.ArgumentParser) -> None:
         p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                        help="progress as a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
+
+    def add_format(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--format", choices=FORMATS, default="nii.gz", help="file format of the written volumes")
 
     p = sub.add_parser("models", help="list the models available by name")
     p.set_defaults(func=cmd_models)
@@ -277,23 +461,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_format(p)
     add_progress(p)
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("explain", help="segment a scan and explain one class with several methods")
+    p = sub.add_parser("explain", help="segment a scan and explain one class with several methods",
+                       epilog_of=_methods_help(with_options=True))
     p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
-    p.add_argument("--methods", default="gradcam", help="comma-separated methods, or 'all'")
+    p.add_argument("--methods", default="gradcam", help="comma-separated methods (listed below), or 'all'")
     p.add_argument("--target", default=None, help="class or group name (default: the card's default target)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--label", default=None, help="ground-truth label file on the scan's grid (optional)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                   help="method option, e.g. gradcam.layer=bottleneck (repeatable)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
+                   help="method option, e.g. gradcam.layer=bottleneck (repeatable; options listed below)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_format(p)
     p.add_argument("--no-report", action="store_true", help="skip report.html and its pictures")
     add_progress(p)
     p.set_defaults(func=cmd_explain)
@@ -306,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="steps K of the deletion and insertion curves")
     p.add_argument("--baseline", default="0", help="value of removed voxels in normalised intensity, or 'min' "
                    "(the scan's minimum); use the baseline the maps were made with (MiSuRe's option)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_progress(p)
     p.set_defaults(func=cmd_evaluate_maps)
 
@@ -315,87 +500,96 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("cases", help="folder of case folders (image.<ext> [+ label.<ext>]) and/or scan files")
         p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
         p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
-        p.add_argument("--methods", default="protoseg,misure,tta", help="comma-separated methods, or 'all'")
+        p.add_argument("--methods", default="protoseg,misure,tta", help="comma-separated methods (listed below), "
+                       "or 'all'")
         p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                       help="method option, e.g. misure.steps=50 (repeatable)")
-        p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+                       help="method option, e.g. misure.steps=50 (repeatable; options listed below)")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         where = p.add_mutually_exclusive_group()
-        where.add_argument("--workers", default=None, metavar="N",
-                           help="run cases on a local Dask cluster of N worker processes ('auto': one per GPU)")
+        where.add_argument("--workers", default=None, metavar="N", type=_workers,
+                           help="run cases on a local Dask cluster of N worker processes ('auto': one per GPU) "
+                                "(default: one case after another in this process)")
         where.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                           help="run cases on an existing Dask cluster, e.g. tcp://host:8786")
+                           help="run cases on an existing Dask cluster, e.g. tcp://host:8786 (optional)")
         add_progress(p)
 
     p = sub.add_parser("audit", help="explain every scan of a folder; audit.csv and audit.html list the cases "
-                       "most in need of review first (resumable)")
+                       "most in need of review first (resumable)", epilog_of=_methods_help(with_options=True))
     add_cohort(p)
     p.add_argument("--out", required=True, help="output folder (cases/<case>/, audit.csv, audit.html)")
     p.add_argument("--target", default=None, help="class or group name (default: the card's default target)")
-    p.add_argument("--format", default="nii.gz", help="nii.gz, nrrd, nii or mha")
+    add_format(p)
     p.add_argument("--reports", action="store_true", help="also write each case's report.html (slower)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("train-reliability", help="fit the reliability classifier (P(Dice >= 0.9) from the "
-                       "explanation) on labelled cases; saved beside the model card")
+                       "explanation) on labelled cases; saved beside the model card",
+                       epilog_of=_methods_help(with_options=True))
     add_cohort(p)
     p.add_argument("--out", default=None, help="reliability file (default: <card folder>/<card name>.reliability.json)")
     p.add_argument("--work", default=None,
                    help="keep the explained cases here (resumable; default: a temporary folder)")
     p.set_defaults(func=cmd_train_reliability)
 
-    p = sub.add_parser("demo", help="place a lesion in a packaged brain MRI, segment it, print Dice")
-    p.add_argument("--out", default="segxai-demo", help="output folder (default ./segxai-demo)")
-    p.add_argument("--host", default=None, help="mni152, colin27 (default when installed) or a T1 path")
+    p = sub.add_parser("demo", help="place a lesion in a packaged brain MRI, segment it, print Dice",
+                       epilog_of=_methods_help(with_options=False))
+    p.add_argument("--out", default="segxai-demo", help="output folder")
+    p.add_argument("--host", default=None, help="mni152, colin27 or a T1 MRI path (default: colin27 when "
+                   "installed, else mni152)")
     p.add_argument("--seed", type=int, default=20001, help="lesion seed (training used 0-9999)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--methods", default="all", help="methods to explain with (default: all that apply)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--methods", default="all", help="comma-separated methods (listed below); 'all': every method "
+                   "that applies to the model")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_progress(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth-lesion", help="place a synthetic brain tumour in a T1 MRI")
     p.add_argument("host", help="T1 MRI path, or a sample name: mni152, colin27")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", default="nii.gz")
+    p.add_argument("--seed", type=int, required=True, help="lesion seed: the same seed draws the same lesion")
+    p.add_argument("--out", required=True, help="output folder (image.<format>, label.<format>)")
+    add_format(p)
     p.set_defaults(func=cmd_synth_lesion)
 
     p = sub.add_parser("synth-dataset", help="many lesion cases for training (one folder per case)")
-    p.add_argument("--hosts", default="colin27,colin27-brain,mni152")
-    p.add_argument("--seeds", required=True, help="FIRST:STOP (stop excluded), e.g. 0:200")
-    p.add_argument("--host-scale", default=None, metavar="LOW:HIGH",
-                   help="shrink/grow each host by a seeded factor in this range, e.g. 0.45:1.0")
+    p.add_argument("--hosts", default="colin27,colin27-brain,mni152", help="comma-separated sample names or T1 "
+                   "MRI paths")
+    p.add_argument("--seeds", required=True, type=_seed_range, help="FIRST:STOP (stop excluded), e.g. 0:200")
+    p.add_argument("--host-scale", default=None, metavar="LOW:HIGH", type=_number_range,
+                   help="shrink/grow each host by a seeded factor in this range, e.g. 0.45:1.0 (default: no scaling)")
     p.add_argument("--host-blur", type=float, default=None, metavar="MM",
-                   help="blur each host before the lesion is drawn, by a seeded FWHM between 0 and this, e.g. 7")
+                   help="blur each host before the lesion is drawn, by a seeded FWHM between 0 and this, e.g. 7 "
+                        "(default: no blur)")
     p.add_argument("--host-noise", type=float, default=None, metavar="STD",
                    help="add Rician noise to each host before the lesion is drawn, of a seeded std between 0 and "
-                        "this fraction of the tissue level, e.g. 0.08")
-    p.add_argument("--out", required=True)
+                        "this fraction of the tissue level, e.g. 0.08 (default: no noise)")
+    p.add_argument("--out", required=True, help="output folder (one folder per case)")
     add_progress(p)
     p.set_defaults(func=cmd_synth_dataset)
 
     p = sub.add_parser("degrade", help="a degraded copy of a scan (noise, blur, bias field, contrast) on its grid, "
                                        "to test that audits flag the cases a model should not be trusted on")
-    p.add_argument("scan")
-    p.add_argument("--kind", required=True, choices=DEGRADATIONS)
+    p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--kind", required=True, choices=DEGRADATIONS, help="what to degrade")
     p.add_argument("--strength", type=float, default=None,
                    help="noise: std / tissue level; blur: FWHM in mm; bias: log-field half-range; gamma: exponent "
                         f"(defaults: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_STRENGTH.items())})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random noise or bias field")
     p.add_argument("--out", required=True, help="the degraded scan's file (.nii.gz, .nrrd, .mha ...)")
     p.set_defaults(func=cmd_degrade)
 
     p = sub.add_parser("ct-phantom", help="write a synthetic CT in Hounsfield units with organ/lesion labels")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], metavar=("K", "J", "I"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="nii.gz")
+    p.add_argument("--out", required=True, help="output folder (image.<format>, label.<format>)")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], metavar=("K", "J", "I"),
+                   help="voxels along each axis")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random organs and lesions")
+    add_format(p)
     p.set_defaults(func=cmd_ct_phantom)
 
     p = sub.add_parser("train", help="train a model from image/label pairs and write its card")
     p.add_argument("--config", required=True, help="training configuration JSON (see Resources/Training)")
-    p.add_argument("--iterations", type=int, default=None, help="override the configured iterations")
-    p.add_argument("--out", default=None, help="override the configured card path")
+    p.add_argument("--iterations", type=int, default=None, help="override the configured iterations (optional)")
+    p.add_argument("--out", default=None, help="override the configured card path (optional)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="train nothing: evaluate the weights the configuration names and write the card")
     add_progress(p)
@@ -417,12 +611,12 @@ def _on_signal(signum: int, frame) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 cancelled or interrupted
     (SIGINT, Ctrl-C), 143 terminated (SIGTERM); an interrupted command leaves no partial output."""
-    args = build_parser().parse_args(argv)
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # a signal ignored by the parent stays ignored
         handlers = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)
                     if signal.getsignal(number) is not signal.SIG_IGN}
-    try:
+    try:  # parsing too: --help of a command with methods imports them, which takes seconds
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
         print("error: interrupted (SIGINT, Ctrl-C); no partial output was left", file=sys.stderr)

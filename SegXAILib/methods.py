@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SegXAIError
-from .explain.base import Explainer
 from .explain.options import MethodOptions
 
-__all__ = ["EXPLAINERS", "check_options", "explainer_class", "get_explainer", "parse_methods", "parse_option_pairs"]
+if TYPE_CHECKING:  # explain.base imports torch: naming and checking methods (the command line's checks) needs none
+    from .explain.base import Explainer
+
+__all__ = ["EXPLAINERS", "check_method_names", "check_options", "explainer_class", "get_explainer", "parse_methods",
+           "parse_option_pairs"]
 
 EXPLAINERS: dict[str, str] = {
     "gradcam": "SegXAILib.explain.gradcam:SegGradCAM",
@@ -46,11 +49,16 @@ EXPLAINERS: dict[str, str] = {
 }
 
 
-def explainer_class(name: str) -> type[Explainer]:
-    """The explainer class registered as ``name`` (its module imported now)."""
+def _known(name: str) -> str:
+    """``name`` if it is a registered method, else a one-line :class:`SegXAIError` listing them."""
     if name not in EXPLAINERS:
         raise SegXAIError(f"unknown method {name!r}; choose from: {', '.join(EXPLAINERS)} (or 'all')")
-    module, _, cls = EXPLAINERS[name].partition(":")
+    return name
+
+
+def explainer_class(name: str) -> type[Explainer]:
+    """The explainer class registered as ``name`` (its module imported now)."""
+    module, _, cls = EXPLAINERS[_known(name)].partition(":")
     return getattr(import_module(module), cls)
 
 
@@ -61,11 +69,9 @@ def get_explainer(name: str) -> Explainer:
 
 def parse_methods(text: str) -> list[str]:
     """``"gradcam,tta"`` or ``"all"`` -> method names, checked against the registry."""
-    names = list(EXPLAINERS) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    for name in names:
-        if name not in EXPLAINERS:
-            raise SegXAIError(f"unknown method {name!r}; choose from: {', '.join(EXPLAINERS)} (or 'all')")
-    return names
+    if text.strip() == "all":
+        return list(EXPLAINERS)
+    return [_known(m.strip()) for m in text.split(",") if m.strip()]
 
 
 # ------------------------------------------------------------------ options
@@ -89,6 +95,17 @@ def parse_option_pairs(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
+def check_method_names(options: Mapping[str, Any]) -> None:
+    """Every method that ``options`` gives options for is registered; no explainer is imported (nor torch).
+
+    Raises:
+        SegXAIError: the first unknown method (one line).
+    """
+    for method in options:
+        if method not in EXPLAINERS:
+            raise SegXAIError(f"options given for unknown method {method!r}; choose from: {', '.join(EXPLAINERS)}")
+
+
 def check_options(raw: Mapping[str, MethodOptions | Mapping[str, Any]],
                   methods: Sequence[str] | None = None) -> dict[str, MethodOptions]:
     """Parse and check the options of every method in ``raw`` (and defaults for ``methods`` not in it).
@@ -98,10 +115,9 @@ def check_options(raw: Mapping[str, MethodOptions | Mapping[str, Any]],
     Raises:
         SegXAIError: an unknown method, an unknown option name or a bad value (one line).
     """
+    check_method_names(raw)
     parsed: dict[str, MethodOptions] = {}
     for method, given in raw.items():
-        if method not in EXPLAINERS:
-            raise SegXAIError(f"options given for unknown method {method!r}; choose from: {', '.join(EXPLAINERS)}")
         parsed[method] = explainer_class(method).Options.of(given, method)
     for method in methods or ():
         if method not in parsed:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import SegXAIError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is transformed: checking a card's mirror_axes needs none
+    import torch
 
 AXIAL = (1, 2)
 """The axial plane of a RAS model grid: array axes (D, H, W) are (k, j, i) = (S, A, R), so axial = (H, W)."""
@@ -40,6 +42,8 @@ class FlipRotate:
 
 def augment(x: torch.Tensor, t: FlipRotate) -> torch.Tensor:
     """Apply ``t`` to a (..., D, H, W) tensor."""
+    import torch
+
     if t.flips:
         x = torch.flip(x, [a - 3 for a in t.flips])
     return torch.rot90(x, t.k, [a - 3 for a in t.plane]) if t.k else x
@@ -47,6 +51,8 @@ def augment(x: torch.Tensor, t: FlipRotate) -> torch.Tensor:
 
 def invert(y: torch.Tensor, t: FlipRotate) -> torch.Tensor:
     """Undo ``t`` on a (..., D, H, W) tensor computed on ``augment(x, t)``: ``invert(augment(x, t), t) == x``."""
+    import torch
+
     if t.k:
         y = torch.rot90(y, -t.k, [a - 3 for a in t.plane])
     return torch.flip(y, [a - 3 for a in t.flips]) if t.flips else y

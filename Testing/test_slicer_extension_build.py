@@ -39,6 +39,7 @@ def test_cmake_lists_every_module_file_and_the_extension_fields():
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+@pytest.mark.slow
 def test_configure_without_slicer_stages_the_installed_layout(tmp_path):
     build = tmp_path / "build"
     configure = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build)], capture_output=True, text=True)

@@ -27,6 +27,7 @@ def test_only_a_torchscript_model_asks_for_trust_and_nothing_is_opened(tmp_path)
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_child_refuses_it_without_trust_and_runs_it_with(tmp_path):
     card, marker = marked_model(tmp_path)
     scene = standaloneScene().scene
@@ -41,6 +42,7 @@ def test_the_child_refuses_it_without_trust_and_runs_it_with(tmp_path):
     assert marker.exists() and results.segmentation is not None
 
 
+@pytest.mark.slow
 def test_the_logic_runs_deepbet_on_a_real_head_and_its_mask_is_run_bets(tmp_path):
     """deepbet, a model trained by others on real heads, through the panel's logic: no trust needed (its
     networks are rebuilt eagerly), the run's segmentation equals deepbet's own run_bet mask (Dice >= 0.99)."""

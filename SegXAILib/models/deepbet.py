@@ -23,25 +23,26 @@ deepbet's (I, J, K)-indexed box at 256^3 as it is: a :class:`~SegXAILib.volume.V
 scan's K, J, I axes (direction columns permuted), with the spacing and origin of a ``nearest-exact`` resize
 (output voxel ``o`` is input position ``(o + 0.5) * n / 256 - 0.5``). Probabilities go back onto the scan's
 grid by SegXAI's linear resampling rather than deepbet's nearest; the masks agree to a Dice of 0.99 or more
-(README, ``benchmarks/deepbet_vs_run_bet.py``).
+(docs/models.md, ``benchmarks/deepbet_vs_run_bet.py``).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from ..errors import SegXAIError
 from ..volume import Volume
-from .archive import read_archive_state_dict
-from .linknet import LinkNet3d
 from .packages import is_package_file, package_file
+
+if TYPE_CHECKING:  # torch is imported where a network runs: validating a card (validate_grid) needs none
+    import torch
+
+    from .linknet import LinkNet3d
 
 DEFAULTS: dict[str, Any] = {"small_shape": [128, 128, 128], "shape": [256, 256, 256], "margin": 0.1,
                             "lower": 0.5, "upper": 99.5, "box_threshold": 0.5}
@@ -80,6 +81,9 @@ def _settings(grid: dict[str, Any]) -> dict[str, Any]:
 @lru_cache(maxsize=2)
 def box_network(path: str) -> LinkNet3d:
     """deepbet's box network (eval mode, CPU), its tensors read from the archive without running its code."""
+    from .archive import read_archive_state_dict
+    from .linknet import LinkNet3d
+
     network = LinkNet3d()
     state = read_archive_state_dict(path)
     own = network.state_dict()
@@ -126,6 +130,8 @@ def brain_box(mask_small: torch.Tensor, shape: tuple[int, ...], margin: float,
     Raises:
         SegXAIError: too little foreground to take a box.
     """
+    import torch
+
     ranges = [torch.where(mask_small.mean(dims) > threshold)[0] for dims in [(1, 2), (0, 2), (0, 1)]]
     if not all(r.numel() > 0 for r in ranges):
         raise SegXAIError("deepbet's box network found too little brain for a box; is it a T1-weighted head MRI?")
@@ -146,6 +152,9 @@ def deepbet_grid(volume: Volume, grid: dict[str, Any]) -> Volume:
     Raises:
         SegXAIError: the box network file is missing or not deepbet's, or it finds no brain.
     """
+    import torch
+    import torch.nn.functional as F
+
     settings = _settings(grid)
     network = box_network(str(_box_weights(grid)))
     x = torch.nan_to_num(torch.from_numpy(np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)))

@@ -22,12 +22,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SegXAIError
 from . import trust
 from .card import ModelCard
-from .loaders import LoadedModel, check_torchscript_trust, load_from_card
 from .packages import installed_version
+
+if TYPE_CHECKING:  # loaders import torch: resolving a name (the command line's checks) reads cards only
+    from .loaders import LoadedModel
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 
@@ -94,6 +97,8 @@ def load_model(spec: str | os.PathLike, weights_index: int = 0, trust_model_code
     Raises:
         SegXAIError: unknown model, unreadable card or weights, or code the user has not trusted.
     """
+    from .loaders import LoadedModel, load_from_card
+
     card = resolve_card(spec)
     if trust_model_code:
         trust.grant(card.weight_paths)
@@ -122,6 +127,8 @@ def check_trust(card: ModelCard, trust_model_code: bool = False) -> None:
     would run code the user has not trusted (``--trust-model-code``); nothing is opened.
 
     For runs that load the model later or elsewhere (an audit's cases, a Slicer child process)."""
+    from .loaders import check_torchscript_trust
+
     for path in code_files(card):
         check_torchscript_trust(path, trust_model_code)
 

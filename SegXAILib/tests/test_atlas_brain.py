@@ -26,6 +26,7 @@ def _moved(volume: Volume, transform: sitk.Transform, interpolator=sitk.sitkLine
     return Volume.from_sitk(sitk.Resample(image, image, transform, interpolator, 0.0, image.GetPixelID()))
 
 
+@pytest.mark.slow
 def test_atlas_brain_follows_a_moved_scaled_head():
     head, brain = samples.colin27_t1(), samples.colin27_brain()
     # a smaller, rotated, shifted head: every point p of the new scan shows the old head at A p + t
@@ -59,6 +60,7 @@ def _with_neck(head: Volume, brain: np.ndarray, length: int = 50) -> tuple[Volum
     return Volume(array, head.spacing, origin, head.direction), brain, neck & (k < bottom - 10)
 
 
+@pytest.mark.slow
 def test_a_brain_joined_to_a_neck_is_cut_from_it_by_the_atlas(monkeypatch):
     necked, brain, neck = _with_neck(samples.colin27_t1(), samples.colin27_brain().array > 0)
     mask = estimate_brain_mask(necked)
@@ -69,6 +71,7 @@ def test_a_brain_joined_to_a_neck_is_cut_from_it_by_the_atlas(monkeypatch):
     assert (estimate_brain_mask(necked) & neck).sum() > 0.3 * neck.sum()
 
 
+@pytest.mark.slow
 def test_skull_stripped_brains_and_colin27_keep_the_thresholded_mask(monkeypatch):
     head = samples.colin27_t1()
     with_atlas = estimate_brain_mask(head)

@@ -155,6 +155,7 @@ def test_audit_records_the_failure_sorts_and_resumes(tmp_path, cohort, tiny_card
     assert stamps == {c: (out / "cases" / c / "summary.json").stat().st_mtime_ns for c in stamps}
 
 
+@pytest.mark.slow
 def test_a_two_worker_dask_cluster_gives_the_same_rows(tmp_path, cohort, tiny_card):
     in_process = audit(cohort, tiny_card, tmp_path / "here")
     on_dask = audit(cohort, tiny_card, tmp_path / "dask", "--workers", "2")  # OMP_NUM_THREADS=1 in the workers
@@ -221,6 +222,7 @@ def test_local_workers_share_the_gpus_round_robin(tmp_path, monkeypatch):
     assert devices == ["cuda:1"]
 
 
+@pytest.mark.slow
 def test_degraded_copies_rank_before_the_clean_cases(tmp_path):
     """The bundled lesion model: degraded copies (noise, blur, another contrast) of a clean case rank
     nearer the top of the review order than clean cases; the order uses no label (ProtoSeg's mean SA

@@ -25,6 +25,7 @@ def brain_ml(volume: Volume) -> float:
     return float(estimate_brain_mask(volume).sum() * np.prod(volume.spacing) / 1000.0)
 
 
+@pytest.mark.slow
 def test_spacing_follows_the_cube_root_of_the_brain_volume(mni: Volume) -> None:
     measured = brain_ml(mni)
     assert 1200 < measured < 2200  # an adult human brain (the mask keeps some CSF)
@@ -34,6 +35,7 @@ def test_spacing_follows_the_cube_root_of_the_brain_volume(mni: Volume) -> None:
                        rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_half_size_head_reaches_the_model_grid_like_the_full_size_one(mni: Volume) -> None:
     small = replace(mni, spacing=mni.spacing * 0.5)  # the same head at half its size
     spec = {"orientation": "RAS", "spacing": list(SPACING), "intensity": {"kind": "zscore_foreground"},

@@ -31,6 +31,7 @@ def whole_tumour_floor(model) -> float:
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_trained_model_segments_the_demo_lesion(name, demo_case):
     model = load_model(name)
     methods = {"brain-lesion-unet": [], "brain-lesion-eunet": ["mhex"], "brain-lesion-dual-encoder": ["fusion"]}[name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +13,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SegXAILib.cli import main
+from SegXAILib.cli import build_parser, main
+from SegXAILib.methods import EXPLAINERS, explainer_class
 from SegXAILib.volume import Volume, read_volume, write_volume
 
 from .conftest import make_card, oblique_scan
@@ -119,11 +122,99 @@ def test_bad_models_give_one_error_line(tmp_path, scan_file, capsys, problem):
     assert not out.exists()
 
 
-def test_console_script_exit_code_in_a_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "SegXAILib.cli", "segment", str(tmp_path / "missing.nii.gz"),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: file not found")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bad_arguments(tmp_path: Path, tiny_card: Path, scan_file: Path) -> dict[str, tuple[list, str]]:
+    """Bad command lines -> (arguments, words the error line must contain)."""
+    (tmp_path / "a-file").write_text("")
+    explain = ["explain", scan_file, "--out", tmp_path / "o"]
+    return {
+        "explain missing scan": (["explain", tmp_path / "no.nii.gz", "--model", "brain-lesion-unet", "--out",
+                                  tmp_path / "o"], "file not found"),
+        "segment missing scan": (["segment", tmp_path / "no.nii.gz", "--out", tmp_path / "o"], "file not found"),
+        "missing label": ([*explain, "--label", tmp_path / "no-label.nii.gz"], "label file not found"),
+        "unknown method": ([*explain, "--methods", "gradcam,gradkam"], "unknown method 'gradkam'"),
+        "option of an unknown method": ([*explain, "--option", "gradkam.layer=x"], "unknown method 'gradkam'"),
+        "unknown model": ([*explain, "--model", "brain-lesoin-unet"], "unknown model 'brain-lesoin-unet'"),
+        "unknown class": ([*explain, "--model", tiny_card, "--target", "lesoin"], "did you mean 'lesion'?"),
+        "unknown format": ([*explain, "--format", "png"], "invalid choice: 'png'"),
+        "output folder is a file": (["segment", scan_file, "--out", tmp_path / "a-file"], "is a file"),
+        "audit missing cases": (["audit", tmp_path / "no-cases", "--out", tmp_path / "o"], "cases folder not found"),
+        "audit workers": (["audit", tmp_path, "--workers", "0", "--out", tmp_path / "o"], "--workers"),
+        "demo missing host": (["demo", "--host", tmp_path / "no-host.nii.gz", "--out", tmp_path / "o"],
+                              "host not found"),
+        "demo unknown method": (["demo", "--methods", "bogus", "--out", tmp_path / "o"], "unknown method 'bogus'"),
+        "demo bad seed": (["demo", "--seed", "x"], "invalid int value: 'x'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["explain missing scan", "segment missing scan", "missing label", "unknown method",
+                                  "option of an unknown method", "unknown model", "unknown class", "unknown format",
+                                  "output folder is a file", "audit missing cases", "audit workers",
+                                  "demo missing host", "demo unknown method", "demo bad seed"])
+def test_bad_arguments_fail_in_one_line_before_torch_is_imported(tmp_path, tiny_card, scan_file, case):
+    """A real process: its imports are listed by ``-X importtime`` (one line per module on stderr), so torch
+    (seconds to import) must not be among them."""
+    args, words = _bad_arguments(tmp_path, tiny_card, scan_file)[case]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "SegXAILib.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    imported = [line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and words in errors[0], errors
+    assert "SegXAILib.errors" in imported and "torch" not in imported and "monai" not in imported
+    assert not (tmp_path / "o").exists()
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _help(command: str, capsys) -> str:
+    """``segxai COMMAND --help``, its words separated by single spaces (the help is wrapped to the terminal)."""
+    with pytest.raises(SystemExit) as stop:
+        run_cli(command, "--help")
+    assert stop.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", ["explain", "audit", "train-reliability", "demo"])
+def test_help_of_a_command_with_methods_lists_each_method_and_its_summary(command, capsys):
+    text = _help(command, capsys)
+    for name in EXPLAINERS:
+        summary = " ".join(explainer_class(name).summary.split())
+        assert f" {name} {summary}" in text, name
+    assert ("options: layer=last_decoder," in text) == (command != "demo")  # the options where --option is taken
+
+
+def test_explain_help_lists_every_option_of_every_method_with_its_default(capsys):
+    text = _help("explain", capsys)
+    order = [text.index(f" {name} {' '.join(explainer_class(name).summary.split())}") for name in EXPLAINERS]
+    assert order == sorted(order)
+    for name, start, end in zip(EXPLAINERS, order, [*order[1:], len(text)]):
+        block = text[start:end]
+        defaults = explainer_class(name).Options()
+        for public, field in zip(defaults.names(), dataclasses.fields(defaults)):
+            value = getattr(defaults, field.name)
+            shown = "null" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            assert f" {public}={shown}" in block, (name, public)
+    assert " lambda=0.01," in text and " margin=16," in text  # an aliased option (the field lam) and a number
+
+
+def test_help_of_every_command_shows_every_default(capsys):
+    commands = _subcommands()
+    assert {"segment", "explain", "audit", "demo", "train", "ct-phantom"} <= set(commands)
+    for command, parser in commands.items():
+        text = _help(command, capsys)
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+                continue  # positional, off by default, or nothing to show (the help says what happens)
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            help_text = " ".join(action.help.split())
+            assert f"{help_text} (default: {shown})" in text or "default" in help_text, (command, action.dest)
+    assert "--device DEVICE auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps (default: auto)" in _help("segment", capsys)
+    assert "--shape K J I voxels along each axis (default: 64 128 128)" in _help("ct-phantom", capsys)
 
 
 def test_synth_lesion_and_ct_phantom_commands(tmp_path):
@@ -138,6 +229,7 @@ def test_synth_lesion_and_ct_phantom_commands(tmp_path):
     assert ct.shape == (16, 32, 32) and ct.array.dtype == np.int16 and ct.array.min() <= -900
 
 
+@pytest.mark.slow
 def test_synth_dataset_degrades_hosts_before_drawing_the_lesion(tmp_path, capsys):
     from SegXAILib.data.brain_mask import estimate_brain_mask
     from SegXAILib.data.degrade import degrade
@@ -166,6 +258,7 @@ def test_synth_dataset_degrades_hosts_before_drawing_the_lesion(tmp_path, capsys
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_synth_dataset_shrinks_hosts_by_a_seeded_factor(tmp_path):
     from SegXAILib.data.samples import mni152_t1
 
@@ -183,3 +276,32 @@ def test_synth_dataset_shrinks_hosts_by_a_seeded_factor(tmp_path):
     assert run_cli(*args[:4], "3:4", *args[5:], "--out", tmp_path / "b") == 0  # same seed, same factor
     again = read_volume(tmp_path / "b" / "mni152_00003" / "image.nii.gz")
     assert np.allclose(again.spacing / host.spacing, spacings[0])
+
+
+def test_demo_prints_and_records_the_dice_against_its_label(tmp_path, capsys):
+    """`segxai demo` on a small host: the Dice it prints are the ones summary.json records as the truth, and
+    they are the Dice of the written segmentation against the written label."""
+    from SegXAILib.data.samples import mni152_t1
+
+    mni = mni152_t1()
+    host = Volume(mni.array[::3, ::3, ::3].astype(np.float32), spacing=tuple(3.0 * s for s in mni.spacing),
+                  origin=mni.origin, direction=mni.direction)  # a 3 mm head: quick to segment
+    host_path = write_volume(host, tmp_path / "host.nii.gz")
+    card = make_card(tmp_path, spacing=(6.0, 6.0, 6.0))
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--host", host_path, "--model", card, "--methods", "gradcam", "--out", out,
+                   "--device", "cpu", "--progress", "none") == 0
+    printed = {line.split()[1]: float(line.split()[2]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("  Dice ")}
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["truth"]["label"] == str(out / "case" / "label.nii.gz")
+    dice = summary["truth"]["dice"]
+    assert printed == {name: round(value, 3) for name, value in dice.items()} and set(dice) == {"core", "rim", "lesion"}
+    predicted = read_volume(out / "segmentation.nii.gz").array
+    truth = read_volume(out / "case" / "label.nii.gz").array
+    for name, values in (("core", [1]), ("rim", [4]), ("lesion", [1, 4])):
+        a, b = np.isin(predicted, values), np.isin(truth, values)
+        total = int(a.sum()) + int(b.sum())
+        assert dice[name] == pytest.approx(1.0 if total == 0 else 2 * int((a & b).sum()) / total, abs=1e-12)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Against the known label</h2>" in page

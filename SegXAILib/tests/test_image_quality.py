@@ -73,6 +73,7 @@ def test_cohort_outliers_use_the_median_and_mad():
     assert cohort_outliers(small) == [[]] * len(small)
 
 
+@pytest.mark.slow
 def test_degraded_copies_of_real_lesion_cases_stand_out_and_clean_ones_do_not():
     from SegXAILib.data.degrade import degrade
     from SegXAILib.data.lesion import synthesize_lesion

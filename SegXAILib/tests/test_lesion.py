@@ -70,6 +70,7 @@ def test_same_seed_same_case_other_seed_other_place(mni: Volume, mni_mask: np.nd
 
 @needs_colin27
 @pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.slow
 def test_colin27_case_labels_placement_intensities(colin: tuple[Volume, np.ndarray], seed: int) -> None:
     host, brain = colin
     before = host.array.copy()
@@ -95,6 +96,7 @@ def test_colin27_case_labels_placement_intensities(colin: tuple[Volume, np.ndarr
 
 
 @needs_colin27
+@pytest.mark.slow
 def test_colin27_estimated_mask_contains_lesion(colin: tuple[Volume, np.ndarray]) -> None:
     host, brain = colin
     case = synthesize_lesion(host, seed=11)
@@ -105,6 +107,7 @@ def test_colin27_estimated_mask_contains_lesion(colin: tuple[Volume, np.ndarray]
 
 
 @needs_colin27
+@pytest.mark.slow
 def test_brain_mask_with_skull_matches_ch2bet(colin: tuple[Volume, np.ndarray]) -> None:
     host, brain = colin
     mask = estimate_brain_mask(host)

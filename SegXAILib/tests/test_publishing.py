@@ -206,7 +206,10 @@ def test_a_signal_during_a_run_cleans_staging_and_prints_one_line(tmp_path, tiny
     proc = subprocess.Popen(
         [sys.executable, "-m", "SegXAILib.cli", "explain", str(scan_file), "--model", str(tiny_card), "--out",
          str(out), "--methods", "misure", "--option", "misure.steps=100000", "--progress", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path,
+        # a shell that starts pytest in the background ignores SIGINT, and the child would inherit that
+        # (segxai keeps an ignored signal ignored): give the child the default, as an interactive shell does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # the run is in MiSuRe's optimisation: well past the staging folder's creation
             if json.loads(line)["stage"] == "misure":

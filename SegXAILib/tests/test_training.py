@@ -29,6 +29,7 @@ def write_blob_case(folder, seed: int) -> None:
     write_volume(Volume(label, spacing=(2.0, 2.0, 2.0)), folder / "label.nii.gz")
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_card_with_validation_dice(tmp_path):
     for split, seeds in (("train", range(4)), ("val", range(100, 102))):
         for seed in seeds:

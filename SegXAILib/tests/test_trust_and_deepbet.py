@@ -264,6 +264,7 @@ def deepbet_files():
     return Path(DATA_PATH) / "models" / "model.pt", Path(DATA_PATH) / "models" / "bbox_model.pt"
 
 
+@pytest.mark.slow
 def test_deepbets_networks_rebuilt_eagerly_equal_its_torchscript(deepbet_files):
     x = torch.randn(1, 1, 64, 96, 64, generator=torch.Generator().manual_seed(0))
     for path in deepbet_files:
@@ -301,12 +302,14 @@ def deepbet_explained(deepbet_files, tmp_path_factory):
     return folder / "out", run_bet_mask(str(head))
 
 
+@pytest.mark.slow
 def test_deepbet_gives_run_bets_mask_untrusted(deepbet_explained):
     out, reference = deepbet_explained
     ours = read_volume(out / "segmentation.nii.gz").array > 0
     assert dice(ours, reference) >= 0.99
 
 
+@pytest.mark.slow
 def test_deepbet_gives_run_bets_mask_on_colin27(deepbet_files, tmp_path):
     from SegXAILib.data.samples import MRICRON_TEMPLATES
 
@@ -320,6 +323,7 @@ def test_deepbet_gives_run_bets_mask_on_colin27(deepbet_files, tmp_path):
     assert dice(ours, run_bet_mask(str(scan))) >= 0.99
 
 
+@pytest.mark.slow
 def test_deepbets_gradcam_of_the_brain_peaks_inside_the_brain(deepbet_explained):
     out, reference = deepbet_explained
     summary = json.loads((out / "summary.json").read_text())
@@ -330,6 +334,7 @@ def test_deepbets_gradcam_of_the_brain_peaks_inside_the_brain(deepbet_explained)
     assert cam[reference].mean() > 10 * cam[~reference].mean()
 
 
+@pytest.mark.slow
 def test_deepbets_card_says_what_it_is_for(deepbet_explained, capsys):
     out, _ = deepbet_explained
     model = json.loads((out / "summary.json").read_text())["model"]
