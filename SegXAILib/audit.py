@@ -87,7 +87,7 @@ ORDER_SCORES = (("reliability", 1), ("tta.entropy_inside", -1), ("protoseg.mean_
 each times its sign, lowest first: the lowest reliability (only where its classifier judges,
 :func:`~SegXAILib.quality.reliability_judges`), the highest TTA entropy inside the object, the lowest
 mean SA. The entropy comes before mean SA because it predicts a poor Dice far better on the bundled
-model's labelled cohort (AUROC for Dice < 0.9: 0.96 against 0.72, README "Auditing a cohort"), and a
+model's labelled cohort (AUROC for Dice < 0.9: 0.96 against 0.72, docs/auditing.md), and a
 model can be confidently wrong: a blurred or re-contrasted scan over-segmented to three times the
 lesion keeps a high mean SA, while its repeated predictions disagree."""
 

@@ -1,7 +1,7 @@
 """Acquisition quality of a scan, and the cases of a cohort whose acquisition stands out.
 
 A model's confidence is no guard against a scan unlike the others: a blurred or re-contrasted brain
-MRI can be segmented confidently and wrongly (README, "Auditing a cohort"). Three label-free
+MRI can be segmented confidently and wrongly (docs/auditing.md). Three label-free
 measures of the scan itself, in the spirit of MRIQC's image-quality metrics, describe its acquisition:
 
 =================  =================================================================================

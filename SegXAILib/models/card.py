@@ -201,7 +201,7 @@ class ModelCard:
             raise SegXAIError(f"{source}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SegXAIError(f"{source} is missing or has an invalid field ({exc!r}); "
-                              "see the model card format in README.md") from None
+                              "see the model card format in docs/models.md") from None
         card.validate(source)
         return card
 
