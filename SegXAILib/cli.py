@@ -29,7 +29,8 @@ from .progress import Progress, TqdmProgress, json_progress_line
 DEFAULT_MODEL = "brain-lesion-unet"
 MODEL_HELP = "name from 'segxai models', card .json or MONAI bundle folder"
 TRUST_HELP = ("open a model whose loading runs code stored in it (a TorchScript file: torch.jit.load runs the "
-              "archive's code); only for a model from a source you trust")
+              "archive's code; a MONAI bundle whose config holds Python expressions or calls other than MONAI "
+              "and torch.nn classes); only for a model from a source you trust")
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"
 FORMATS = ("nii.gz", "nrrd", "nii", "mha")
 """The single-file formats the commands write volumes in (``--format``)."""
@@ -88,15 +89,14 @@ def _check_output_folder(out: str) -> None:
 
 # ----------------------------------------------------------------- commands
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models.card import ModelCard
-    from .models.registry import available_cards
+    from .models.registry import available_cards, card_at
 
     cards = available_cards()
     if not cards:
         print("no models found (bundled folder empty and SEGXAI_MODEL_PATH unset)")
         return 0
     for name, path in cards.items():
-        card = ModelCard.load(path)
+        card = card_at(path)
         dice = card.validation.get("dice", {})
         main = dice.get(card.default_target or "", None)
         print(f"{name:28s} {card.architecture.get('name', '?'):16s} {card.modality:8s} "

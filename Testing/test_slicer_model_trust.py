@@ -1,5 +1,6 @@
 """The panel's model facts from the logic (no Qt): what a model is for, and whether running it needs the user's
-trust (a TorchScript model: the widget asks, then the logic passes ``--trust-model-code`` to the child)."""
+trust (a TorchScript model, or a MONAI bundle whose config holds code: the widget asks, then the logic passes
+``--trust-model-code`` to the child)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ import pytest
 
 pytest.importorskip("slicer")
 from SegXAILib.errors import SegXAIError  # noqa: E402
+from SegXAILib.tests.test_bundle_trust import edit_config, expression_in_network_def  # noqa: E402
+from SegXAILib.tests.test_model_loading import make_bundle  # noqa: E402
 from SegXAILib.tests.test_trust_and_deepbet import marked_model  # noqa: E402
 from SegXAILib.volume import Volume  # noqa: E402
-from SegXAILogic import ExplainLogic, modelDescription, modelTrustQuestion, updateNodeFromVolume  # noqa: E402
+from SegXAILogic import (  # noqa: E402
+    ExplainLogic,
+    availableModels,
+    modelDescription,
+    modelTargets,
+    modelTrustQuestion,
+    updateNodeFromVolume,
+)
 from SegXAILogic.standalone import standaloneScene  # noqa: E402
 
 
@@ -25,6 +35,22 @@ def test_only_a_torchscript_model_asks_for_trust_and_nothing_is_opened(tmp_path)
     question = modelTrustQuestion(str(card))
     assert "runs code stored in its file" in question and question.endswith("Run it?")
     assert not marker.exists()
+
+
+def test_picking_a_bundle_folder_evaluates_nothing_and_the_question_shows_its_code(tmp_path, monkeypatch):
+    """What the panel calls when a bundle folder is picked (its targets and description) and before a run (the
+    trust question), and the catalogue with the bundle on SEGXAI_MODEL_PATH: the planted expression never runs."""
+    folder, _ = make_bundle(tmp_path / "models" / "spleen")
+    marker = tmp_path / "MARKER"
+    edit_config(folder, lambda config: expression_in_network_def(config, marker))
+    monkeypatch.setenv("SEGXAI_MODEL_PATH", str(tmp_path / "models"))
+    assert availableModels()["Tiny spleen"] == folder
+    assert modelTargets(str(folder)) == (None, ["spleen"]) and modelDescription(str(folder)) == "a test bundle"
+    question = modelTrustQuestion(str(folder))
+    assert f"network_def.out_channels runs the Python expression __import__('os').system('touch {marker}')" in question
+    assert question.endswith("Run it?") and not marker.exists()
+    folder, _ = make_bundle(tmp_path / "clean")
+    assert modelTrustQuestion(str(folder)) is None
 
 
 @pytest.mark.slow

@@ -254,15 +254,22 @@ def modelDescription(model: str) -> str:
 
 def modelTrustQuestion(model: str) -> str | None:
     """The question to ask the user before running ``model``, when loading it runs code stored in it (a TorchScript
-    model); None when it does not. Nothing of the model is opened."""
+    model, or a MONAI bundle whose config holds code: the question shows that code); None when it does not.
+    Nothing of the model is opened or evaluated."""
+    from SegXAILib.models.bundle import code_in_bundle
     from SegXAILib.models.registry import code_files, resolve_card
 
-    files = code_files(resolve_card(model))
-    if not files:
+    card = resolve_card(model)
+    files = code_files(card)
+    code = code_in_bundle(Path(card.extra["bundle_root"])) if card.extra.get("bundle_root") and not files else []
+    if files:
+        runs = f"runs code stored in its file {files[0]} (TorchScript)"
+    elif code:
+        runs = "runs code written in its configuration: " + "; ".join(f"{key} runs {what}" for key, what in code)
+    else:
         return None
-    return (f"Loading the model {model} runs code stored in its file {files[0]} (TorchScript), which can do "
-            "anything your account can, such as write or delete files. Run it only if you trust where the model "
-            "came from. Run it?")
+    return (f"Loading the model {model} {runs}, which can do anything your account can, such as write or delete "
+            "files. Run it only if you trust where the model came from. Run it?")
 
 
 def availableMethods() -> dict[str, str]:

@@ -41,13 +41,23 @@ the array layout it was trained on. For the same reason the card's ``patch_size`
 reversed (K, J, I), while ``spacing`` stays ``pixdim`` as is (card spacing is along I, J, K).
 Layer activations inside the wrapped network are in I, J, K order.
 
-A bundle's configs are code (``_target_`` and ``$`` expressions are executed by MONAI's
-ConfigParser when the network is built): load only bundles from a source you trust. The weights
-themselves are never unpickled.
+**No code runs unless trusted.** MONAI configs can hold code (``$`` Python expressions, ``_target_``
+naming any callable). The configs are read as data (JSON/YAML, nothing evaluated), and only the keys in
+:data:`NEEDED_KEYS` (``network_def``, ``preprocessing``, ``inferer``) and the ids they refer to (``@id``,
+also ``$@id``) are looked at; ``imports``, ``datalist``, ``handlers`` and every other key never are. The
+card is derived from plain values only (an expression is not evaluated: the field keeps its default).
+:func:`code_in_bundle` lists what those keys would run: a ``$`` expression, a ``%`` macro, a non-default
+``_mode_``, a ``_target_`` that is not a class of :data:`ALLOWED_MODULES` (``monai.networks``,
+``monai.transforms``, ``monai.inferers``, ``torch.nn``). None: :func:`load_bundle_network` builds
+``network_def`` itself from the allowed classes and the resolved arguments. Some: the bundle is refused with
+one line naming the key and what it would run (:func:`check_bundle_trust`, via
+:mod:`SegXAILib.models.trust`) unless the user passes ``--trust-model-code``; then MONAI's ConfigParser
+builds ``network_def``, evaluating what it must. The weights themselves are never unpickled.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -75,7 +85,13 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 """Class colours: channel n > 0 gets ``PALETTE[(n - 1) % len(PALETTE)]``; channel 0 is black."""
 
-_REFERENCE = re.compile(r"@([\w#]+)")
+_REFERENCE = re.compile(r"@([\w#:]+)")
+_PURE_REFERENCE = re.compile(r"\$?@([\w#:]+)")
+
+ALLOWED_MODULES = ("monai.networks", "monai.transforms", "monai.inferers", "torch.nn")
+"""The only modules whose classes a bundle's ``_target_`` may name without ``--trust-model-code``."""
+NEEDED_KEYS = ("network_def", "preprocessing", "inferer")
+"""The inference config's keys SegXAI reads (with every id they refer to); no other key is even looked at."""
 
 
 class BundleAxes(nn.Module):
@@ -106,32 +122,192 @@ def _inference_config(folder: Path) -> Path:
         "needs configs/inference.json, configs/metadata.json and models/model.pt (or models/model.ts)")
 
 
-def _parser(folder: Path, with_meta: bool = True):
+def _read(folder: Path, path: Path) -> dict[str, Any]:
+    """A JSON/YAML config file as plain data (MONAI's reader: ``json.load`` / ``yaml.safe_load``)."""
     from monai.bundle import ConfigParser
 
-    config = _inference_config(folder)
-    parser = ConfigParser()
     try:
-        parser.read_config(str(config))
-        meta = folder / METADATA_CONFIG
-        if with_meta and meta.is_file():
-            parser.read_meta(str(meta))
+        data = ConfigParser.load_config_file(str(path))
     except Exception as exc:  # json/yaml errors of several kinds
         raise SegXAIError(f"MONAI bundle {folder}: cannot read its configs ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:150] if str(exc) else ''}); fix the JSON/YAML") from None
-    parser["bundle_root"] = str(folder)  # configs refer to their files through @bundle_root
-    return parser
+    if not isinstance(data, dict):
+        raise SegXAIError(f"MONAI bundle {folder}: {path.name} is not a JSON/YAML object; fix it")
+    return data
 
 
-def _value(parser, id: str, default: Any = None) -> Any:
-    """A config value with references and expressions resolved; ``default`` if absent or failing."""
-    if parser.get(id) is None:
-        return default
+def _config(folder: Path) -> dict[str, Any]:
+    """The inference config as data (nothing evaluated), ``bundle_root`` set to ``folder``."""
+    return {**_read(folder, _inference_config(folder)), "bundle_root": str(folder)}
+
+
+def _parser(folder: Path):
+    """MONAI's ConfigParser on the inference config: it evaluates, so only for a bundle the user trusts."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser(_config(folder))
+
+
+def _get(config: dict[str, Any], id: str) -> Any:
+    """The raw value at a config id (``network_def#channels#0``; ``::`` works as ``#``), None if absent."""
+    node: Any = config
+    for part in id.replace("::", "#").split("#"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _key(id: str) -> str:
+    """A config id as the user reads it in an error: ``network_def._target_``."""
+    return id.replace("::", "#").replace("#", ".")
+
+
+def _reference(id: str, text: str) -> str | None:
+    """The id that ``text`` refers to when it is only a reference (``@id``, or ``$@id``, which evaluates to the
+    same object); relative ids (``@#key``) are made absolute with MONAI's own rule. None otherwise."""
+    from monai.bundle import ConfigParser
+
     try:
-        return parser.get_parsed_content(id, instantiate=False)
-    except Exception:
-        raw = parser.get(id)
-        return default if isinstance(raw, str) and raw[:1] in "@$%" else raw
+        absolute = ConfigParser.resolve_relative_ids(id, text) if "@#" in text else text
+    except ValueError:  # a relative id above the config's root
+        return None
+    match = _PURE_REFERENCE.fullmatch(absolute)
+    return match.group(1).replace("::", "#") if match else None
+
+
+class _NotData(Exception):
+    """A config value that is not plain data (a ``$`` expression, a ``%`` macro, a missing reference)."""
+
+
+def _allowed_class(target: Any) -> type | None:
+    """The class a ``_target_`` names, if it is one from :data:`ALLOWED_MODULES` (a short name such as ``UNet`` is
+    looked up in MONAI as MONAI does); None otherwise. Only a module on the allowlist is ever imported."""
+    import importlib
+    import inspect
+
+    if not isinstance(target, str) or not target:
+        return None
+    if "." in target:
+        module, _, name = target.rpartition(".")
+    else:
+        found = _component_locator().get_component_module_name(target)
+        modules = [found] if isinstance(found, str) else list(found or [])
+        module, name = next((m for m in modules if _in_allowlist(m)), ""), target
+    if not _in_allowlist(module):
+        return None
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return value if inspect.isclass(value) else None
+
+
+@functools.cache
+def _component_locator():
+    """MONAI's table of short names (``UNet`` -> ``monai.networks.nets.unet``), over the allowed MONAI modules."""
+    import importlib
+
+    from monai.bundle.config_item import ComponentLocator
+
+    for package in ALLOWED_MODULES[:3]:  # the table covers the MONAI modules already imported
+        importlib.import_module(package)
+    return ComponentLocator()
+
+
+def _in_allowlist(module: str) -> bool:
+    return any(module == allowed or module.startswith(allowed + ".") for allowed in ALLOWED_MODULES)
+
+
+def code_in_bundle(folder: Path) -> list[tuple[str, str]]:
+    """What the keys SegXAI needs (:data:`NEEDED_KEYS` and every id they refer to) would run, unevaluated:
+    ``(key, what)`` per ``$`` expression, ``%`` macro, non-default ``_mode_`` and ``_target_`` outside
+    :data:`ALLOWED_MODULES`, in config order. Empty: the network is built and the card derived as data."""
+    config = _config(Path(folder))
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def walk(node: Any, id: str) -> None:
+        if isinstance(node, dict):
+            if "_target_" in node and _allowed_class(node["_target_"]) is None:
+                found.append((f"{_key(id)}._target_", str(node["_target_"])))
+            if node.get("_mode_", "default") != "default":
+                found.append((f"{_key(id)}._mode_", f"MONAI's {node['_mode_']!r} mode"))
+            for key, value in node.items():
+                if key not in ("_target_", "_mode_", "_desc_"):
+                    walk(value, f"{id}#{key}")
+        elif isinstance(node, list):
+            for n, value in enumerate(node):
+                walk(value, f"{id}#{n}")
+        elif isinstance(node, str) and node[:1] in "@$%":
+            reference = _reference(id, node)
+            if reference is not None:
+                visit(reference)
+            elif node.startswith("$"):
+                found.append((_key(id), f"the Python expression {node[1:].strip()}"))
+            elif node.startswith("%"):
+                found.append((_key(id), f"a config read from {node[1:]}"))
+
+    def visit(id: str) -> None:
+        if id not in seen:
+            seen.add(id)
+            walk(_get(config, id), id)
+
+    for key in NEEDED_KEYS:
+        visit(key)
+    return found
+
+
+def check_bundle_trust(folder: Path, trust_model_code: bool = False) -> None:
+    """Refuse (one line naming the key, what it would run and ``--trust-model-code``) a bundle whose needed keys
+    hold code (:func:`code_in_bundle`), unless trusted; nothing of the config is evaluated."""
+    from . import trust
+
+    code = code_in_bundle(folder)
+    if code:
+        key, what = code[0]
+        more = f" (and {len(code) - 1} more such entries)" if len(code) > 1 else ""
+        trust.require(trust_model_code, "the MONAI bundle", folder, f"its config key {key} would run {what}{more}")
+
+
+def _data(config: dict[str, Any], node: Any, id: str, build: bool, seen: frozenset[str] = frozenset()) -> Any:
+    """``node`` (at config id ``id``) with its references resolved, never evaluated.
+
+    ``build``: a ``_target_`` entry becomes its class called with the resolved arguments (the class must be on
+    the allowlist); otherwise it stays a dict. Raises :class:`_NotData` for a ``$`` expression, a ``%`` macro, a
+    reference to nothing or in a cycle, or (``build``) a target off the allowlist."""
+    if isinstance(node, dict):
+        arguments = {key: _data(config, value, f"{id}#{key}", build, seen)
+                     for key, value in node.items() if not (build and str(key).startswith("_"))}
+        if not (build and "_target_" in node):
+            return arguments
+        if node.get("_disabled_") in (True, "true", "True"):
+            return None
+        target = _allowed_class(node["_target_"])
+        if target is None or node.get("_mode_", "default") != "default":
+            raise _NotData(f"{_key(id)}._target_")
+        return target(**arguments)
+    if isinstance(node, list):
+        return [_data(config, value, f"{id}#{n}", build, seen) for n, value in enumerate(node)]
+    if isinstance(node, str) and node[:1] in "@$%":
+        reference = _reference(id, node)
+        if reference is None or reference in seen or _get(config, reference) is None:
+            raise _NotData(_key(id))
+        return _data(config, _get(config, reference), reference, build, seen | {reference})
+    return node
+
+
+def _value(config: dict[str, Any], id: str, default: Any = None) -> Any:
+    """A config value as data, references followed; ``default`` if absent or not plain data (a ``$``
+    expression, which is never evaluated here)."""
+    try:
+        value = _data(config, _get(config, id), id, build=False, seen=frozenset({id}))
+    except _NotData:
+        return default
+    return default if value is None else value
 
 
 def _transform_kind(target: Any) -> str:
@@ -144,7 +320,7 @@ def _transform_kind(target: Any) -> str:
     return name[:-1] if name.endswith("d") else name
 
 
-def _find_transforms(parser, root_id: str = "preprocessing") -> list[tuple[str, str]]:
+def _find_transforms(config: dict[str, Any], root_id: str = "preprocessing") -> list[tuple[str, str]]:
     """(config id, kind) of every ``_target_`` entry reachable from ``root_id``, in config order.
 
     Plain ``@id`` references (also inside ``$`` expressions) are followed, so a ``Compose`` whose
@@ -171,7 +347,7 @@ def _find_transforms(parser, root_id: str = "preprocessing") -> list[tuple[str, 
         if id in seen or id == "bundle_root":
             return
         seen.add(id)
-        node = parser.get(id)
+        node = _get(config, id)
         if node is not None:
             walk(node, id)
 
@@ -191,28 +367,28 @@ def _floats(value: Any, n: int = 3) -> list[float] | None:
     return values if len(values) == n else None
 
 
-def _intensity(parser, transforms: list[tuple[str, str]]) -> dict[str, Any]:
+def _intensity(config: dict[str, Any], transforms: list[tuple[str, str]]) -> dict[str, Any]:
     for id, kind in transforms:
         if kind == "scaleintensityrange":
-            a_min, a_max = _value(parser, f"{id}#a_min"), _value(parser, f"{id}#a_max")
+            a_min, a_max = _value(config, f"{id}#a_min"), _value(config, f"{id}#a_max")
             if a_min is None or a_max is None:
                 continue
             spec: dict[str, Any] = {"kind": "ct_window", "window": [float(a_min), float(a_max)],
-                                    "clip": bool(_value(parser, f"{id}#clip", False))}
-            b_min, b_max = _value(parser, f"{id}#b_min", 0.0), _value(parser, f"{id}#b_max", 1.0)
+                                    "clip": bool(_value(config, f"{id}#clip", False))}
+            b_min, b_max = _value(config, f"{id}#b_min", 0.0), _value(config, f"{id}#b_max", 1.0)
             if b_min is not None and b_max is not None and (float(b_min), float(b_max)) != (0.0, 1.0):
                 spec["output_range"] = [float(b_min), float(b_max)]
             return spec
         if kind == "normalizeintensity":
             return {"kind": "zscore_foreground"}
         if kind == "scaleintensityrangepercentiles":
-            return {"kind": "percentile", "lower": float(_value(parser, f"{id}#lower", 0.5)),
-                    "upper": float(_value(parser, f"{id}#upper", 99.5)),
-                    "clip": bool(_value(parser, f"{id}#clip", False))}
+            return {"kind": "percentile", "lower": float(_value(config, f"{id}#lower", 0.5)),
+                    "upper": float(_value(config, f"{id}#upper", 99.5)),
+                    "clip": bool(_value(config, f"{id}#clip", False))}
     return {"kind": "percentile", "lower": 0.5, "upper": 99.5}
 
 
-def _classes(folder: Path, parser, pred: dict[str, Any]) -> list[dict[str, Any]]:
+def _classes(folder: Path, config: dict[str, Any], pred: dict[str, Any]) -> list[dict[str, Any]]:
     channel_def = pred.get("channel_def")
     if isinstance(channel_def, dict) and channel_def:
         try:
@@ -224,7 +400,7 @@ def _classes(folder: Path, parser, pred: dict[str, Any]) -> list[dict[str, Any]]
         count = max(names) + 1
     else:
         names = {}
-        count = pred.get("num_channels") or _value(parser, "network_def#out_channels")
+        count = pred.get("num_channels") or _value(config, "network_def#out_channels")
         if not isinstance(count, int):
             raise SegXAIError(f"MONAI bundle {folder}: cannot tell its output classes (no channel_def or "
                               f"num_channels in {METADATA_CONFIG}); give 'classes' in {OVERRIDES_CONFIG}")
@@ -234,26 +410,26 @@ def _classes(folder: Path, parser, pred: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def _derive(folder: Path) -> dict[str, Any]:
-    parser = _parser(folder)
-    meta = parser.get("_meta_") or {}
+    config = _config(folder)
+    meta = _read(folder, folder / METADATA_CONFIG) if (folder / METADATA_CONFIG).is_file() else {}
     data_format = meta.get("network_data_format", {}) if isinstance(meta, dict) else {}
     image = data_format.get("inputs", {}).get("image", {})
     pred = data_format.get("outputs", {}).get("pred", {})
 
-    transforms = _find_transforms(parser)
+    transforms = _find_transforms(config)
     preprocessing: dict[str, Any] = {}
     orientation = _first(transforms, "orientation")
     if orientation is not None:
-        axcodes = _value(parser, f"{orientation}#axcodes")
+        axcodes = _value(config, f"{orientation}#axcodes")
         if isinstance(axcodes, str):
             preprocessing["orientation"] = axcodes.upper()
     spacing = _first(transforms, "spacing")
-    preprocessing["spacing"] = _floats(_value(parser, f"{spacing}#pixdim")) if spacing else None
-    preprocessing["intensity"] = _intensity(parser, transforms)
+    preprocessing["spacing"] = _floats(_value(config, f"{spacing}#pixdim")) if spacing else None
+    preprocessing["intensity"] = _intensity(config, transforms)
 
-    roi = _value(parser, "inferer#roi_size")
+    roi = _value(config, "inferer#roi_size")
     roi = [int(r) for r in _floats(roi)] if _floats(roi) else list(DEFAULT_PATCH)
-    channels = image.get("num_channels") or _value(parser, "network_def#in_channels") or 1
+    channels = image.get("num_channels") or _value(config, "network_def#in_channels") or 1
 
     weights = STATE_DICT if (folder / STATE_DICT).is_file() or not (folder / TORCHSCRIPT).is_file() else TORCHSCRIPT
     return {
@@ -261,7 +437,7 @@ def _derive(folder: Path) -> dict[str, Any]:
         "description": str(meta.get("description", "")),
         "architecture": {"name": "monai_bundle", "args": {}},
         "input": {"channels": int(channels), "modality": str(image.get("modality", "MRI"))},
-        "classes": _classes(folder, parser, pred),
+        "classes": _classes(folder, config, pred),
         "preprocessing": preprocessing,
         "patch_size": roi[::-1],  # MONAI roi_size is I, J, K; SegXAI arrays are K, J, I
         "weights": weights,
@@ -320,19 +496,23 @@ def load_bundle_network(card: ModelCard, trust_model_code: bool = False) -> nn.M
         raise SegXAIError(f"MONAI bundle {folder}: weights file {path} not found; put the state dict in "
                           f"{STATE_DICT} (or a TorchScript export in {TORCHSCRIPT})")
 
-    parser = _parser(folder, with_meta=False)
-    if parser.get("network_def") is None:
+    config = _config(folder)
+    if _get(config, "network_def") is None:
         raise SegXAIError(f"MONAI bundle {folder}: its inference config has no 'network_def'; add one "
                           f"or export the model to {TORCHSCRIPT}")
+    check_bundle_trust(folder, trust_model_code)
     try:
-        network = parser.get_parsed_content("network_def")
-    except Exception as exc:
+        if code_in_bundle(folder):  # trusted: MONAI's ConfigParser evaluates what it must
+            network = _parser(folder).get_parsed_content("network_def")
+        else:
+            network = _data(config, config["network_def"], "network_def", build=True)
+    except Exception as exc:  # noqa: BLE001 - a network's constructor fails in many ways on wrong arguments
         message = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise SegXAIError(f"MONAI bundle {folder}: cannot build its network_def ({type(exc).__name__}: "
                           f"{message}); check the config against this MONAI version") from None
     if not isinstance(network, nn.Module):
         raise SegXAIError(f"MONAI bundle {folder}: network_def builds a {type(network).__name__}, not a "
                           "torch module; fix network_def")
-    target = parser.get("network_def#_target_", "network_def")
+    target = _get(config, "network_def#_target_") or "network_def"
     load_weights(network, path, f"monai_bundle {target}")
     return BundleAxes(network.cpu()).eval()

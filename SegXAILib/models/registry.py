@@ -2,14 +2,15 @@
 
 A model is named on the command line (or in the Slicer panel) by one of:
 
-- a bundled model's name (cards in ``SegXAILib/models/weights/``), or the name of a card in a
-  folder listed in the ``SEGXAI_MODEL_PATH`` environment variable (``os.pathsep``-separated);
+- a bundled model's name (cards in ``SegXAILib/models/weights/``), or the name of a card or of a MONAI bundle
+  folder in a folder listed in the ``SEGXAI_MODEL_PATH`` environment variable (``os.pathsep``-separated);
 - a path to a model card (``.json``);
 - a path to a MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``).
 
 A TorchScript model is loaded through a card whose architecture is ``{"name": "torchscript"}``; that runs the
-archive's code, so only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`). Listing and resolving models
-reads cards and configs only, never a model file.
+archive's code, so only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`); so does a MONAI bundle whose
+needed config keys hold code (:func:`SegXAILib.models.bundle.check_bundle_trust`). Listing and resolving models
+reads cards and configs as data only (nothing of a bundle's config is evaluated), never a model file.
 
 A card whose files come with an installed Python package (``"package:deepbet/..."``, e.g. the bundled
 ``deepbet`` card) is listed only while that package is installed; naming it without the package says how to
@@ -40,13 +41,26 @@ def model_search_dirs() -> list[Path]:
     return [BUNDLED_DIR, *extra]
 
 
+def _is_bundle(path: Path) -> bool:
+    return path.is_dir() and any((path / "configs" / f"inference.{ext}").is_file() for ext in ("json", "yaml", "yml"))
+
+
+def card_at(path: Path) -> ModelCard:
+    """The card of a card file or of a MONAI bundle folder (derived from its configs as data)."""
+    if path.is_dir():
+        from .bundle import card_from_bundle
+
+        return card_from_bundle(path)
+    return ModelCard.load(path)
+
+
 def _cards() -> dict[str, tuple[Path, list[str]]]:
-    """Name -> (card path, the packages it needs that are not installed), first one found wins."""
+    """Name -> (card path or bundle folder, the packages it needs that are not installed), first one found wins."""
     found: dict[str, tuple[Path, list[str]]] = {}
     for folder in model_search_dirs():
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted(p for p in folder.glob("*") if p.suffix == ".json" or _is_bundle(p)):
             try:
-                card = ModelCard.load(path)
+                card = card_at(path)
                 missing = [p for p in card.packages if installed_version(p) is None]
             except SegXAIError:
                 continue  # not a model card (e.g. a reliability model beside it)
@@ -55,8 +69,8 @@ def _cards() -> dict[str, tuple[Path, list[str]]]:
 
 
 def available_cards() -> dict[str, Path]:
-    """Name -> card path for every model found in the search folders (first one wins), but those whose package
-    is not installed."""
+    """Name -> card path (or MONAI bundle folder) for every model found in the search folders (first one wins), but
+    those whose package is not installed."""
     return {name: path for name, (path, missing) in _cards().items() if not missing}
 
 
@@ -64,20 +78,18 @@ def resolve_card(spec: str | os.PathLike) -> ModelCard:
     """The model card for a name, a card path or a MONAI bundle folder."""
     path = Path(spec)
     if path.is_dir():
-        from .bundle import card_from_bundle
-
-        return card_from_bundle(path)
+        return card_at(path)
     if path.suffix == ".json" and path.exists():
         return ModelCard.load(path)
     every = _cards()
     if str(spec) in every and every[str(spec)][1]:
-        card = ModelCard.load(every[str(spec)][0])
+        card = card_at(every[str(spec)][0])
         install = card.extra.get("install") or f"pip install {' '.join(every[str(spec)][1])}"
         raise SegXAIError(f"model {str(spec)!r} needs the Python package {', '.join(every[str(spec)][1])}, which is "
                           f"not installed; install it ({install})")
     cards = {name: path for name, (path, missing) in every.items() if not missing}
     if str(spec) in cards:
-        return ModelCard.load(cards[str(spec)])
+        return card_at(cards[str(spec)])
     if path.suffix in (".json", ".pt", ".ts", ".pth", ".safetensors") or os.sep in str(spec):
         raise SegXAIError(f"model not found: {spec}; give a model card (.json), a MONAI bundle folder, "
                           "or a name from 'segxai models'")
@@ -124,13 +136,18 @@ def code_files(card: ModelCard) -> list[Path]:
 
 def check_trust(card: ModelCard, trust_model_code: bool = False) -> None:
     """Raise the refusal of :func:`SegXAILib.models.trust.refuse` now, before any work, when loading ``card``
-    would run code the user has not trusted (``--trust-model-code``); nothing is opened.
+    would run code the user has not trusted (``--trust-model-code``): a TorchScript file, or code in a MONAI
+    bundle's config; nothing is opened or evaluated.
 
     For runs that load the model later or elsewhere (an audit's cases, a Slicer child process)."""
     from .loaders import check_torchscript_trust
 
     for path in code_files(card):
         check_torchscript_trust(path, trust_model_code)
+    if card.extra.get("bundle_root"):
+        from .bundle import check_bundle_trust
+
+        check_bundle_trust(Path(card.extra["bundle_root"]), trust_model_code)
 
 
 def model_fingerprint(card: ModelCard) -> str:

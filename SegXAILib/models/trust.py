@@ -6,8 +6,9 @@ formats are code, though:
 
 - a TorchScript archive (``torch.jit.load`` compiles the archive's code and runs it while loading: a module's
   ``__setstate__`` can write any file);
-- (a later release) a MONAI bundle's configs, whose ``_target_`` entries and ``$`` expressions are executed
-  when the network is built.
+- a MONAI bundle's config whose needed keys hold ``$`` expressions or ``_target_``s off an allowlist, which
+  MONAI's ConfigParser would execute when the network is built (:func:`SegXAILib.models.bundle.check_bundle_trust`;
+  a bundle without such code is built as data and needs no trust).
 
 Such a model is opened only with ``trust_model_code=True`` (``--trust-model-code`` on the command line, the
 confirmation in the Slicer panel); without it the run stops before any work with one line that says why and
