@@ -48,7 +48,8 @@ also ``$@id``) are looked at; ``imports``, ``datalist``, ``handlers`` and every 
 card is derived from plain values only (an expression is not evaluated: the field keeps its default).
 :func:`code_in_bundle` lists what those keys would run: a ``$`` expression, a ``%`` macro, a non-default
 ``_mode_``, a ``_target_`` that is not a class of :data:`ALLOWED_MODULES` (``monai.networks``,
-``monai.transforms``, ``monai.inferers``, ``torch.nn``). None: :func:`load_bundle_network` builds
+``monai.transforms``, ``monai.inferers``, ``torch.nn``), a ``pretrained`` argument that would download weights
+(nothing is downloaded at run time). None: :func:`load_bundle_network` builds
 ``network_def`` itself from the allowed classes and the resolved arguments. Some: the bundle is refused with
 one line naming the key and what it would run (:func:`check_bundle_trust`, via
 :mod:`SegXAILib.models.trust`) unless the user passes ``--trust-model-code``; then MONAI's ConfigParser
@@ -236,6 +237,10 @@ def code_in_bundle(folder: Path) -> list[tuple[str, str]]:
                 found.append((f"{_key(id)}._target_", str(node["_target_"])))
             if node.get("_mode_", "default") != "default":
                 found.append((f"{_key(id)}._mode_", f"MONAI's {node['_mode_']!r} mode"))
+            if "_target_" in node:  # e.g. DenseNet121(pretrained=True) downloads weights while it is built
+                found.extend((f"{_key(id)}.{key}", "a download of pretrained weights") for key, value in node.items()
+                             if str(key).startswith("pretrained")
+                             and value not in (False, None, 0, "", "false", "False"))
             for key, value in node.items():
                 if key not in ("_target_", "_mode_", "_desc_"):
                     walk(value, f"{id}#{key}")

@@ -70,6 +70,14 @@ def test_segment_refuses_code_in_a_needed_key_with_one_line_and_runs_nothing(tmp
     assert not marker.exists() and not (tmp_path / "out" / "summary.json").exists()
 
 
+def test_an_allowed_network_that_would_download_pretrained_weights_needs_trust(tmp_path):
+    folder, _ = make_bundle(tmp_path / "bundle")
+    edit_config(folder, lambda config: config["network_def"].update(pretrained=True))
+    assert code_in_bundle(folder) == [("network_def.pretrained", "a download of pretrained weights")]
+    edit_config(folder, lambda config: config["network_def"].update(pretrained=False))
+    assert code_in_bundle(folder) == []
+
+
 def test_audit_refuses_the_bundle_before_any_case(tmp_path, capsys):
     folder, _ = make_bundle(tmp_path / "bundle")
     marker = tmp_path / "MARKER"
