@@ -33,7 +33,7 @@ import numpy as np
 from .errors import SegXAIError
 from .explain.pipeline import ExplainResult
 from .models.card import ModelCard
-from .outputs import map_on_scan, slug
+from .outputs import map_entry, map_on_scan, map_stem
 from .report.display import MapDisplay, display_range, head_mask
 from .report.montage import OVERLAY_ALPHA, scan_window
 from .report.viewer import colormap_rgb, encode_labels, label_lut, nifti_gz
@@ -110,12 +110,10 @@ def show_case(run: ExplainResult, card: ModelCard, height: int = 480) -> Any:
     for explanation in run.explanations:
         for item in explanation.maps:
             volume = map_on_scan(item, result)
-            display = display_range(volume.array, head, {
-                "method": explanation.method, "variant": item.variant, "normalised": item.normalise,
-                "threshold": item.threshold, "colormap": item.colormap})
+            display = display_range(volume.array, head, map_entry(explanation.method, item, run.target))
             cal_min, cal_max = calibration(display)
             layer = ipyniivue.Volume(
-                data=nifti_gz(volume.array, volume.ijk_to_ras), name=f"{item.name}_{slug(run.target)}.nii.gz",
+                data=nifti_gz(volume.array, volume.ijk_to_ras), name=f"{map_stem(item, run.target)}.nii.gz",
                 colormap=display.colormap.lower() if display.colormap.lower() in shipped else "gray",
                 cal_min=cal_min, cal_max=cal_max, opacity=OVERLAY_ALPHA if len(volumes) == 2 else 0.0)
             name = f"segxai-{layer.id}"  # one per layer and widget: two cases shown on a page keep their colours

@@ -120,6 +120,19 @@ def map_on_scan(item: ExplanationMap, result: SegmentationResult) -> Volume:
     return volume.with_array(array.astype(np.float32))
 
 
+def map_stem(item: ExplanationMap, target: str) -> str:
+    """A map's file name without its extension: ``gradcam_whole-tumour``."""
+    return f"{item.name}_{slug(target)}"
+
+
+def map_entry(method: str, item: ExplanationMap, target: str) -> dict[str, Any]:
+    """What describes a map in ``summary.json`` (and what :func:`~SegXAILib.report.display.display_range` reads),
+    apart from its file, value range and timing."""
+    return {"method": method, "variant": item.variant, "class": target, "description": item.description,
+            "colormap": item.colormap, "threshold": item.threshold, "normalised": item.normalise,
+            **({"layer": item.layer} if item.layer else {})}
+
+
 def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVerdict, card: ModelCard,
                           scan_path: str, fmt: str, timings: dict[str, float],
                           record: dict[str, Any] | None = None, label_path: str | None = None) -> dict[str, Any]:
@@ -138,15 +151,12 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVe
     head = head_mask(result.scan.array) if any(e.maps for e in run.explanations) else None  # for the display ranges
     for explanation in run.explanations:
         for item in explanation.maps:
-            relative = f"maps/{item.name}_{slug(run.target)}.{fmt}"
+            relative = f"maps/{map_stem(item, run.target)}.{fmt}"
             volume = map_on_scan(item, result)
             write_volume(volume, out.path(relative))
-            maps.append({"file": relative, "method": explanation.method, "variant": item.variant,
-                         "class": run.target, "description": item.description, "colormap": item.colormap,
-                         "threshold": item.threshold, "normalised": item.normalise,
+            maps.append({"file": relative, **map_entry(explanation.method, item, run.target),
                          "range": [float(volume.array.min()), float(volume.array.max())],
-                         "seconds": explanation.metadata.get("seconds"),
-                         **({"layer": item.layer} if item.layer else {})})
+                         "seconds": explanation.metadata.get("seconds")})
             maps[-1]["display"] = display_range(volume.array, head, maps[-1]).to_json()  # one rule for every viewer
             del volume
     summary = segmentation_summary(result, card, scan_path, files, timings)
