@@ -30,6 +30,7 @@ from SegXAILogic import (
     availableMethods,
     availableModels,
     modelDescription,
+    modelSequences,
     modelTargets,
     modelTrustQuestion,
     updateNodeFromVolume,
@@ -38,7 +39,7 @@ from SegXAILogic import (
 from SegXAILogic.exports import cameFromDicom, exportDicomSeg, exportSegmentationToFile, saveSceneBundle
 from SegXAILogic.requirements import SLICER_PROVIDED, TORCH_REQUIREMENT, missingRequirements, readRequirements
 from SegXAILogic.results import mapThreshold, mapWindow, setMapThreshold, setMapWindow, showMap, shownMap
-from SegXAILogic.scores import caseScores, reviewVerdict
+from SegXAILogic.scores import caseScores, reviewVerdict, sequenceShares
 
 DEFAULT_MODEL = "brain-lesion-unet"
 VERDICT_STYLES = {"review": "color: #c0392b; font-weight: bold", "incomplete": "color: #b9770e", "ok": ""}
@@ -136,6 +137,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.activated.connect(self.onModelActivated)
         self.ui.targetComboBox.currentIndexChanged.connect(self.onTargetChanged)
         self.ui.inputSelector.currentNodeChanged.connect(self.updateResults)
+        self._sequenceSelectors: list = []  # a model of several sequences: one more input per sequence after the first
         self.ui.layerComboBox.currentIndexChanged.connect(self.onLayerChanged)
         self.ui.opacitySliderWidget.valueChanged.connect(self.onOpacityChanged)
         self.ui.thresholdSliderWidget.valueChanged.connect(self.onThresholdChanged)
@@ -255,6 +257,33 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.targetComboBox.addItem(target, target)
         self.ui.targetComboBox.currentIndex = max(0, self.ui.targetComboBox.findData(self._parameterNode.targetClass))
         self.ui.targetComboBox.blockSignals(wasBlocked)
+        self.showSequenceInputs(model)
+
+    def showSequenceInputs(self, model: str) -> None:
+        """One input selector per sequence the model takes, labelled with its name (the first is the panel's own
+        input selector, whose node the results belong to)."""
+        try:
+            names = modelSequences(model)
+        except Exception:  # noqa: BLE001 - selectModel has said why the card does not load
+            names = ["scan"]
+        for _, selector in self._sequenceSelectors:
+            self.ui.inputSelector.parentWidget().layout().removeRow(selector)  # its label too
+        self._sequenceSelectors = []
+        self.ui.inputLabel.text = "Input volume:" if len(names) == 1 else f"{names[0]}:"
+        for name in names[1:]:
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.addEnabled = selector.removeEnabled = selector.noneEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.toolTip = f"The {name} scan, co-registered with the {names[0]} scan."
+            selector.currentNodeChanged.connect(self.updateApplyButton)
+            label = qt.QLabel(f"{name}:")
+            self.ui.inputSelector.parentWidget().layout().insertRow(len(self._sequenceSelectors) + 1, label, selector)
+            self._sequenceSelectors.append((label, selector))
+
+    def inputNodes(self) -> list:
+        """The input volume, then one node per further sequence of the model (in its order)."""
+        return [self._parameterNode.inputVolume, *(selector.currentNode() for _, selector in self._sequenceSelectors)]
 
     def onModelActivated(self, index: int) -> None:
         text = self.ui.modelComboBox.itemText(index)
@@ -286,7 +315,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.text, self.ui.applyButton.enabled = "Install dependencies...", True
             self.ui.applyButton.toolTip = "SegXAI needs PyTorch and a few Python packages; install them after asking."
         else:
-            ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.methods
+            ready = bool(self._parameterNode and all(self.inputNodes()) and self._parameterNode.methods
                          and self._parameterNode.model)
             self.ui.applyButton.text, self.ui.applyButton.enabled = "Apply", ready
             self.ui.applyButton.toolTip = ("Segment the input and compute the chosen explanations." if ready
@@ -311,7 +340,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.clear()
         self.log(f"Explaining {p.inputVolume.GetName()} with {p.model}: {p.methods} on {p.device}")
         with slicer.util.tryWithErrorDisplay("SegXAI could not start.", waitCursor=True):
-            self.logic.run(p.inputVolume, p.model, p.methods, targetClass=p.targetClass or None, device=p.device,
+            inputs = self.inputNodes()
+            self.logic.run(inputs if len(inputs) > 1 else p.inputVolume, p.model, p.methods,
+                           targetClass=p.targetClass or None, device=p.device,
                            wait=False, onProgress=self.onProgress, onLog=self.log, trustModelCode=bool(question))
             self.ui.progressBar.value = 0
             self._timer.start()
@@ -367,9 +398,12 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateLayerControls()
 
         scores = caseScores(results.summary) if results else []
-        self.ui.scoresLabel.text = "<br>".join(f"{html.escape(s.label)}: <b>{html.escape(s.text)}</b>"
-                                               + (" (poor)" if s.poor else "")
-                                               for s in scores) or "No case-level scores for these methods."
+        shares = sequenceShares(results.summary) if results else []
+        self.ui.scoresLabel.text = "<br>".join(
+            [f"{html.escape(s.label)}: <b>{html.escape(s.text)}</b>" + (" (poor)" if s.poor else "") for s in scores]
+            + ([("Relied on (integrated gradients): " + ", ".join(
+                f"{html.escape(q.name)} <b>{100 * q.share:.0f} %</b>" for q in shares))] if shares else [])
+        ) or "No case-level scores for these methods."
         verdict, level = reviewVerdict(results.summary) if results else ("", "ok")
         self.ui.reviewLabel.text = verdict
         self.ui.reviewLabel.setStyleSheet(VERDICT_STYLES[level])

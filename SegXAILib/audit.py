@@ -304,12 +304,13 @@ def _explain(case: AuditCase, settings: AuditSettings, folder: Path, progress: P
 
 def _thumbnail(summary: dict[str, Any], folder: Path) -> Volume:
     """Draw ``folder/thumbnail.png`` unless it is there; return the segmentation (on the scan's grid)."""
+    from .report.html import summary_scan_path
     from .report.montage import render_thumbnail
 
     segmentation = read_volume(folder / summary["files"]["segmentation"])
     if not (folder / "thumbnail.png").is_file():
-        render_thumbnail(read_volume(summary["input"]), segmentation, summary["target"]["labels"],
-                         folder / "thumbnail.png")
+        render_thumbnail(read_volume(summary_scan_path(summary["input"], folder)), segmentation,
+                         summary["target"]["labels"], folder / "thumbnail.png")
     return segmentation
 
 

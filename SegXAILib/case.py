@@ -58,13 +58,14 @@ class CaseResult:
         return show_case(self.run, self.card, height)
 
 
-def explain_case(scan: Volume, model: LoadedModel, methods: list[str], target: str | None = None,
+def explain_case(scan: Volume | list[Volume], model: LoadedModel, methods: list[str], target: str | None = None,
                  device: str | torch.device = "auto", progress: Progress | None = None,
                  label: Volume | None = None, options: dict[str, Any] | None = None) -> CaseResult:
     """Segment ``scan``, explain ``target`` with each method and judge the case; nothing is written.
 
     Args:
-        scan: the scan as read (:func:`SegXAILib.volume.read_volume`).
+        scan: the scan as read (:func:`SegXAILib.volume.read_volume`); for a model of several sequences, one
+            co-registered scan per sequence in the model's order (the results are on the first one's grid).
         methods: registry names, e.g. ``["gradcam", "tta"]`` (:func:`~SegXAILib.methods.parse_methods`).
         target: class or group name; ``None``: the card's default target.
         label: ground truth on the scan's grid (optional).
@@ -76,7 +77,7 @@ def explain_case(scan: Volume, model: LoadedModel, methods: list[str], target: s
     progress = progress or Progress()
     options = check_options(options or {}, methods)
     model.card.target_channels(target)
-    if label is not None and not label.same_grid(scan, atol=1e-3):
+    if label is not None and not label.same_grid(scan if isinstance(scan, Volume) else scan[0], atol=1e-3):
         raise SegXAIError("the label file is not on the scan's grid (shape, spacing, origin or direction "
                           "differ); give the label that belongs to this scan")
     device = device if isinstance(device, torch.device) else select_device(device)
@@ -97,7 +98,7 @@ def run_record(card: ModelCard, methods: list[str], options: Mapping[str, Any] |
         "options": {name: asdict(parsed[name]) for name in methods}}, default=str))
 
 
-def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt: str,
+def run_segment(scan_path: str | list[str], model_spec: str, out_dir: Path, device: str, fmt: str,
                 progress: Progress, trust_model_code: bool = False) -> dict[str, Any]:
     """Read, segment and write ``segmentation.<fmt>`` and ``summary.json``; return the summary.
 
@@ -105,17 +106,23 @@ def run_segment(scan_path: str, model_spec: str, out_dir: Path, device: str, fmt
     ``trust_model_code``: see :func:`~SegXAILib.models.registry.load_model`.
     """
     start = time.perf_counter()
-    with OutputFolder(out_dir, inputs=[scan_path], claims=segment_claims(fmt), listed=listed_files) as out:
-        scan = read_volume(scan_path)
+    paths = [scan_path] if isinstance(scan_path, str) else list(scan_path)
+    with OutputFolder(out_dir, inputs=paths, claims=segment_claims(fmt), listed=listed_files) as out:
+        scan = [read_volume(path) for path in paths]
         model = load_model(model_spec, trust_model_code=trust_model_code)
         load_seconds = time.perf_counter() - start
         result = segment(scan, model, device=device, progress=progress)
-        return write_segmentation(out, result, model.card, scan_path, fmt,
+        return write_segmentation(out, result, model.card, _input(paths), fmt,
                                   {"read_and_load": load_seconds, **result.timings})
 
 
-def run_explain(scan_path: str, model_spec: str, methods: str, target: str | None, out_dir: Path, device: str,
-                fmt: str, progress: Progress, label_path: str | None = None,
+def _input(paths: list[str]) -> str | list[str]:
+    """The summary's ``input``: the scan's path, or the list of them (one per sequence)."""
+    return paths[0] if len(paths) == 1 else paths
+
+
+def run_explain(scan_path: str | list[str], model_spec: str, methods: str, target: str | None, out_dir: Path,
+                device: str, fmt: str, progress: Progress, label_path: str | None = None,
                 options: dict[str, Any] | None = None, report: bool = True,
                 trust_model_code: bool = False) -> dict[str, Any]:
     """Read, segment, explain, judge and write (and draw ``report.html``); return the summary.
@@ -127,14 +134,15 @@ def run_explain(scan_path: str, model_spec: str, methods: str, target: str | Non
     start = time.perf_counter()
     names = parse_methods(methods)
     options = check_options(options or {}, names)  # a typo fails before anything is read; parsed once
-    with OutputFolder(out_dir, inputs=[scan_path, label_path], claims=explain_claims(fmt),
+    paths = [scan_path] if isinstance(scan_path, str) else list(scan_path)
+    with OutputFolder(out_dir, inputs=[*paths, label_path], claims=explain_claims(fmt),
                       listed=listed_files) as out:
-        scan = read_volume(scan_path)
+        scan = [read_volume(path) for path in paths]
         label = read_volume(label_path) if label_path else None
         model = load_model(model_spec, trust_model_code=trust_model_code)
         load_seconds = time.perf_counter() - start
         case = explain_case(scan, model, names, target, device, progress, label, options)
-        summary = write_explain_outputs(out, case.run, case.verdict, model.card, scan_path, fmt,
+        summary = write_explain_outputs(out, case.run, case.verdict, model.card, _input(paths), fmt,
                                         {"read_and_load": load_seconds, **case.segmentation.timings},
                                         run_record(model.card, names, options), label_path)
         if report:

@@ -54,10 +54,15 @@ def _options(args: argparse.Namespace) -> dict[str, dict]:
 
 
 # ------------------------------------------------ checks made before torch is imported
-def _require(path: str | None, what: str) -> None:
-    """Raise the one-line error for a missing input ``path`` (``None``: not given, nothing to check)."""
-    if path is not None and not Path(path).exists():
-        raise SegXAIError(f"{what} not found: {path}; check the path")
+SCAN_HELP = ("NIfTI/NRRD/MHA file or DICOM series folder; a model of several sequences (e.g. T1c T1 T2 FLAIR) takes "
+             "one co-registered scan per sequence, in the order `segxai models` lists")
+
+
+def _require(path: str | list[str] | None, what: str) -> None:
+    """Raise the one-line error for a missing input ``path`` (``None``: not given, nothing to check; a list: each)."""
+    for one in [path] if isinstance(path, str) else path or []:
+        if not Path(one).exists():
+            raise SegXAIError(f"{what} not found: {one}; check the path")
 
 
 def _check_methods(args: argparse.Namespace) -> None:
@@ -70,13 +75,18 @@ def _check_methods(args: argparse.Namespace) -> None:
 
 
 def _check_model(args: argparse.Namespace, target: str | None = None, check_target: bool = False) -> None:
-    """The model named by ``--model`` exists (a bundle folder's card is read when it is loaded) and, with
-    ``check_target``, has the class or group ``target`` (``None``: its default)."""
+    """The model named by ``--model`` exists (a bundle folder's card is read when it is loaded), takes as many scans
+    as given and, with ``check_target``, has the class or group ``target`` (``None``: its default)."""
     if Path(args.model).is_dir():
         return
     from .models.registry import resolve_card
 
     card = resolve_card(args.model)
+    scans = getattr(args, "scan", None)  # the commands that take scans
+    if scans is not None and len(scans) != card.input_channels:
+        names = card.sequence_names
+        raise SegXAIError(f"model {card.name!r} takes {len(names)} scan(s), in this order: {', '.join(names)}; "
+                          f"{len(scans)} given; give one co-registered scan per sequence")
     if check_target:
         card.target_channels(target)
 
@@ -100,7 +110,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         dice = card.validation.get("dice", {})
         main = dice.get(card.default_target or "", None)
         print(f"{name:28s} {card.architecture.get('name', '?'):16s} {card.modality:8s} "
-              f"classes: {', '.join(card.class_names[1:])}"
+              f"classes: {', '.join(card.class_names[0 if card.multilabel else 1:])}"
               + (f"  val Dice {card.default_target}: {main:.3f}" if main is not None else ""))
         print(f"{'':28s} {path}")
         for label, text in (("intended use", card.intended_use), ("limitations", card.limitations)):
@@ -227,7 +237,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     summary = run_segment(args.scan, args.model, Path(args.out), args.device, args.format,
                           _progress(args), trust_model_code=args.trust_model_code)
-    for c in summary["classes"][1:]:
+    for c in summary["classes"][0 if summary.get("labelmap") else 1:]:
         print(f"{c['name']:24s} {c['voxels']:9d} voxels {c['volume_ml']:9.2f} mL")
     print(f"wrote {Path(args.out) / summary['files']['segmentation']} and {Path(args.out) / 'summary.json'}")
     return 0
@@ -457,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("segment", help="segment a scan")
-    p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("scan", nargs="+", help=SCAN_HELP)
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", required=True, help="output folder")
@@ -468,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="segment a scan and explain one class with several methods",
                        epilog_of=_methods_help(with_options=True))
-    p.add_argument("scan", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("scan", nargs="+", help=SCAN_HELP)
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--methods", default="gradcam", help="comma-separated methods (listed below), or 'all'")

@@ -87,16 +87,15 @@ def resolve_baseline(baseline: float | str, image: torch.Tensor) -> float:
     return value
 
 
-def probability_fn(model: LoadedModel | nn.Module | ProbabilityFn, device: torch.device | None = None,
-                   overlap: float = 0.25) -> ProbabilityFn:
-    """f for a loaded model (sliding windows, as the pipeline), a network (one pass) or a callable (as is)."""
+def probability_fn(model: LoadedModel | nn.Module | ProbabilityFn, device: torch.device | None = None) -> ProbabilityFn:
+    """f for a loaded model (its sliding windows, as the pipeline), a network (one pass) or a callable (as is)."""
     device = device or torch.device("cpu")
     if isinstance(model, LoadedModel):
-        network, patch = model.network.to(device).eval(), model.card.patch_size
+        network = model.network.to(device).eval()
 
         def windows(images: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return network_probabilities(sliding_window_predict(network, images, patch, device, overlap),
+                return network_probabilities(sliding_window_predict(network, images, model.card.windows, device),
                                              model.card.output)
         return windows
     if isinstance(model, nn.Module):

@@ -259,9 +259,11 @@ def check_output_folder(folder: Path) -> None:
 
 
 def summary_files(summary: dict[str, Any]) -> list[str]:
-    """The files a ``summary.json`` lists: its ``files`` values, each map's ``file`` and its ``report`` list."""
+    """The files a ``summary.json`` lists: its ``files`` values, each map's and class's ``file`` and its ``report``
+    list."""
     files = [str(v) for v in (summary.get("files") or {}).values()]
     files += [str(item["file"]) for item in summary.get("maps") or [] if isinstance(item, dict) and "file" in item]
+    files += [str(item["file"]) for item in summary.get("classes") or [] if isinstance(item, dict) and "file" in item]
     return files + [str(v) for v in summary.get("report") or []]
 
 

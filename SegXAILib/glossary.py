@@ -26,6 +26,7 @@ METHOD_NAMES: dict[str, str] = {
     "saliency": "saliency",
     "smoothgrad": "SmoothGrad",
     "integrated-gradients": "integrated gradients",
+    "sequences": "the part of each input scan",
     "mhex-uncertainty": "collaboration-gradient uncertainty",
     "mcdropout": "Monte Carlo dropout",
     "tta": "test-time augmentation",

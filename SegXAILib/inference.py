@@ -16,12 +16,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from .errors import SegXAIError
+from .models.card import Windows
 from .models.loaders import LoadedModel
 from .postprocessing import postprocess
-from .preprocessing import BrainMask, preprocess_with_brain, resample_to_grid
+from .preprocessing import (
+    BrainMask,
+    input_scans,
+    preprocess_with_brain,
+    reorient_to_ras,
+    resample_to_grid,
+    validate_scan,
+)
 from .progress import Progress, part_of
 from .symmetries import augment, invert, mirrorings
 from .volume import Volume
@@ -58,20 +67,20 @@ def window_count(image_shape: Sequence[int], patch_size: Sequence[int], overlap:
 def sliding_window_predict(
     network: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]],
     image: torch.Tensor,
-    patch_size: Sequence[int],
+    windows: Windows,
     device: torch.device,
-    overlap: float = 0.25,
     progress: Progress | None = None,
     stage: str = "inference",
     with_coord: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Run ``network`` over (1, C, D, H, W) ``image`` in Gaussian-blended windows; results on the CPU.
+    """Run ``network`` over (1, C, D, H, W) ``image`` in ``windows`` (MONAI's sliding windows, a card's
+    :attr:`~SegXAILib.models.card.ModelCard.windows`); the stitched results on the CPU.
 
     ``network`` may return several tensors (e.g. logits plus an activation); each is stitched.
     With ``with_coord`` it is called as ``network(window, coordinates)``, as MONAI does.
     """
     progress = progress or Progress()
-    total = window_count(image.shape[2:], patch_size, overlap)
+    total = window_count(image.shape[2:], windows.size, windows.overlap)
     done = 0
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
@@ -84,12 +93,19 @@ def sliding_window_predict(
         progress.update(stage, done / total, f"window {min(done, total)}/{total}")
         return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
-    # a scan smaller than a window is padded with its background (its minimum), not with 0, which after
-    # intensity normalisation is mid-grey tissue and would put a wall of false tissue around the scan
+    cval = float(image.min()) if windows.cval is None else windows.cval
     return sliding_window_inference(
-        image, roi_size=tuple(patch_size), sw_batch_size=1, predictor=predictor, overlap=overlap,
-        mode="gaussian", cval=float(image.min()), sw_device=device, device=torch.device("cpu"),
-        with_coord=with_coord)
+        image, roi_size=tuple(windows.size), sw_batch_size=1, predictor=predictor, overlap=windows.overlap,
+        mode=windows.blend, sigma_scale=windows.sigma_scale, padding_mode=windows.padding_mode, cval=cval,
+        sw_device=device, device=torch.device("cpu"), with_coord=with_coord)
+
+
+def pad_as_windows(image: torch.Tensor, pad: Sequence[int], windows: Windows) -> torch.Tensor:
+    """(1, C, *S) ``image`` padded by ``pad`` (``F.pad`` order) as the sliding windows pad a grid smaller than a
+    window: ``windows.padding_mode``, constant padding with ``windows.cval`` (None: the image's minimum)."""
+    if windows.padding_mode != "constant":
+        return F.pad(image, tuple(pad), mode=windows.padding_mode)
+    return F.pad(image, tuple(pad), value=float(image.min()) if windows.cval is None else windows.cval)
 
 
 def network_probabilities(output: torch.Tensor, kind: str = "logits") -> torch.Tensor:
@@ -98,8 +114,11 @@ def network_probabilities(output: torch.Tensor, kind: str = "logits") -> torch.T
     returns ``probabilities`` (a softmax already applied: a second one would flatten them towards uniform)."""
     if kind == "probabilities":
         return output.float()
+    if kind == "sigmoid":  # independent classes (multi-label): each channel its own probability
+        return torch.sigmoid(output.float())
     if kind != "logits":
-        raise SegXAIError(f"unknown network output {kind!r}; a model card's output is logits or probabilities")
+        raise SegXAIError(f"unknown network output {kind!r}; a model card's output is logits, probabilities or "
+                          "sigmoid")
     return torch.softmax(output.float(), dim=1)
 
 
@@ -136,6 +155,11 @@ class SegmentationResult:
             it, on any grid, asks this object).
         timings: seconds per stage.
         device: the device the network ran on.
+        model_input: the network's input (C, K, J, I) on the model grid when it takes several scans (``model_grid``
+            holds the first); None for one scan.
+        resampled: the scans (indices, in the model's order) resampled onto the first one's grid.
+        masks: a multi-label model's classes, one 0/1 uint8 volume per output channel on the scan's grid (they may
+            overlap; ``labels`` then holds the model's own label map, or each voxel's last class); empty otherwise.
     """
 
     labels: Volume
@@ -145,6 +169,14 @@ class SegmentationResult:
     brain: BrainMask
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    masks: list[Volume] = field(default_factory=list)
+    model_input: np.ndarray | None = None
+    resampled: list[int] = field(default_factory=list)
+
+    @property
+    def network_input(self) -> np.ndarray:
+        """(C, K, J, I): what the network ran on (every scan's channel, or the one scan's)."""
+        return self.model_input if self.model_input is not None else self.model_grid.array[None]
 
     def probability_on_scan(self, channels: Sequence[int]) -> Volume:
         """Summed probability of ``channels`` (e.g. the classes of a group) on the scan's grid."""
@@ -153,8 +185,7 @@ class SegmentationResult:
 
 
 def predict_probabilities(model: LoadedModel, image: np.ndarray, device: torch.device,
-                          progress: Progress | None = None, overlap: float = 0.25,
-                          mirror_axes: Sequence[int] = ()) -> np.ndarray:
+                          progress: Progress | None = None, mirror_axes: Sequence[int] = ()) -> np.ndarray:
     """Softmax probabilities (n_classes, D, H, W) for a preprocessed (C, D, H, W) or (D, H, W) array (the network's
     own output when its card says it returns probabilities: :func:`network_probabilities`).
 
@@ -164,23 +195,29 @@ def predict_probabilities(model: LoadedModel, image: np.ndarray, device: torch.d
     part of the prediction's dependence on the scan's exact voxels. The default is one plain pass.
     """
     x = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 4 else image[None]))[None]
+    progress = progress or Progress()
+    transforms = mirrorings(mirror_axes)
+    total = None
+    for n, transform in enumerate(transforms):
+        logits = network_output(model, augment(x, transform), device, part_of(progress, n, len(transforms)))
+        probabilities = invert(network_probabilities(logits, model.card.output), transform)
+        total = probabilities if total is None else total.add_(probabilities)
+    return (total[0] / len(transforms)).numpy()
+
+
+def network_output(model: LoadedModel, x: torch.Tensor, device: torch.device, progress: Progress) -> torch.Tensor:
+    """The network's output (N, n_classes, D, H, W) for (1, C, D, H, W) ``x`` in the card's windows, on the CPU;
+    the input channels and output classes checked against the card."""
     if x.shape[1] != model.card.input_channels:
         raise SegXAIError(f"model {model.card.name!r} expects {model.card.input_channels} input channel(s) but "
                           f"the scan has {x.shape[1]}; choose a model made for this kind of scan")
-    progress = progress or Progress()
-    transforms = mirrorings(mirror_axes)
     model.network.to(device).eval()
-    total = None
     with torch.inference_mode():
-        for n, transform in enumerate(transforms):
-            logits = sliding_window_predict(model.network, augment(x, transform), model.card.patch_size, device,
-                                            overlap, part_of(progress, n, len(transforms)))
-            if logits.shape[1] != model.card.n_classes:
-                raise SegXAIError(f"model {model.card.name!r} returns {logits.shape[1]} channels but its card "
-                                  f"lists {model.card.n_classes} classes; fix the card's classes")
-            probabilities = invert(network_probabilities(logits, model.card.output), transform)
-            total = probabilities if total is None else total.add_(probabilities)
-        return (total[0] / len(transforms)).numpy()
+        output = sliding_window_predict(model.network, x, model.card.windows, device, progress)
+    if output.shape[1] != model.card.n_classes:
+        raise SegXAIError(f"model {model.card.name!r} returns {output.shape[1]} channels but its card "
+                          f"lists {model.card.n_classes} classes; fix the card's classes")
+    return output
 
 
 def labels_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume,
@@ -200,11 +237,34 @@ def labels_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume,
     return scan.with_array(np.asarray(label_values, dtype=dtype)[index])
 
 
-def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto",
-            progress: Progress | None = None, overlap: float = 0.25) -> SegmentationResult:
-    """Segment ``scan`` with ``model``: the labels on the scan's grid and the probabilities behind them."""
+def masks_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume) -> list[Volume]:
+    """A multi-label model's classes on the scan's grid: each channel's probability resampled, above 0.5."""
+    return [scan.with_array((resample_to_grid(model_grid.with_array(p), scan).array > 0.5).astype(np.uint8))
+            for p in probabilities]
+
+
+def multilabel_labels(masks: Sequence[Volume], label_values: Sequence[int]) -> Volume:
+    """One label map of overlapping classes: each voxel the label of its last class (channel order)."""
+    labels = np.zeros(masks[0].shape, np.uint8 if max(label_values) < 256 else np.uint16)
+    for mask, value in zip(masks, label_values):
+        labels[mask.array > 0] = value
+    return masks[0].with_array(labels)
+
+
+def segment(scan: Volume | Sequence[Volume], model: LoadedModel, device: str | torch.device = "auto",
+            progress: Progress | None = None) -> SegmentationResult:
+    """Segment ``scan`` with ``model``: the labels on the scan's grid and the probabilities behind them.
+
+    A model with several input sequences takes a list of co-registered scans in its order
+    (:attr:`~SegXAILib.models.card.ModelCard.sequence_names`); those on another grid are resampled onto the first
+    one's (:func:`~SegXAILib.preprocessing.input_scans`), whose grid the results are on.
+    """
     progress = progress or Progress()
     device = device if isinstance(device, torch.device) else select_device(device)
+    scans, resampled = input_scans(scan, model.card.sequence_names, model.card.name)
+    if model.pipeline is not None:
+        return segment_with_pipeline(scans, resampled, model, device, progress)
+    scan = scans[0]
     timings: dict[str, float] = {}
     label_values = [c.label for c in model.card.classes]
 
@@ -212,11 +272,14 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
     progress.update("preprocess", 0.0)
     model_grid, brain = preprocess_with_brain(scan, model.card.preprocessing, model.card.n_classes,
                                               model.card.patch_size)
+    others = [resample_to_grid(preprocess_with_brain(s, model.card.preprocessing, model.card.n_classes,
+                                                     model.card.patch_size)[0], model_grid).array for s in scans[1:]]
+    model_input = np.stack([model_grid.array, *others]) if others else None
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    probabilities = predict_probabilities(model, model_grid.array, device, progress, overlap,
-                                          model.card.inference.get("mirror_axes", ()))
+    probabilities = predict_probabilities(model, model_grid.array if model_input is None else model_input, device,
+                                          progress, model.card.inference.get("mirror_axes", ()))
     timings["inference"] = time.perf_counter() - start
 
     if model.card.postprocessing:
@@ -226,10 +289,13 @@ def segment(scan: Volume, model: LoadedModel, device: str | torch.device = "auto
 
     start = time.perf_counter()
     progress.update("resample", 0.0)
-    labels = labels_on_grid(probabilities, model_grid, scan, label_values)
+    masks = masks_on_grid(probabilities, model_grid, scan) if model.card.multilabel else []
+    labels = multilabel_labels(masks, label_values) if masks else labels_on_grid(probabilities, model_grid, scan,
+                                                                                  label_values)
     timings["resample"] = time.perf_counter() - start
     progress.update("resample", 1.0)
-    return SegmentationResult(labels, probabilities, model_grid, scan, brain, timings, str(device))
+    return SegmentationResult(labels, probabilities, model_grid, scan, brain, timings, str(device), masks,
+                              model_input, resampled)
 
 
 def volumes_ml(labels: Volume, label_values: Sequence[int]) -> dict[int, tuple[int, float]]:
@@ -238,3 +304,40 @@ def volumes_ml(labels: Volume, label_values: Sequence[int]) -> dict[int, tuple[i
     counts = np.bincount(labels.array.ravel(), minlength=max(label_values) + 1)
     return {v: (int(counts[v]), int(counts[v]) * voxel_ml) for v in label_values}
 
+
+
+def segment_with_pipeline(scans: list[Volume], resampled: list[int], model: LoadedModel, device: torch.device,
+                          progress: Progress | None = None) -> SegmentationResult:
+    """Segment ``scans`` (:func:`segment`'s) as the model's own framework does (a MONAI bundle's preprocessing,
+    windows and postprocessing: :mod:`SegXAILib.models.bundle_pipeline`). The probabilities are the network's on
+    the framework's model grid; the labels are the framework's, on the first scan's grid."""
+    progress = progress or Progress()
+    for n, scan in enumerate(scans):
+        validate_scan(scan, model.card.sequence_names[n])
+    scan = scans[0]
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    progress.update("preprocess", 0.0)
+    prepared = model.pipeline.preprocess(scans)
+    timings["preprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    logits = network_output(model, prepared.image, device, progress)
+    probabilities = network_probabilities(logits, model.card.output)[0].numpy()
+    timings["inference"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    progress.update("postprocess", 0.0)
+    label_values = [c.label for c in model.card.classes]
+    labels, masks = model.pipeline.postprocess(prepared, logits, scan,
+                                                 model.card.n_classes if model.card.multilabel else 0)
+    if model.card.multilabel and not masks:
+        masks = masks_on_grid(probabilities, prepared.model_grid, scan)
+    if labels is None:
+        labels = (multilabel_labels(masks, label_values) if model.card.multilabel
+                  else labels_on_grid(probabilities, prepared.model_grid, scan, label_values))
+    timings["postprocess"] = time.perf_counter() - start
+    progress.update("postprocess", 1.0)
+    return SegmentationResult(labels, probabilities, prepared.model_grid, scan, BrainMask(reorient_to_ras(scan)),
+                              timings, str(device), masks,
+                              prepared.image[0].numpy() if prepared.image.shape[1] > 1 else None, resampled)

@@ -42,6 +42,7 @@ EXPLAINERS: dict[str, str] = {
     "saliency": "SegXAILib.explain.saliency:Saliency",
     "smoothgrad": "SegXAILib.explain.smoothgrad:SmoothGrad",
     "integrated-gradients": "SegXAILib.explain.integrated_gradients:IntegratedGradients",
+    "sequences": "SegXAILib.explain.sequences:SequenceAttribution",
     "mhex-uncertainty": "SegXAILib.uncertainty.collaboration:CollaborationUncertainty",
     "mcdropout": "SegXAILib.uncertainty.sampling:MCDropoutUncertainty",
     "tta": "SegXAILib.uncertainty.sampling:TTAUncertainty",

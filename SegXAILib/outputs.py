@@ -18,6 +18,7 @@ from .explain.base import ExplanationMap
 from .explain.pipeline import ExplainResult
 from .fileio import OutputFolder, summary_files
 from .inference import SegmentationResult, volumes_ml
+from .models.bundle import PALETTE
 from .models.card import ModelCard
 from .preprocessing import resample_to_grid
 from .report.display import display_range, head_mask
@@ -28,7 +29,7 @@ from .volume import Volume, write_volume
 
 def segment_claims(fmt: str) -> tuple[str, ...]:
     """Every file ``segxai segment`` may write (:class:`~SegXAILib.fileio.OutputFolder`'s ``claims``)."""
-    return (f"segmentation.{fmt}", "summary.json")
+    return (f"segmentation.{fmt}", "classes/*", "summary.json")
 
 
 def explain_claims(fmt: str) -> tuple[str, ...]:
@@ -63,12 +64,16 @@ def versions() -> dict[str, str]:
             "SimpleITK": SimpleITK.Version_VersionString(), "python": platform.python_version()}
 
 
-def segmentation_summary(result: SegmentationResult, card: ModelCard, scan_path: str, files: dict[str, str],
+def segmentation_summary(result: SegmentationResult, card: ModelCard, scan_path: str | list[str], files: dict[str, Any],
                          timings: dict[str, float]) -> dict[str, Any]:
     """The summary.json contract: model, model grid, classes, per-class voxel counts and mL, timings, device."""
-    counts = volumes_ml(result.labels, [c.label for c in card.classes])
+    counts = (volumes_ml(result.labels, [c.label for c in card.classes]) if not result.masks else
+              {c.label: volumes_ml(mask, [1])[1] for c, mask in zip(card.classes, result.masks)})
     return {
-        "input": str(scan_path),
+        "input": str(scan_path) if isinstance(scan_path, str) else [str(path) for path in scan_path],
+        **({"sequences": card.sequence_names} if card.input_channels > 1 else {}),
+        **({"resampled": {"onto": card.sequence_names[0], "scans": [card.sequence_names[n] for n in result.resampled],
+                          "how": "linear interpolation onto the first scan's grid"}} if result.resampled else {}),
         "model": {"name": card.name, "architecture": card.architecture.get("name"),
                   **({"inference": card.inference} if card.inference else {}), "validation": card.validation,
                   **({"intended_use": card.intended_use} if card.intended_use else {}),
@@ -77,29 +82,56 @@ def segmentation_summary(result: SegmentationResult, card: ModelCard, scan_path:
         "model_grid": {"shape_ijk": list(result.model_grid.shape[::-1]),
                        "spacing_mm": [round(float(s), 4) for s in result.model_grid.spacing]},
         "classes": [{"name": c.name, "label": c.label, "color": list(c.color),
-                     "voxels": counts[c.label][0], "volume_ml": round(counts[c.label][1], 4)}
+                     "voxels": counts[c.label][0], "volume_ml": round(counts[c.label][1], 4),
+                     **({"file": files["classes"][c.name]} if c.name in files.get("classes", {}) else {})}
                     for c in card.classes],
+        **({"labelmap": labelmap_summary(result, card)} if result.masks else {}),
         "groups": {g: {"labels": labels, "voxels": sum(counts[v][0] for v in labels),
                        "volume_ml": round(sum(counts[v][1] for v in labels), 4)}
                    for g, labels in card.groups.items()},
-        "files": files,
+        "files": {key: value for key, value in files.items() if key != "classes"},
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "device": result.device,
         "versions": versions(),
     }
 
 
-def write_segmentation(out: OutputFolder, result: SegmentationResult, card: ModelCard, scan_path: str,
-                       fmt: str, timings: dict[str, float]) -> dict[str, Any]:
-    """Write ``segmentation.<fmt>`` and ``summary.json`` into the staging folder; return the summary.
+def labelmap_summary(result: SegmentationResult, card: ModelCard) -> dict[str, Any]:
+    """What the single label map of a multi-label model holds: the model's own values (a MONAI bundle's mapping,
+    named by the card's ``labelmap``) or, without one, each voxel's last class."""
+    values = [int(v) for v in np.unique(result.labels.array) if v != 0]
+    counts = volumes_ml(result.labels, values) if values else {}
+    by_label = {c.label: c.name for c in card.classes}
+    names = card.labelmap or (by_label if not card.extra.get("bundle_root") else {})
+    return {"rule": "the model's own label map (its postprocessing)" if card.extra.get("bundle_root")
+            else "each voxel holds the label of its last class; each class's own file holds all of it",
+            "values": [{"value": v, "name": names.get(v, f"label {v}"), "voxels": counts[v][0],
+                        "volume_ml": round(counts[v][1], 4), "color": list(PALETTE[n % len(PALETTE)])}
+                       for n, v in enumerate(values)]}
 
-    The seconds spent writing the labels are recorded as ``write`` beside ``timings``.
+
+def write_segmentation_files(out: OutputFolder, result: SegmentationResult, card: ModelCard,
+                             fmt: str) -> dict[str, Any]:
+    """Write ``segmentation.<fmt>`` and, for a multi-label model, one 0/1 file per class (``classes/<name>.<fmt>``:
+    overlapping classes); return the ``files`` entry (``classes``: class name -> file)."""
+    files: dict[str, Any] = {"segmentation": f"segmentation.{fmt}"}
+    write_volume(result.labels, out.path(files["segmentation"]))
+    if result.masks:
+        files["classes"] = {c.name: f"classes/{slug(c.name)}.{fmt}" for c in card.classes}
+        for c, mask in zip(card.classes, result.masks):
+            write_volume(mask, out.path(files["classes"][c.name]))
+    return files
+
+
+def write_segmentation(out: OutputFolder, result: SegmentationResult, card: ModelCard, scan_path: str | list[str],
+                       fmt: str, timings: dict[str, float]) -> dict[str, Any]:
+    """Write the segmentation (:func:`write_segmentation_files`) and ``summary.json`` into the staging folder; return
+    the summary. The seconds spent writing the labels are recorded as ``write`` beside ``timings``.
     """
-    seg_name = f"segmentation.{fmt}"
     start = time.perf_counter()
-    write_volume(result.labels, out.path(seg_name))
+    files = write_segmentation_files(out, result, card, fmt)
     timings = {**timings, "write": time.perf_counter() - start}
-    summary = segmentation_summary(result, card, scan_path, {"segmentation": seg_name}, timings)
+    summary = segmentation_summary(result, card, scan_path, files, timings)
     write_summary(out, summary)
     return summary
 
@@ -134,7 +166,7 @@ def map_entry(method: str, item: ExplanationMap, target: str) -> dict[str, Any]:
 
 
 def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVerdict, card: ModelCard,
-                          scan_path: str, fmt: str, timings: dict[str, float],
+                          scan_path: str | list[str], fmt: str, timings: dict[str, float],
                           record: dict[str, Any] | None = None, label_path: str | None = None) -> dict[str, Any]:
     """Write the segmentation, one file per map on the scan's grid, and summary.json (staged); return the summary.
 
@@ -145,8 +177,7 @@ def write_explain_outputs(out: OutputFolder, run: ExplainResult, verdict: CaseVe
     ``truth``: ``{"label": label_path, "dice": {class or group: Dice}}``.
     """
     result = run.segmentation
-    files = {"segmentation": f"segmentation.{fmt}"}
-    write_volume(result.labels, out.path(files["segmentation"]))
+    files = write_segmentation_files(out, result, card, fmt)
     maps = []
     head = head_mask(result.scan.array) if any(e.maps for e in run.explanations) else None  # for the display ranges
     for explanation in run.explanations:

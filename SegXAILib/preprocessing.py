@@ -45,6 +45,44 @@ def validate_scan(scan: Volume, name: str = "scan") -> None:
 
 
 # ------------------------------------------------------------------ geometry
+def input_scans(scans: Volume | Sequence[Volume], names: Sequence[str], model: str) -> tuple[list[Volume], list[int]]:
+    """The scans a model with ``len(names)`` input sequences takes, in its order; the others resampled (linearly)
+    onto the first scan's grid where they lie on another.
+
+    Returns:
+        The scans, and the indices of those resampled.
+
+    Raises:
+        SegXAIError: a wrong number of scans (naming the sequences in order), or a scan that does not overlap the
+            first one in space (not co-registered).
+    """
+    scans = [scans] if isinstance(scans, Volume) else list(scans)
+    if len(scans) != len(names):
+        raise SegXAIError(f"model {model!r} takes {len(names)} scan(s), in this order: {', '.join(names)}; "
+                          f"{len(scans)} given; give one co-registered scan per sequence")
+    first, resampled = scans[0], []
+    for n, scan in enumerate(scans[1:], start=1):
+        if scan.same_grid(first, atol=1e-3):
+            continue
+        if not _overlaps(scan, first):
+            raise SegXAIError(f"the {names[n]} scan does not overlap the {names[0]} scan in space; the scans must be "
+                              "co-registered (register them first, e.g. in 3D Slicer)")
+        scans[n] = resample_to_grid(scan, first)
+        resampled.append(n)
+    return scans, resampled
+
+
+def _overlaps(volume: Volume, reference: Volume) -> bool:
+    """Whether the RAS bounding boxes of the two grids intersect."""
+    def box(v: Volume) -> tuple[np.ndarray, np.ndarray]:
+        corners = np.array([[i, j, k, 1.0] for i in (0, v.shape[2] - 1) for j in (0, v.shape[1] - 1)
+                            for k in (0, v.shape[0] - 1)])
+        points = (v.ijk_to_ras @ corners.T)[:3]
+        return points.min(1), points.max(1)
+    (low_a, high_a), (low_b, high_b) = box(volume), box(reference)
+    return bool(np.all(low_a <= high_b) and np.all(low_b <= high_a))
+
+
 def reorient_to_ras(volume: Volume) -> Volume:
     """Permute and flip index axes (exactly, no interpolation) so I, J, K point to R, A, S.
 

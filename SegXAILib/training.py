@@ -238,7 +238,7 @@ def validation_dice(network: torch.nn.Module, cases: list[np.ndarray], card: Mod
     scores = []
     with torch.inference_mode():
         for case in cases:
-            logits = sliding_window_predict(network, torch.from_numpy(case[:1])[None], card.patch_size,
+            logits = sliding_window_predict(network, torch.from_numpy(case[:1])[None], card.windows,
                                             torch.device("cpu"))
             predicted = logits.argmax(1)[0].numpy()
             scores += [dice(predicted == c, case[1] == c) for c in range(1, card.n_classes)]

@@ -55,7 +55,7 @@ def case_scores(run: ExplainResult) -> dict[str, Any]:
     object) are case-level scores and are collected here as ``<method>.<name>``.
     """
     labels = run.segmentation.labels
-    voxels = int(np.isin(labels.array, run.label_values).sum())
+    voxels = int(run.target_on_scan().sum())
     scores: dict[str, Any] = {"object_volume_ml": round(voxels * float(np.prod(labels.spacing)) / 1000, 4)}
     scan = run.segmentation.scan
     scores |= {f"image.{name}": value if np.isfinite(value) else None  # None: JSON null, not NaN
@@ -122,6 +122,6 @@ def judge_case(run: ExplainResult, card: ModelCard, label: Volume | None = None)
         scores["reliability"] = reliability.probability
         record["reliability_model"] = reliability.record
     record["not_applicable"] = not_applicable  # the verdict names why reliability was not judged
-    dice = {} if label is None else dice_per_target(run.segmentation.labels.array, label.array, card)
+    dice = {} if label is None or card.multilabel else dice_per_target(run.segmentation.labels.array, label.array, card)
     return CaseVerdict(scores, review_case(record, card.review), uncertainty_agreement(run, card.modality),
                        record.get("reliability_model"), not_applicable, dice)

@@ -42,12 +42,16 @@ class Volume:
         spacing: voxel size along I, J, K in mm, shape (3,).
         origin: RAS position of voxel (0, 0, 0) in mm, shape (3,).
         direction: 3x3, column n is the RAS unit vector of index axis n (I, J, K).
+        source: the file this volume was read from, while its voxels and geometry are that file's as read (None
+            for a volume made in memory or derived from another): a model's own framework may read the file
+            itself (a MONAI bundle's ``LoadImaged``: :mod:`SegXAILib.models.bundle_pipeline`).
     """
 
     array: np.ndarray
     spacing: np.ndarray = field(default_factory=lambda: np.ones(3))
     origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    source: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing", np.asarray(self.spacing, dtype=np.float64).reshape(3))
@@ -81,7 +85,7 @@ class Volume:
         """The same grid holding other voxels (a map, a label) of the same (K, J, I) shape."""
         if tuple(array.shape) != self.shape:
             raise ValueError(f"array shape {array.shape} does not match the grid {self.shape}")
-        return replace(self, array=array)
+        return replace(self, array=array, source=None)
 
     def same_grid(self, other: Volume, atol: float = 1e-6) -> bool:
         """True if both volumes have the same shape and (to ``atol`` mm) the same IJK-to-RAS matrix."""
@@ -151,8 +155,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise _unreadable(path, exc) from None
     _check_geometry(path, reader)
     if voxels is not None and _itk_agrees(reader, voxels):
-        return Volume._from_itk_geometry(voxels, reader.GetDimension(), reader.GetSpacing(), reader.GetOrigin(),
-                                         reader.GetDirection())
+        return replace(Volume._from_itk_geometry(voxels, reader.GetDimension(), reader.GetSpacing(),
+                                                 reader.GetOrigin(), reader.GetDirection()), source=path.resolve())
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -160,7 +164,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     volume = _volume_of(path, image)
     if path.name.lower().endswith((".nii", ".nii.gz")) and np.issubdtype(volume.array.dtype, np.floating):
         _restore_non_finite_nifti(path, volume.array)
-    return volume
+    return replace(volume, source=path.resolve())
 
 
 def _volume_of(path: Path, image: sitk.Image) -> Volume:

@@ -76,7 +76,7 @@ def references(segmentation: sx.SegmentationResult, model: sx.LoadedModel, chann
     image = torch.from_numpy(np.ascontiguousarray(segmentation.model_grid.array))[None, None]
     progress = Progress()
     members = np.stack([predict_softmax(load_from_card(model.card, t).network.to(device).eval(), image,
-                                        model.card.patch_size, device, progress, "ensemble").numpy()
+                                        model.card.windows, device, progress, "ensemble").numpy()
                         for t in range(len(model.card.weight_paths))])  # (T, n_classes, D, H, W)
     target = members[:, channels].sum(axis=1).mean(axis=0)  # mean probability of the target
     maps = {"ensemble entropy (all classes)": predictive_entropy(members),

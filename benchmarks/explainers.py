@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,9 +59,18 @@ def model_for(method: str):
     return load_model(wanted)
 
 
+def synthetic_scan(shape: tuple[int, ...]):
+    """The benchmarks' scan: a bright ball (value 2, radius about a third of the grid) in noise of sd 0.3, float32
+    of ``shape`` (D, H, W); the bundled U-Net segments the ball as tumour."""
+    import numpy as np
+
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    noise = np.random.default_rng(0).normal(0, 0.3, shape)
+    return (np.where(k**2 + j**2 + i**2 < 0.1, 2.0, 0.0) + noise).astype(np.float32)
+
+
 def run_one(size: str, method: str, options: list[str]) -> dict:
     """In this process: time a forward pass, then the method; report seconds and peak RSS."""
-    import numpy as np
     import torch
     from memory import peak_rss_gb
 
@@ -70,11 +80,8 @@ def run_one(size: str, method: str, options: list[str]) -> dict:
 
     torch.manual_seed(0)
     model = model_for(method)
-    shape = SIZES[size]
-    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
-    noise = np.random.default_rng(0).normal(0, 0.3, shape)
-    image = (np.where(k**2 + j**2 + i**2 < 0.1, 2.0, 0.0) + noise).astype(np.float32)
-    device = torch.device("cpu")
+    image = synthetic_scan(SIZES[size])
+    device = torch.device(os.environ.get("SEGXAI_BENCH_DEVICE", "cpu"))  # benchmarks/gpu_check.sh sets cuda
     start = time.perf_counter()
     probabilities = predict_probabilities(model, image, device)
     forward = time.perf_counter() - start
@@ -86,9 +93,12 @@ def run_one(size: str, method: str, options: list[str]) -> dict:
     explainer.check_applicable(model)
     start = time.perf_counter()
     explainer.explain(context)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = peak_rss_gb()
-    return {"size": size, "method": method, "forward": forward, "seconds": seconds, "peak_gb": peak}
+    gpu = {"gpu_peak_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}
+    return {"size": size, "method": method, "forward": forward, "seconds": seconds, "peak_gb": peak, **gpu}
 
 
 def main() -> None:

@@ -72,11 +72,11 @@ def main() -> None:
     x0 = torch.from_numpy(image)[None, None]
     head, brain = foreground_mask(image), seg.brain.on(seg.model_grid)
     air = no_signal_level(image)
-    reference = target_mask(post(CropPredictor(model.network, tuple(card.patch_size), input_multiple(card), air,
+    reference = target_mask(post(CropPredictor(model.network, card.windows, input_multiple(card), air,
                                                torch.device("cpu"), card.output)(x0)[0].numpy()), channels)
     kept = {}
     for name, b in (("zero", 0.0), ("no_signal", air)):
-        predictor = CropPredictor(model.network, tuple(card.patch_size), input_multiple(card), b,
+        predictor = CropPredictor(model.network, card.windows, input_multiple(card), b,
                                   torch.device("cpu"), card.output)
         for region, keep in (("head", head), ("brain", brain | reference)):
             x = torch.where(torch.from_numpy(keep), x0, torch.tensor(b))

@@ -18,11 +18,13 @@ from .logic import (
     availableMethods,
     availableModels,
     modelDescription,
+    modelSequences,
     modelTargets,
     modelTrustQuestion,
 )
 from .results import ExplainResults, findResults, resultNodes, showMap, shownMap
 
 __all__ = ["volumeFromNode", "updateNodeFromVolume", "ExplainLogic", "ExplainJob", "ExplainResults",
-           "availableModels", "availableMethods", "modelTargets", "modelDescription", "modelTrustQuestion",
+           "availableModels", "availableMethods", "modelTargets", "modelSequences", "modelDescription",
+           "modelTrustQuestion",
            "findResults", "resultNodes", "showMap", "shownMap"]

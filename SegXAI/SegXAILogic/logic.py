@@ -168,7 +168,8 @@ class ExplainLogic:
         """Segment ``inputVolumeNode`` and explain ``targetClass`` with each of ``methods``.
 
         Args:
-            inputVolumeNode: a scalar volume node; read, never modified.
+            inputVolumeNode: a scalar volume node; read, never modified. For a model of several sequences, the
+                list of nodes in the model's order (:func:`modelSequences`); the results lie on the first one.
             model: a name from ``segxai models``, a model card (.json) or a MONAI bundle folder.
             methods: method names (``["gradcam", "tta"]``) or a comma-separated string.
             targetClass: class or group name; ``None``: the model card's default (e.g. whole tumour).
@@ -198,11 +199,13 @@ class ExplainLogic:
             raise SegXAIError("choose at least one explanation method")
         if not model:
             raise SegXAIError("choose a model: a name from 'segxai models', a model card or a MONAI bundle folder")
-        volume = volumeFromNode(inputVolumeNode)
+        inputNodes = list(inputVolumeNode) if isinstance(inputVolumeNode, (list, tuple)) else [inputVolumeNode]
+        inputVolumeNode = inputNodes[0]
         workDir = Path(tempfile.mkdtemp(prefix="SegXAI-"))
         try:
-            scanPath = write_volume(volume, workDir / "input.nrrd")
-            del volume
+            suffix = inputSuffix(model)
+            scanPath = [write_volume(volumeFromNode(node), workDir / f"input{n}{suffix}")
+                        for n, node in enumerate(inputNodes)]
             keepOutput = outDir is not None
             outPath = Path(outDir) if keepOutput else workDir / "out"
             process = ChildProcess(explainCommand(scanPath, model, methods, outPath, targetClass, device, options,
@@ -238,7 +241,26 @@ def modelTargets(model: str) -> tuple[str | None, list[str]]:
     from SegXAILib.models.registry import resolve_card
 
     card = resolve_card(model)
-    return card.default_target, card.class_names[1:] + list(card.groups)
+    return card.default_target, card.class_names[0 if card.multilabel else 1:] + list(card.groups)
+
+
+def inputSuffix(model: str) -> str:
+    """The file type the scans go to the child in: NIfTI for a MONAI bundle, which its own ``LoadImaged`` then
+    reads as MONAI would (MONAI reads NRRD only with pynrrd or itk); NRRD otherwise (geometry as decimal text)."""
+    from SegXAILib.models.registry import resolve_card
+
+    try:
+        return ".nii.gz" if resolve_card(model).extra.get("bundle_root") else ".nrrd"
+    except SegXAIError:  # the child says why the model does not load
+        return ".nrrd"
+
+
+def modelSequences(model: str) -> list[str]:
+    """The scans ``model`` takes, by sequence name in its order (``["scan"]`` for one): the panel shows one input
+    selector per name. Reads the card only (a bundle's config as data)."""
+    from SegXAILib.models.registry import resolve_card
+
+    return resolve_card(model).sequence_names
 
 
 def modelDescription(model: str) -> str:

@@ -175,16 +175,19 @@ def deviceArgument(device: str) -> str:
     return choice or "auto"
 
 
-def explainCommand(scanPath: str | os.PathLike, model: str, methods: Sequence[str], outDir: str | os.PathLike,
+def explainCommand(scanPath: str | os.PathLike | Sequence[str | os.PathLike], model: str, methods: Sequence[str],
+                   outDir: str | os.PathLike,
                    targetClass: str | None = None, device: str = "auto",
                    options: Mapping[str, Mapping[str, object]] | None = None,
                    python: str | None = None, trustModelCode: bool = False) -> list[str]:
-    """The ``segxai explain`` command line, run as ``python -m SegXAILib.cli``.
+    """The ``segxai explain`` command line, run as ``python -m SegXAILib.cli`` (``scanPath``: the scan, or one scan
+    per sequence of a model that takes several).
 
     ``trustModelCode`` adds ``--trust-model-code``: the user confirmed that the model's code may run (a
     TorchScript model); the panel asks before setting it.
     """
-    command = [python or pythonExecutable(), "-m", "SegXAILib.cli", "explain", str(scanPath),
+    scans = [str(scanPath)] if isinstance(scanPath, (str, os.PathLike)) else [str(path) for path in scanPath]
+    command = [python or pythonExecutable(), "-m", "SegXAILib.cli", "explain", *scans,
                "--model", str(model), "--methods", ",".join(methods), "--out", str(outDir),
                "--device", deviceArgument(device), "--progress", "json"]
     if targetClass:

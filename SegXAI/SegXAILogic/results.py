@@ -145,6 +145,9 @@ def loadResults(scene, inputNode, outDir: str | Path) -> ExplainResults:
     summary = json.loads((outDir / "summary.json").read_text(encoding="utf-8"))
     inputMatrix = _ijkToRas(inputNode)
     labels = _readOnInputGrid(outDir / summary["files"]["segmentation"], inputNode, inputMatrix)
+    # a multi-label model's classes overlap: one 0/1 file per class, each imported as its own layer
+    layers = [_readOnInputGrid(outDir / c["file"], inputNode, inputMatrix) * int(c["label"])
+              for c in summary["classes"] if "file" in c] or [labels]
     maps = [(item, _readOnInputGrid(outDir / item["file"], inputNode, inputMatrix)) for item in summary["maps"]]
 
     inputName = inputNode.GetName()
@@ -152,7 +155,7 @@ def loadResults(scene, inputNode, outDir: str | Path) -> ExplainResults:
     try:
         table = labelColorTable(scene, f"{inputName}: labels ({summary['model']['name']})", summary["classes"])
         created.append(table)
-        segmentation = _segmentationNode(scene, inputNode, labels, table,
+        segmentation = _segmentationNode(scene, inputNode, layers, table,
                                          f"{inputName}: segmentation ({summary['model']['name']})")
         created.append(segmentation)
         mapNodes = []
@@ -165,6 +168,9 @@ def loadResults(scene, inputNode, outDir: str | Path) -> ExplainResults:
             removeNode(scene, node)
         raise
     kept = {key: summary[key] for key in SUMMARY_KEYS if key in summary}
+    sequences = [e for e in summary.get("explanations") or [] if e.get("method") == "sequences"]
+    if sequences:  # small: the panel shows which scan the segmentation relied on
+        kept["explanations"] = sequences
     segmentation.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(kept))
     for node in created:
         node.SetAttribute(ROLE_ATTRIBUTE, "labels" if node is table else "segmentation" if node is segmentation
@@ -198,27 +204,29 @@ def _readOnInputGrid(path: Path, inputNode, inputMatrix: np.ndarray) -> np.ndarr
     return volume.array
 
 
-def _segmentationNode(scene, inputNode, labels: np.ndarray, table, name: str):
-    """Import the label array through a temporary labelmap whose display uses ``table``."""
+def _segmentationNode(scene, inputNode, layers: list[np.ndarray], table, name: str):
+    """A segmentation of the label arrays ``layers``, each imported through a temporary labelmap whose display
+    uses ``table``: segments of different layers may overlap (a multi-label model's classes)."""
     # Labelmap, segmentation and input share the input's parent transform first: the reference geometry is
     # then the input's own (not moved into world coordinates) and the import is a copy, not a resampling.
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} (import)")
-    try:
-        labelmap.CopyOrientation(inputNode)
-        labelmap.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
-        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(labels.astype(np.int16)))
-        labelmap.CreateDefaultDisplayNodes()
-        labelmap.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
-        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)
-        segmentation.SetLabelmapConversionColorTableNodeID(table.GetID())
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
-            removeNode(scene, segmentation)
-            raise SegXAIError(f"Slicer could not import the segmentation of '{inputNode.GetName()}'")
-    finally:
-        removeNode(scene, labelmap)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)
+    segmentation.SetLabelmapConversionColorTableNodeID(table.GetID())
+    for labels in layers:
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} (import)")
+        try:
+            labelmap.CopyOrientation(inputNode)
+            labelmap.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
+            slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(labels.astype(np.int16)))
+            labelmap.CreateDefaultDisplayNodes()
+            labelmap.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
+                removeNode(scene, segmentation)
+                raise SegXAIError(f"Slicer could not import the segmentation of '{inputNode.GetName()}'")
+        finally:
+            removeNode(scene, labelmap)
     return segmentation
 
 

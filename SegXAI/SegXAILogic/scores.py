@@ -14,7 +14,8 @@ from typing import Any
 
 from SegXAILib.quality import review_case
 
-__all__ = ["CaseScore", "caseReview", "caseScores", "reviewAdvice", "reviewVerdict"]
+__all__ = ["CaseScore", "SequenceShare", "caseReview", "caseScores", "reviewAdvice", "reviewVerdict",
+           "sequenceShares"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,29 @@ class CaseScore:
     value: Any
     text: str
     poor: bool
+
+
+@dataclass(frozen=True)
+class SequenceShare:
+    """How much the target's segmentation relied on one input sequence (the ``sequences`` method)."""
+
+    name: str
+    share: float
+    """its share of the integrated gradients' |attribution| (all sequences together: 1)"""
+    dice_when_hidden: float
+    """Dice of the target's outline with this sequence hidden against the outline with every sequence (1: unchanged)"""
+
+
+def sequenceShares(summary: dict) -> list[SequenceShare]:
+    """Each input sequence's part in the target's segmentation, in the model's order; empty when the run did not
+    compute it (a model of one scan, or the method not chosen)."""
+    explanation = next((e for e in summary.get("explanations") or [] if e.get("method") == "sequences"), None)
+    if explanation is None:
+        return []
+    scalars = explanation.get("scalars") or {}
+    return [SequenceShare(name, float(scalars.get(f"ig_share.{name}", math.nan)),
+                          float(scalars.get(f"occlusion_dice.{name}", math.nan)))
+            for name in (explanation.get("metadata") or {}).get("sequences") or []]
 
 
 def caseReview(summary: dict) -> dict:

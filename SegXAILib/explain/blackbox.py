@@ -133,20 +133,20 @@ class CropScorer:
         context: the explain context (network, card, scan, target channels, device).
         region: R on the model grid, bool (D, H, W).
         margin: voxels of context around R's bounding box, or ``None`` for the whole grid.
-        overlap: the sliding windows' overlap (when the crop is larger than the patch).
+        overlap: the sliding windows' overlap (when the crop is larger than the patch); None: the model's.
         batch: copies per pass.
     """
 
-    def __init__(self, context: ExplainContext, region: np.ndarray, margin: int | None, overlap: float = 0.25,
+    def __init__(self, context: ExplainContext, region: np.ndarray, margin: int | None, overlap: float | None = None,
                  batch: int = 4) -> None:
         card = context.model.card
         self.network = context.model.network.to(context.device).eval()
         self.channels = list(context.channels)
         self.kind = card.output
         self.device = context.device
-        self.overlap = overlap
         self.batch = batch
         self.crop = region_crop(region, margin, input_multiple(card), tuple(card.patch_size))
+        self.windows = card.windows.adjusted(size=self.crop.window, overlap=overlap)
         self.fill = float(context.image.min())
         self.image = context.image[(..., *self.crop.slices)].float()
         self.weight = torch.from_numpy(region[self.crop.slices].astype(np.float32))[None]
@@ -172,13 +172,23 @@ class CropScorer:
         """S of each example of a stitched output, summed in float64 (occlusion takes differences of large sums)."""
         return (log_odds(output, self.channels, self.kind).double() * weight.double()).flatten(1).sum(1)
 
+    def outputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's stitched output for each of (B, C, *crop) inputs: (B, n_classes, *crop) on the CPU
+        (inference mode)."""
+        with torch.inference_mode():
+            output = sliding_window_predict(self.network, self._padded(images.float(), self.fill), self.windows,
+                                            self.device, Progress())
+            output = self._unpadded(output)
+        self.forward_passes += images.shape[0]
+        return output
+
+    def scores_of(self, output: torch.Tensor) -> torch.Tensor:
+        """S of each example of an :meth:`outputs` result (B, n_classes, *crop): (B,) float64."""
+        return self._summed(output, self.weight)
+
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """S of each of (B, C, *crop) inputs: (B,) float64 on the CPU (inference mode)."""
-        with torch.inference_mode():
-            output = sliding_window_predict(self.network, self._padded(images.float(), self.fill), self.crop.window,
-                                            self.device, self.overlap, Progress())
-        self.forward_passes += images.shape[0]
-        return self._summed(output, self._padded(self.weight, 0.0))
+        return self.scores_of(self.outputs(images))
 
     def gradients(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dS/dX and S of each of (B, C, *crop) inputs: (B, C, *crop) float32 and (B,) float64, on the CPU."""
@@ -194,7 +204,7 @@ class CropScorer:
             return output.detach(), gradient.detach()
 
         output, gradient = sliding_window_predict(predictor, self._padded(images.float(), self.fill),
-                                                  self.crop.window, self.device, self.overlap, Progress(),
+                                                  self.windows, self.device, Progress(),
                                                   with_coord=True)
         self.forward_passes += images.shape[0]
         self.backward_passes += images.shape[0]
@@ -207,7 +217,7 @@ class CropScorer:
         return grid
 
     def metadata(self) -> dict[str, Any]:
-        return {"crop": self.crop.describe(self.overlap), "forward_passes": self.forward_passes,
+        return {"crop": self.crop.describe(self.windows.overlap), "forward_passes": self.forward_passes,
                 "backward_passes": self.backward_passes, "batch": self.batch,
                 "target_score": f"{SCORE_WORDS} of the target summed over its predicted region "
                                 f"({self.region_voxels} voxels), from the network's {self.kind}"}
@@ -234,10 +244,94 @@ def attribution_maps(method: str, attribution: np.ndarray, shown: str, signed: s
                            threshold=0.0, normalise=False)]
 
 
+RULES = ("quadratic", "trapezoid", "left", "right", "middle")
+"""The integration rules of :func:`path_integral` (explained in :mod:`.integrated_gradients`)."""
+ENDPOINT_RULES = ("quadratic", "trapezoid")
+"""Rules whose path starts at the baseline and ends at the scan (their S(X'), S(X) cost nothing more)."""
+
+
+def riemann_rule(steps: int, rule: str) -> tuple[list[float], list[float]]:
+    """The path's points a_k in [0, 1] and their weights w_k (``steps`` >= 2; :mod:`.integrated_gradients`)."""
+    if rule == "quadratic":
+        u = [k / (steps - 1) for k in range(steps)]
+        weights = [2 * v / (steps - 1) for v in u]
+        weights[0] /= 2
+        weights[-1] /= 2
+        return [v * v for v in u], weights
+    weights = [1 / steps] * steps
+    if rule == "trapezoid":  # 1/(m-1) apart: captum weighs them 1/m, which scales the integral by (m-1)/m
+        weights = [1 / (steps - 1)] * steps
+        weights[0] /= 2
+        weights[-1] /= 2
+        alphas = torch.linspace(0, 1, steps)
+    elif rule == "left":
+        alphas = torch.linspace(0, 1 - 1 / steps, steps)
+    elif rule == "right":
+        alphas = torch.linspace(1 / steps, 1, steps)
+    elif rule == "middle":
+        alphas = torch.linspace(1 / (2 * steps), 1 - 1 / (2 * steps), steps)
+    else:
+        raise ValueError(f"unknown rule {rule!r}; use one of {RULES}")
+    return alphas.tolist(), weights
+
+
+@dataclass(frozen=True)
+class PathIntegral:
+    """Integrated gradients of S on the crop, from a baseline X' to the scan X (:func:`path_integral`).
+
+    Attributes:
+        attribution: (C, *crop) float32, (X - X') * sum_k w_k dS/dX(X' + a_k (X - X')).
+        alphas: the path's points a_k.
+        path_scores: S at each point of the path.
+        score, baseline_score: S(X) and S(X').
+    """
+
+    attribution: np.ndarray
+    alphas: list[float]
+    path_scores: list[float]
+    score: float
+    baseline_score: float
+
+    def completeness(self) -> dict[str, float]:
+        """The completeness check: ``attribution_sum`` against S(X) - S(X'), their difference
+        (``completeness_gap``) and that difference over |S(X) - S(X')| (``relative_gap``)."""
+        attribution_sum = float(self.attribution.astype(float).sum())
+        change = self.score - self.baseline_score
+        gap = attribution_sum - change
+        return {"attribution_sum": attribution_sum, "completeness_gap": gap,
+                "relative_gap": abs(gap) / abs(change) if change != 0 else 0.0}
+
+
+def path_integral(scorer: CropScorer, baseline: torch.Tensor, steps: int, rule: str, progress: Progress,
+                  stage: str) -> PathIntegral:
+    """Integrated gradients of S from ``baseline`` (X', shaped as ``scorer.image``, (1, C, *crop)) to the crop's
+    scan, with ``steps`` points of ``rule`` (:func:`riemann_rule`), ``scorer.batch`` points per pass; progress
+    reported as ``stage``. Cost: ``steps`` forward and backward passes of the crop (two more forward passes for
+    a rule not in :data:`ENDPOINT_RULES`)."""
+    x = scorer.image
+    alphas, weights = riemann_rule(steps, rule)
+    total = torch.zeros_like(x[0])
+    path_scores: list[float] = []
+    for part in chunks(steps, scorer.batch):
+        progress.update(stage, part.start / steps, f"steps {part.start + 1}-{part.stop} of {steps}")
+        a = torch.tensor(alphas[part.start:part.stop]).view(-1, *[1] * (x.ndim - 1))
+        gradient, score = scorer.gradients(baseline + a * (x - baseline))
+        w = torch.tensor(weights[part.start:part.stop]).view(-1, *[1] * (x.ndim - 1))
+        total += (w * gradient).sum(0)
+        path_scores += score.tolist()
+    if rule in ENDPOINT_RULES:
+        baseline_score, score = path_scores[0], path_scores[-1]
+    else:
+        baseline_score, score = scorer.scores(torch.cat([baseline, x])).tolist()
+    attribution = ((x - baseline)[0] * total).numpy()
+    return PathIntegral(attribution, alphas, path_scores, score, baseline_score)
+
+
 @dataclass(frozen=True)
 class CropOptions(MethodOptions):
     """Options of every black-box method: ``margin`` (voxels of context around R's bounding box; ``null``: the
     whole grid) and ``overlap`` (of the sliding windows, when the crop is larger than the card's patch)."""
 
     margin: int | None = option(DEFAULT_MARGIN, minimum=0)
-    overlap: float = option(0.25, check=lambda v: 0 <= v < 1, must="a number in [0, 1)")
+    overlap: float | None = option(None, check=lambda v: 0 <= v < 1,
+                                  must="a number in [0, 1), or null: the model's own windows")

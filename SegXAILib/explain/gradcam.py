@@ -49,6 +49,10 @@ channel weights are computed once from the stitched tensors, so the CAM is one g
 mosaic of window CAMs, and it is upsampled after the ReLU exactly as in the single-window case.
 (Stitching on the layer grid instead of upsampling every window first makes Grad-CAM about twice
 as fast at 128^3; window starts that are not multiples of the layer's stride are rounded to its grid.)
+Option ``window: scan`` runs the whole scan in one pass instead, padded to the network's input multiple: the
+gradient of the score of that one pass, as MONAI's and captum's Grad-CAM compute it. It does less work than
+overlapping windows (at 128^3 about half, docs/peers.md) but its memory grows with the scan, and its score is
+the network's on the whole scan, not that of the windowed segmentation.
 """
 
 from __future__ import annotations
@@ -64,7 +68,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SegXAIError
-from ..inference import sliding_window_predict
+from ..inference import pad_as_windows, sliding_window_predict
+from ..models.card import Windows
+from ..models.networks import input_multiple
 from ..padding import padding_to
 from ..scaling import minmax
 from ..upsampling import upsample_to
@@ -73,6 +79,7 @@ from .layers import (
     DEFAULT_LAYER,
     LayerCapture,
     LayerName,
+    conv_layers,
     frozen_parameters,
     layer_names,
     parse_layer_specs,
@@ -82,6 +89,8 @@ from .options import MethodOptions, option
 from .targets import SCORE_WORDS, log_odds, target_scores
 
 REGIONS = ("predicted", "all", "box", "mask")
+WINDOWS = ("model", "scan")
+"""Option ``window``: the model's sliding windows, as its segmentation ran (default), or the whole scan in one pass."""
 _REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
 UPSAMPLING = "trilinear, align_corners=False (voxel centres), of the layer's CAM (after the ReLU)"
 """How a coarse layer's CAM reaches the model grid."""
@@ -90,7 +99,8 @@ UPSAMPLING = "trilinear, align_corners=False (voxel centres), of the layer's CAM
 @dataclass(frozen=True)
 class GradCAMOptions(MethodOptions):
     """Options of Grad-CAM and Grad-CAM++ (module docstring): layer specs, the region R, the sliding windows'
-    overlap. ``box`` and ``mask`` are checked against the model grid when R is made (:func:`target_region`)."""
+    overlap (null: the model's, as its segmentation ran). ``box`` and ``mask`` are checked against the model grid
+    when R is made (:func:`target_region`)."""
 
     layer: tuple[str, ...] = option((DEFAULT_LAYER,), convert=parse_layer_specs)
     region: str | None = option(None, choices=REGIONS)
@@ -98,7 +108,9 @@ class GradCAMOptions(MethodOptions):
                                          must="[k0, k1, j0, j1, i0, i1] (six integers) or null")
     mask: np.ndarray | None = option(None, convert=lambda v: None if v is None else np.asarray(v, dtype=bool),
                                      must="a bool array on the model grid or null")
-    overlap: float = option(0.25, check=lambda v: 0 <= v < 1, must="a number in [0, 1)")
+    overlap: float | None = option(None, check=lambda v: 0 <= v < 1,
+                                  must="a number in [0, 1), or null: the model's own windows")
+    window: str = option("model", choices=WINDOWS)
 
 
 @dataclass
@@ -175,6 +187,28 @@ def layer_gradients(network: nn.Module, window: torch.Tensor, weight: torch.Tens
     return logits.detach(), float(score.detach()), [a.detach() for a in activations], grads
 
 
+def probe_input(context: ExplainContext) -> torch.Tensor:
+    """The input the layers are found on (each probe is a forward pass without gradients, :mod:`.layers`).
+
+    Zeros of two of the card's input multiples per axis (16^3 for the bundled U-Net: 1/216 of the work of its
+    96^3 window, where the two probes had cost two thirds of Grad-CAM's time) when the network runs on them (two
+    multiples keep the coarsest grid larger than one voxel); else the scan's corner padded to the card's window,
+    the one size every network here is known to accept (e.g. a transformer with a fixed input size).
+
+    Returns:
+        (1, C, *s) on the context's device.
+    """
+    card = context.model.card
+    small = tuple(min(2 * m, p) for m, p in zip(input_multiple(card), card.patch_size))
+    zeros = torch.zeros((1, context.image.shape[1], *small), dtype=context.image.dtype, device=context.device)
+    try:
+        conv_layers(context.model.network, zeros)
+        return zeros
+    except SegXAIError:
+        corner = context.image[(..., *(slice(0, p) for p in card.patch_size))]
+        return F.pad(corner, padding_to(tuple(corner.shape[2:]), card.patch_size)).to(context.device)
+
+
 def _layer_words(spec: str, layers: list[LayerName]) -> str:
     """Where a map was taken, for a reader: ``at the last decoder stage (3 mm grid)``, or ``averaged over the 2
     decoder stages (6.1 mm and 3 mm grids)`` for ``decoder_all``."""
@@ -200,7 +234,7 @@ class SegGradCAM(Explainer):
     Options = GradCAMOptions
     title: ClassVar[str] = "Grad-CAM"
     summary: ClassVar[str] = ("Seg-Grad-CAM: where the chosen layer's features raise the target's log-odds over "
-                              "its predicted region (options: layer, region, box, mask)")
+                              "its predicted region (options: layer, region, box, mask, window)")
     zero_map_reason: ClassVar[str] = ("nowhere does the gradient-weighted sum of the layer's features raise the "
                                       "score; try another layer")
 
@@ -226,10 +260,13 @@ class SegGradCAM(Explainer):
     # ------------------------------------------------------------ passes
     def _single_window(self, context: ExplainContext, region: np.ndarray, modules: list[nn.Module]
                        ) -> tuple[float, list[torch.Tensor]]:
-        """Image no larger than the patch: pad to the patch as inference did, one pass, CAMs upsampled, cropped."""
+        """One pass over the scan, padded as inference pads it to the patch where smaller (and up to the network's
+        input multiple where larger: option ``window: scan``); CAMs upsampled, cropped."""
+        card = context.model.card
         shape = tuple(context.image.shape[2:])
-        pad = padding_to(shape, context.model.card.patch_size)
-        image = F.pad(context.image, pad).to(context.device)
+        grid = tuple(p if n <= p else -(-n // m) * m for n, p, m in zip(shape, card.patch_size, input_multiple(card)))
+        pad = padding_to(shape, grid)
+        image = pad_as_windows(context.image, pad, context.model.card.windows).to(context.device)
         weight = F.pad(torch.from_numpy(region).float()[None, None], pad).to(context.device)
         _, score, activations, grads = layer_gradients(context.model.network, image, weight, context.channels,
                                                        modules, context.model.card.output)
@@ -239,9 +276,9 @@ class SegGradCAM(Explainer):
         return score, cams
 
     def _sliding_window(self, context: ExplainContext, region: np.ndarray, modules: list[nn.Module],
-                        overlap: float) -> tuple[float, list[torch.Tensor]]:
+                        windows: Windows) -> tuple[float, list[torch.Tensor]]:
         """Windows return (logits, A..., G...) on their own grids; one CAM per layer from the stitched tensors."""
-        patch = context.model.card.patch_size
+        patch = windows.size
         # MONAI pads a scan smaller than the patch along some axis; the window slices index the padded scan
         pad = padding_to(region.shape, patch)
         padded = np.pad(region, list(zip(pad[-2::-2], pad[::-2])))
@@ -253,7 +290,7 @@ class SegGradCAM(Explainer):
                                                             context.channels, modules, context.model.card.output)
             return (logits, *activations, *grads)
 
-        logits, *stitched = sliding_window_predict(predictor, context.image, patch, context.device, overlap,
+        logits, *stitched = sliding_window_predict(predictor, context.image, windows, context.device,
                                                    context.progress, self.name, with_coord=True)
         score = float(log_odds(logits, context.channels, context.model.card.output)[0][torch.from_numpy(region)].sum())
         n = len(modules)
@@ -267,21 +304,19 @@ class SegGradCAM(Explainer):
         options: GradCAMOptions = context.options_for(self)
         specs = list(options.layer)
         region = target_region(context, options)
-        overlap = options.overlap
+        windows = context.model.card.windows.adjusted(overlap=options.overlap)
         network = context.model.network
         patch = context.model.card.patch_size
-        # probe the layers on an input of window shape: the one size every network here is known to accept
-        corner = context.image[(..., *(slice(0, p) for p in patch))]
-        window = F.pad(corner, padding_to(tuple(corner.shape[2:]), patch)).to(context.device)
+        window = probe_input(context)
         layers = {spec: [name for name, _ in resolve_layers(network, spec, window)] for spec in specs}
         names = list(dict.fromkeys(name for spec in specs for name in layers[spec]))
         all_modules = dict(network.named_modules())
         modules = [all_modules[name] for name in names]
 
-        sliding = any(s > p for s, p in zip(context.image.shape[2:], patch))
+        sliding = options.window == "model" and any(s > p for s, p in zip(context.image.shape[2:], patch))
         context.progress.update(self.name, 0.0, "gradients")
         if sliding:
-            score, cams = self._sliding_window(context, region.mask, modules, overlap)
+            score, cams = self._sliding_window(context, region.mask, modules, windows)
         else:
             score, cams = self._single_window(context, region.mask, modules)
         context.progress.update(self.name, 1.0, "done")
@@ -311,7 +346,8 @@ class SegGradCAM(Explainer):
             "target_score": f"{SCORE_WORDS} of {context.target} summed over the region, from the network's "
                             f"{context.model.card.output}",
             "seconds": time.perf_counter() - start,
-            "parameters": {"layer": specs, "patch_size": list(patch), "overlap": overlap,
+            "parameters": {"layer": specs, "patch_size": list(patch), "overlap": windows.overlap,
+                           **({"window": options.window} if options.window != "model" else {}),
                            **({"region": options.region} if options.region is not None else {}),
                            **({"box": list(options.box)} if options.box is not None else {})}}
         if region.note or notes:
@@ -343,7 +379,7 @@ class SegGradCAMPlusPlus(SegGradCAM):
     name: ClassVar[str] = "gradcampp"
     title: ClassVar[str] = "Grad-CAM++"
     summary: ClassVar[str] = ("Grad-CAM++: like Grad-CAM with higher-order channel weights that spread credit over "
-                              "several regions (options: layer, region, box, mask)")
+                              "several regions (options: layer, region, box, mask, window)")
     zero_map_reason: ClassVar[str] = ("no feature of the layer raises the score anywhere (every gradient is zero or "
                                       "negative), so no channel gets a weight; Grad-CAM may still show one")
 

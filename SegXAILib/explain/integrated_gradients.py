@@ -26,7 +26,8 @@ attributions) against ``score - baseline_score`` = S(X) - S(X'); ``completeness_
 and ``relative_gap`` that difference over |S(X) - S(X')|. The gap comes from the finite number of steps
 (the integral is a sum of m gradients) and, when the crop needs several windows, from the blended
 gradients (:mod:`.blackbox`). With ``quadratic`` and ``trapezoid`` S(X') and S(X) come from the path's two
-ends; the other rules spend two more forward passes on them.
+ends; the other rules spend two more forward passes on them. The integral itself is
+:func:`.blackbox.path_integral` (the rules: :func:`.blackbox.riemann_rule`), which :mod:`.sequences` shares.
 
 Maps: ``integrated-gradients`` (shown: |attribution| summed over the input channels, smoothed by a Gaussian
 of 1 voxel, relative) and ``integrated-gradients-signed`` (log-odds: the voxels' signed contributions,
@@ -47,37 +48,8 @@ import torch
 
 from ..preprocessing import no_signal_level
 from .base import ExplainContext, Explainer, Explanation
-from .blackbox import CropOptions, CropScorer, attribution_maps, chunks, predicted_region
+from .blackbox import RULES, CropOptions, CropScorer, attribution_maps, path_integral, predicted_region
 from .options import option
-
-RULES = ("quadratic", "trapezoid", "left", "right", "middle")
-ENDPOINT_RULES = ("quadratic", "trapezoid")
-"""Rules whose path starts at the baseline and ends at the scan (their S(X'), S(X) cost nothing more)."""
-
-
-def riemann_rule(steps: int, rule: str) -> tuple[list[float], list[float]]:
-    """The path's points a_k in [0, 1] and their weights w_k (``steps`` >= 2; module docstring)."""
-    if rule == "quadratic":
-        u = [k / (steps - 1) for k in range(steps)]
-        weights = [2 * v / (steps - 1) for v in u]
-        weights[0] /= 2
-        weights[-1] /= 2
-        return [v * v for v in u], weights
-    weights = [1 / steps] * steps
-    if rule == "trapezoid":  # 1/(m-1) apart: captum weighs them 1/m, which scales the integral by (m-1)/m
-        weights = [1 / (steps - 1)] * steps
-        weights[0] /= 2
-        weights[-1] /= 2
-        alphas = torch.linspace(0, 1, steps)
-    elif rule == "left":
-        alphas = torch.linspace(0, 1 - 1 / steps, steps)
-    elif rule == "right":
-        alphas = torch.linspace(1 / steps, 1, steps)
-    elif rule == "middle":
-        alphas = torch.linspace(1 / (2 * steps), 1 - 1 / (2 * steps), steps)
-    else:
-        raise ValueError(f"unknown rule {rule!r}; use one of {RULES}")
-    return alphas.tolist(), weights
 
 
 @dataclass(frozen=True)
@@ -105,30 +77,11 @@ class IntegratedGradients(Explainer):
         region = predicted_region(context, self.name)
         scorer = CropScorer(context, region, options.margin, options.overlap, options.batch)
         b = no_signal_level(context.image.numpy()) if options.baseline is None else options.baseline
-        x = scorer.image
-        baseline = torch.full_like(x, b)
-        alphas, weights = riemann_rule(options.steps, options.method)
-        total = torch.zeros_like(x[0])
-        path_scores: list[float] = []
-        for part in chunks(options.steps, options.batch):
-            context.progress.update(self.name, part.start / options.steps,
-                                    f"steps {part.start + 1}-{part.stop} of {options.steps}")
-            a = torch.tensor(alphas[part.start:part.stop]).view(-1, *[1] * (x.ndim - 1))
-            gradient, score = scorer.gradients(baseline + a * (x - baseline))
-            w = torch.tensor(weights[part.start:part.stop]).view(-1, *[1] * (x.ndim - 1))
-            total += (w * gradient).sum(0)
-            path_scores += score.tolist()
-        if options.method in ENDPOINT_RULES:
-            baseline_score, score = path_scores[0], path_scores[-1]
-        else:
-            baseline_score, score = scorer.scores(torch.cat([baseline, x])).tolist()
+        path = path_integral(scorer, torch.full_like(scorer.image, b), options.steps, options.method, context.progress,
+                             self.name)
         context.progress.update(self.name, 1.0, "done")
-        attribution = ((x - baseline)[0] * total).numpy()
-        attribution_sum = float(attribution.astype(float).sum())
-        gap = attribution_sum - (score - baseline_score)
-        scalars = {"score": score, "baseline_score": baseline_score, "attribution_sum": attribution_sum,
-                   "completeness_gap": gap,
-                   "relative_gap": abs(gap) / abs(score - baseline_score) if score != baseline_score else 0.0}
+        attribution = path.attribution
+        scalars = {"score": path.score, "baseline_score": path.baseline_score, **path.completeness()}
         maps = attribution_maps(
             self.name, scorer.on_grid(attribution, (attribution.shape[0], *region.shape)),
             shown=(f"Integrated gradients: how much each voxel's brightness, compared with no signal, contributes to "
@@ -136,7 +89,7 @@ class IntegratedGradients(Explainer):
                    "1 voxel; relative)"),
             signed=(f"Integrated gradients, signed: each voxel's contribution to the model's confidence in "
                     f"{context.target} (log-odds; positive raises it); they add up to the change from a blank scan"))
-        metadata = {**scorer.metadata(), "baseline": b, "alphas": alphas, "path_scores": path_scores,
+        metadata = {**scorer.metadata(), "baseline": b, "alphas": path.alphas, "path_scores": path.path_scores,
                     "parameters": {"steps": options.steps, "method": options.method, "baseline": options.baseline,
                                    "batch": options.batch, "margin": options.margin, "overlap": options.overlap},
                     "seconds": time.perf_counter() - start}

@@ -420,7 +420,7 @@ def stitched_outputs(modules: Sequence[nn.Module], context: ExplainContext,
     handles = [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
     try:
         with torch.inference_mode():
-            stitched = sliding_window_predict(window_maps, context.image, context.model.card.patch_size,
+            stitched = sliding_window_predict(window_maps, context.image, context.model.card.windows,
                                               context.device, progress=context.progress, stage=stage)
     finally:
         for handle in handles:

@@ -74,7 +74,7 @@ class MHEXCAM(Explainer):
             return tuple(upsample_to(cam, window.shape[2:]) for cam in stage_cams(network, window, context.channels))
 
         with torch.inference_mode():
-            stitched = sliding_window_predict(window_cams, context.image, context.model.card.patch_size,
+            stitched = sliding_window_predict(window_cams, context.image, context.model.card.windows,
                                               context.device, progress=context.progress, stage=self.name)
         stitched = (stitched,) if isinstance(stitched, torch.Tensor) else stitched
         cams = [cam[0, 0] for cam in stitched]

@@ -85,6 +85,7 @@ from ..errors import SegXAIError
 from ..faithfulness import resolve_baseline
 from ..inference import network_probabilities, sliding_window_predict, target_mask
 from ..metrics import dice
+from ..models.card import Windows
 from ..models.networks import input_multiple
 from ..padding import padding_to
 from ..preprocessing import no_signal_level
@@ -192,17 +193,18 @@ class CropPredictor:
 
     Args:
         network: the segmentation network (eval mode, on ``device``).
-        patch: the card's patch size; crops up to it run in one pass.
+        windows: the card's sliding windows; crops up to their size run in one pass.
         divisor: per-axis multiple the network's input size must be.
         baseline: b, the value the crop is padded with (the perturbed volume's value around the crop).
         output: what the network returns (the card's ``output``): ``logits`` or ``probabilities``.
     """
 
-    def __init__(self, network: nn.Module, patch: tuple[int, ...], divisor: tuple[int, ...], baseline: float,
+    def __init__(self, network: nn.Module, windows: Windows, divisor: tuple[int, ...], baseline: float,
                  device: torch.device, output: str = "logits") -> None:
         self.network = network
         self.output = output
-        self.patch = tuple(patch)
+        self.windows = windows
+        self.patch = tuple(windows.size)
         self.divisor = tuple(divisor)
         self.baseline = baseline
         self.device = device
@@ -227,7 +229,7 @@ class CropPredictor:
         else:
             pad = padding_to(shape, self.patch)
             with torch.inference_mode():
-                logits = sliding_window_predict(self.network, F.pad(x, pad, value=self.baseline), self.patch,
+                logits = sliding_window_predict(self.network, F.pad(x, pad, value=self.baseline), self.windows,
                                                 self.device).to(self.device)
         inner = tuple(slice(p, p + s) for p, s in zip(pad[-2::-2], shape))
         return network_probabilities(logits[(..., *inner)], self.output)
@@ -464,7 +466,7 @@ class MiSuRe(Explainer):
         align = tuple(math.lcm(int(d), options.coarse) for d in input_multiple(card))
         b = (no_signal_level(image.numpy()) if options.baseline is None
              else resolve_baseline(options.baseline, image))
-        predictor = CropPredictor(context.model.network, tuple(card.patch_size), input_multiple(card), b,
+        predictor = CropPredictor(context.model.network, card.windows, input_multiple(card), b,
                                   context.device, card.output)
         # f(X_0) as f runs on every perturbed scan (one pass, the card's postprocessing, no test-time
         # mirroring): comparing f of a perturbed scan with another prediction would measure their difference

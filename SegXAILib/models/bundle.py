@@ -58,8 +58,10 @@ builds ``network_def``, evaluating what it must. The weights themselves are neve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ from torch import nn
 from ..errors import SegXAIError
 from ..fileio import read_json_object
 from .card import ModelCard
+from .loaders import LoadedModel
 
 INFERENCE_CONFIGS = ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml")
 METADATA_CONFIG = "configs/metadata.json"
@@ -91,8 +94,14 @@ _PURE_REFERENCE = re.compile(r"\$?@([\w#:]+)")
 
 ALLOWED_MODULES = ("monai.networks", "monai.transforms", "monai.inferers", "torch.nn")
 """The only modules whose classes a bundle's ``_target_`` may name without ``--trust-model-code``."""
-NEEDED_KEYS = ("network_def", "preprocessing", "inferer")
+NEEDED_KEYS = ("network_def", "preprocessing", "inferer", "postprocessing")
 """The inference config's keys SegXAI reads (with every id they refer to); no other key is even looked at."""
+SEGXAI_CHOICES = ("device", "sw_device", "progress", "cache_roi_weight_map", "cpu_thresh", "buffer_steps",
+                  "buffer_dim", "sw_batch_size")
+"""The inferer's settings SegXAI chooses itself (where and how many windows at a time, no effect on the result):
+never read, so an expression there (``"device": "$torch.device('cuda')"``) runs nothing and needs no trust."""
+WRITER_KINDS = ("saveimage",)
+"""Transforms that write files (``SaveImaged``): never read or built; SegXAI writes its own outputs."""
 
 
 class BundleAxes(nn.Module):
@@ -232,6 +241,8 @@ def code_in_bundle(folder: Path) -> list[tuple[str, str]]:
     seen: set[str] = set()
 
     def walk(node: Any, id: str) -> None:
+        if _is_writer(node):
+            return
         if isinstance(node, dict):
             if "_target_" in node and _allowed_class(node["_target_"]) is None:
                 found.append((f"{_key(id)}._target_", str(node["_target_"])))
@@ -242,7 +253,7 @@ def code_in_bundle(folder: Path) -> list[tuple[str, str]]:
                              if str(key).startswith("pretrained")
                              and value not in (False, None, 0, "", "false", "False"))
             for key, value in node.items():
-                if key not in ("_target_", "_mode_", "_desc_"):
+                if key not in ("_target_", "_mode_", "_desc_") and not (id == "inferer" and key in SEGXAI_CHOICES):
                     walk(value, f"{id}#{key}")
         elif isinstance(node, list):
             for n, value in enumerate(node):
@@ -278,15 +289,21 @@ def check_bundle_trust(folder: Path, trust_model_code: bool = False) -> None:
         trust.require(trust_model_code, "the MONAI bundle", folder, f"its config key {key} would run {what}{more}")
 
 
-def _data(config: dict[str, Any], node: Any, id: str, build: bool, seen: frozenset[str] = frozenset()) -> Any:
+def _data(config: dict[str, Any], node: Any, id: str, build: bool, seen: frozenset[str] = frozenset(),
+          built: dict[str, Any] | None = None) -> Any:
     """``node`` (at config id ``id``) with its references resolved, never evaluated.
 
     ``build``: a ``_target_`` entry becomes its class called with the resolved arguments (the class must be on
-    the allowlist); otherwise it stays a dict. Raises :class:`_NotData` for a ``$`` expression, a ``%`` macro, a
-    reference to nothing or in a cycle, or (``build``) a target off the allowlist."""
+    the allowlist); otherwise it stays a dict. A referenced id is built once (``built``: id -> object), as MONAI's
+    ConfigParser does: an ``Invertd`` must hold the very ``Compose`` that transformed the image. Writers
+    (:data:`WRITER_KINDS`) are left out of lists, the inferer's :data:`SEGXAI_CHOICES` out of its arguments. Raises
+    :class:`_NotData` for a ``$`` expression, a ``%`` macro, a reference to nothing or in a cycle, or (``build``)
+    a target off the allowlist."""
+    built = {} if built is None else built
     if isinstance(node, dict):
-        arguments = {key: _data(config, value, f"{id}#{key}", build, seen)
-                     for key, value in node.items() if not (build and str(key).startswith("_"))}
+        arguments = {key: _data(config, value, f"{id}#{key}", build, seen, built)
+                     for key, value in node.items() if not (build and str(key).startswith("_"))
+                     and not (id == "inferer" and key in SEGXAI_CHOICES)}
         if not (build and "_target_" in node):
             return arguments
         if node.get("_disabled_") in (True, "true", "True"):
@@ -296,13 +313,22 @@ def _data(config: dict[str, Any], node: Any, id: str, build: bool, seen: frozens
             raise _NotData(f"{_key(id)}._target_")
         return target(**arguments)
     if isinstance(node, list):
-        return [_data(config, value, f"{id}#{n}", build, seen) for n, value in enumerate(node)]
+        return [_data(config, value, f"{id}#{n}", build, seen, built) for n, value in enumerate(node)
+                if not _is_writer(value)]
     if isinstance(node, str) and node[:1] in "@$%":
         reference = _reference(id, node)
         if reference is None or reference in seen or _get(config, reference) is None:
             raise _NotData(_key(id))
-        return _data(config, _get(config, reference), reference, build, seen | {reference})
+        if not build:
+            return _data(config, _get(config, reference), reference, build, seen | {reference}, built)
+        if reference not in built:
+            built[reference] = _data(config, _get(config, reference), reference, build, seen | {reference}, built)
+        return built[reference]
     return node
+
+
+def _is_writer(node: Any) -> bool:
+    return isinstance(node, dict) and _transform_kind(node.get("_target_")) in WRITER_KINDS
 
 
 def _value(config: dict[str, Any], id: str, default: Any = None) -> Any:
@@ -393,7 +419,9 @@ def _intensity(config: dict[str, Any], transforms: list[tuple[str, str]]) -> dic
     return {"kind": "percentile", "lower": 0.5, "upper": 99.5}
 
 
-def _classes(folder: Path, config: dict[str, Any], pred: dict[str, Any]) -> list[dict[str, Any]]:
+def _classes(folder: Path, config: dict[str, Any], pred: dict[str, Any], multilabel: bool) -> list[dict[str, Any]]:
+    """The classes of the output channels: channel n is label n with a softmax (0 the background); with sigmoid
+    outputs (``multilabel``) every channel is a class of its own, label n + 1 (0 stays "none")."""
     channel_def = pred.get("channel_def")
     if isinstance(channel_def, dict) and channel_def:
         try:
@@ -409,9 +437,32 @@ def _classes(folder: Path, config: dict[str, Any], pred: dict[str, Any]) -> list
         if not isinstance(count, int):
             raise SegXAIError(f"MONAI bundle {folder}: cannot tell its output classes (no channel_def or "
                               f"num_channels in {METADATA_CONFIG}); give 'classes' in {OVERRIDES_CONFIG}")
+    if multilabel:
+        return [{"name": names.get(n, f"class {n + 1}"), "label": n + 1, "color": list(PALETTE[n % len(PALETTE)])}
+                for n in range(count)]
     return [{"name": names.get(n, "background" if n == 0 else f"class {n}"), "label": n,
              "color": [0, 0, 0] if n == 0 else list(PALETTE[(n - 1) % len(PALETTE)])}
             for n in range(count)]
+
+
+def _output(config: dict[str, Any]) -> str:
+    """``sigmoid`` when the postprocessing's ``Activationsd`` applies a sigmoid (independent, overlapping classes),
+    else ``logits`` (a softmax, or an argmax of the logits, which is the same segmentation)."""
+    for id, kind in _find_transforms(config, "postprocessing"):
+        if kind == "activations" and _value(config, f"{id}#sigmoid", False) is True:
+            return "sigmoid"
+    return "logits"
+
+
+def _sequences(image: dict[str, Any], channels: int) -> list[str]:
+    """The input channels' names from metadata ``inputs.image.channel_def`` (BraTS: T1c, T1, T2, FLAIR)."""
+    channel_def = image.get("channel_def")
+    if not isinstance(channel_def, dict) or len(channel_def) != channels:
+        return []
+    try:
+        return [str(channel_def[key]) for key in sorted(channel_def, key=int)]
+    except ValueError:
+        return []
 
 
 def _derive(folder: Path) -> dict[str, Any]:
@@ -432,22 +483,50 @@ def _derive(folder: Path) -> dict[str, Any]:
     preprocessing["spacing"] = _floats(_value(config, f"{spacing}#pixdim")) if spacing else None
     preprocessing["intensity"] = _intensity(config, transforms)
 
-    roi = _value(config, "inferer#roi_size")
-    roi = [int(r) for r in _floats(roi)] if _floats(roi) else list(DEFAULT_PATCH)
+    roi, windows = _windows(folder, config, _builder(folder, config, trusted_code=False))
     channels = image.get("num_channels") or _value(config, "network_def#in_channels") or 1
+    output = _output(config)
 
     weights = STATE_DICT if (folder / STATE_DICT).is_file() or not (folder / TORCHSCRIPT).is_file() else TORCHSCRIPT
     return {
         "name": str(meta.get("name") or folder.name),
         "description": str(meta.get("description", "")),
         "architecture": {"name": "monai_bundle", "args": {}},
-        "input": {"channels": int(channels), "modality": str(image.get("modality", "MRI"))},
-        "classes": _classes(folder, config, pred),
+        "input": {"channels": int(channels), "modality": str(image.get("modality", "MRI")),
+                  **({"sequences": _sequences(image, int(channels))} if _sequences(image, int(channels)) else {})},
+        "classes": _classes(folder, config, pred, output == "sigmoid"),
+        "output": output,
         "preprocessing": preprocessing,
         "patch_size": roi[::-1],  # MONAI roi_size is I, J, K; SegXAI arrays are K, J, I
+        "inference": windows,
         "weights": weights,
         "extra": {"bundle_version": meta.get("version")} if meta.get("version") else {},
     }
+
+
+def _windows(folder: Path, config: dict[str, Any], build: Callable[[str], Any]) -> tuple[list[int], dict[str, Any]]:
+    """The ``inferer``'s ``roi_size`` (I, J, K) and the card's window settings (:class:`~.card.Windows`), read off
+    the inferer ``build("inferer")`` makes: MONAI's own ``SlidingWindowInferer`` with its defaults (constant
+    blending, padding with 0). Without an inferer: SegXAI's windows of :data:`DEFAULT_PATCH`. A config whose
+    inferer is code gives the defaults here; the bundle is refused until trusted, and loading it reads them again."""
+    from monai.inferers import SlidingWindowInferer
+
+    if _get(config, "inferer") is None:
+        return list(DEFAULT_PATCH), {}
+    try:
+        inferer = build("inferer")
+    except _NotData:
+        return list(DEFAULT_PATCH), {}
+    if not isinstance(inferer, SlidingWindowInferer):
+        raise SegXAIError(f"MONAI bundle {folder}: its inferer is a {type(inferer).__name__}; SegXAI runs a "
+                          "bundle's SlidingWindowInferer (the windows its explanations run in too): use one")
+    roi, overlap, sigma = inferer.roi_size, inferer.overlap, inferer.sigma_scale
+    if not (_floats(roi) and isinstance(overlap, (int, float)) and isinstance(sigma, (int, float))):
+        raise SegXAIError(f"MONAI bundle {folder}: its inferer has roi_size {roi!r}, overlap {overlap!r}, sigma_scale "
+                          f"{sigma!r}; SegXAI needs three sizes and one overlap and sigma for every axis")
+    return [int(r) for r in _floats(roi)], {
+        "overlap": float(overlap), "blend": str(inferer.mode.value), "sigma_scale": float(sigma),
+        "padding_mode": str(getattr(inferer.padding_mode, "value", inferer.padding_mode)), "cval": float(inferer.cval)}
 
 
 def card_from_bundle(folder: Path) -> ModelCard:
@@ -483,41 +562,74 @@ def bundle_weights(card: ModelCard) -> Path:
     return path
 
 
-def load_bundle_network(card: ModelCard, trust_model_code: bool = False) -> nn.Module:
-    """The bundle's network with its weights, wrapped in :class:`BundleAxes`, in eval mode on the CPU.
+def _builder(folder: Path, config: dict[str, Any], trusted_code: bool) -> Callable[[str], Any]:
+    """``build(id)``: the object a top-level config entry makes (None where the config has no such entry), each
+    built once and shared as MONAI's ConfigParser shares them. ``trusted_code``: MONAI's ConfigParser builds
+    (it evaluates); otherwise :func:`_data` builds from the allowlisted classes."""
+    parser = _parser(folder) if trusted_code else None
+    built: dict[str, Any] = {}
+
+    def build(id: str) -> Any:
+        if _get(config, id) is None:
+            return None
+        if parser is not None:
+            return parser.get_parsed_content(id)
+        if id not in built:
+            built[id] = _data(config, config[id], id, True, frozenset({id}), built)
+        return built[id]
+
+    return build
+
+
+def _built(folder: Path, what: str, build: Callable[[], Any]) -> Any:
+    """``build()``, with a constructor's failure as one line naming the config entry."""
+    try:
+        return build()
+    except SegXAIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MONAI's constructors fail in many ways on wrong arguments
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise SegXAIError(f"MONAI bundle {folder}: cannot build its {what} ({type(exc).__name__}: {message}); "
+                          "check the config against this MONAI version") from None
+
+
+def load_bundle(card: ModelCard, trust_model_code: bool = False) -> LoadedModel:
+    """The bundle as a model: its network with its weights (wrapped in :class:`BundleAxes`, in eval mode on the
+    CPU) and its own pipeline (:class:`~.bundle_pipeline.BundlePipeline`), which segments as MONAI does.
 
     ``models/model.pt`` (or the card's ``weights``) is loaded into ``network_def`` with
     ``torch.load(weights_only=True)``; when it is absent and ``models/model.ts`` exists (or the
     weights named end in ``.ts``), the TorchScript file is loaded instead (no hooks then), which runs its code:
-    only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`).
+    only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`). A config whose needed keys hold code is
+    refused before anything is built unless trusted (:func:`check_bundle_trust`).
     """
+    from .bundle_pipeline import build_bundle_pipeline
     from .loaders import load_torchscript, load_weights
 
     folder = Path(card.extra["bundle_root"])
+    config = _config(folder)
     path = bundle_weights(card)
-    if path.suffix == ".ts":
-        return torch.jit.script(BundleAxes(load_torchscript(path, trust_model_code))).eval()
-    if not path.is_file():
+    if path.suffix != ".ts" and not path.is_file():
         raise SegXAIError(f"MONAI bundle {folder}: weights file {path} not found; put the state dict in "
                           f"{STATE_DICT} (or a TorchScript export in {TORCHSCRIPT})")
-
-    config = _config(folder)
-    if _get(config, "network_def") is None:
+    if path.suffix != ".ts" and _get(config, "network_def") is None:
         raise SegXAIError(f"MONAI bundle {folder}: its inference config has no 'network_def'; add one "
                           f"or export the model to {TORCHSCRIPT}")
     check_bundle_trust(folder, trust_model_code)
-    try:
-        if code_in_bundle(folder):  # trusted: MONAI's ConfigParser evaluates what it must
-            network = _parser(folder).get_parsed_content("network_def")
-        else:
-            network = _data(config, config["network_def"], "network_def", build=True)
-    except Exception as exc:  # noqa: BLE001 - a network's constructor fails in many ways on wrong arguments
-        message = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise SegXAIError(f"MONAI bundle {folder}: cannot build its network_def ({type(exc).__name__}: "
-                          f"{message}); check the config against this MONAI version") from None
+    code = bool(code_in_bundle(folder))
+    build = _builder(folder, config, code)
+    if code:  # the card was derived without evaluating; the evaluated inferer gives the windows
+        roi, windows = _built(folder, "inferer", lambda: _windows(folder, config, build))
+        card = dataclasses.replace(card, patch_size=tuple(roi[::-1]), inference={**card.inference, **windows})
+    pipeline = (_built(folder, "preprocessing and postprocessing", lambda: build_bundle_pipeline(folder, build))
+                if _get(config, "preprocessing") is not None else None)
+    if path.suffix == ".ts":
+        network = torch.jit.script(BundleAxes(load_torchscript(path, trust_model_code))).eval()
+        return LoadedModel(card, network, "bundle", pipeline)
+    network = _built(folder, "network_def", lambda: build("network_def"))
     if not isinstance(network, nn.Module):
         raise SegXAIError(f"MONAI bundle {folder}: network_def builds a {type(network).__name__}, not a "
                           "torch module; fix network_def")
     target = _get(config, "network_def#_target_") or "network_def"
     load_weights(network, path, f"monai_bundle {target}")
-    return BundleAxes(network.cpu()).eval()
+    return LoadedModel(card, BundleAxes(network.cpu()).eval(), "bundle", pipeline)

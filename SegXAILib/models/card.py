@@ -36,11 +36,19 @@ optional ``postprocessing`` object, e.g. ``{"brain_margin_mm": 10}``, keeps a br
 foreground within that many mm of the scan's brain (see :mod:`SegXAILib.postprocessing`). An
 optional ``inference`` object, e.g. ``{"mirror_axes": [0, 1, 2]}``, averages the segmentation's
 probabilities over the scan mirrored along every combination of those model-grid axes (test-time
-mirroring, as nnU-Net; 2^n forward passes; see :func:`SegXAILib.inference.predict_probabilities`).
+mirroring, as nnU-Net; 2^n forward passes; see :func:`SegXAILib.inference.predict_probabilities`). The same
+object sets the sliding windows (:class:`Windows`): ``overlap`` (0.25), ``blend`` (``gaussian`` or ``constant``),
+``sigma_scale`` (0.125), ``padding_mode`` (``constant``, ``reflect``, ``replicate``, ``circular``) and ``cval`` (the
+constant padding; absent: the scan's minimum). A MONAI bundle's card takes them from its ``inferer``.
 
 What a model is for: ``"intended_use"`` and ``"limitations"`` (text) say for which scans and questions it was
 made and where it is known to fail; ``segxai models``, ``summary.json``, the report and the Slicer panel show
-them. ``"output"``: ``"logits"`` (the default) or ``"probabilities"`` (the network applies its softmax itself).
+them. ``"output"``: ``"logits"`` (the default: a softmax over the classes, one class per voxel),
+``"probabilities"`` (the network applies its softmax itself) or ``"sigmoid"`` (multi-label: each output channel is
+its own class with its own sigmoid, classes may overlap, and no channel is background; a target is one channel).
+A multi-label model's single label map, where it has one (a MONAI bundle's postprocessing that maps the classes to
+values, BraTS's 1/2/4), names its values in ``"labelmap"``: ``{"1": "necrotic core", ...}``.
+``input.sequences`` names a model's input channels in order (``["T1c", "T1", "T2", "FLAIR"]``): the scans it takes.
 A weights file may be named as ``"package:<distribution>/<path>"``, a file an installed Python package ships
 (:mod:`SegXAILib.models.packages`; such a card is listed only while the package is installed). A
 ``preprocessing.grid`` object (e.g. ``{"kind": "deepbet"}``) replaces spacing and intensity by a model's own way
@@ -59,7 +67,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +87,53 @@ ORIENTATIONS = ("RAS", None)
 PATCH_LIMITS = (8, 512)
 LABEL_LIMITS = (0, 65535)
 CHANNEL_LIMITS = (1, 16)
+BLENDS = ("gaussian", "constant")
+PADDING_MODES = ("constant", "reflect", "replicate", "circular")
+WINDOW_SETTINGS = ("overlap", "blend", "sigma_scale", "padding_mode", "cval")
+"""The card's ``inference`` keys that set :class:`Windows` (besides ``mirror_axes``)."""
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How a network runs over a grid larger than its patch: MONAI's sliding windows, as every windowed pass
+    (segmentation and explanations alike) runs them (:func:`SegXAILib.inference.sliding_window_predict`).
+
+    Attributes:
+        size: the window, voxels along K, J, I (the card's ``patch_size``).
+        overlap: the fraction by which neighbouring windows overlap.
+        blend: ``gaussian`` (each window's centre weighs most) or ``constant`` (a plain mean).
+        sigma_scale: the Gaussian's standard deviation as a fraction of the window.
+        padding_mode: how a grid smaller than a window is padded (``torch.nn.functional.pad``'s modes).
+        cval: the value of ``constant`` padding; None: the image's minimum (its background: 0 after intensity
+            normalisation is mid-grey tissue, and would put a wall of false tissue around a small scan).
+    """
+
+    size: tuple[int, ...]
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    sigma_scale: float = 0.125
+    padding_mode: str = "constant"
+    cval: float | None = None
+
+    def adjusted(self, size: Sequence[int] | None = None, overlap: float | None = None) -> Windows:
+        """These windows with another ``size`` or ``overlap`` where given (a method's crop or option)."""
+        return replace(self, size=self.size if size is None else tuple(size),
+                       overlap=self.overlap if overlap is None else overlap)
+
+
+def validate_windows(settings: dict[str, Any]) -> None:
+    """Raise one :class:`SegXAIError` line for an invalid window setting of a card's ``inference`` object."""
+    overlap = _number(settings.get("overlap", 0.25))
+    if overlap is None or not 0 <= overlap < 1:
+        raise SegXAIError(f"inference overlap must be a number from 0 to below 1, got {settings.get('overlap')!r}")
+    sigma = _number(settings.get("sigma_scale", 0.125))
+    if sigma is None or sigma <= 0:
+        raise SegXAIError(f"inference sigma_scale must be a positive number, got {settings.get('sigma_scale')!r}")
+    for key, allowed in (("blend", BLENDS), ("padding_mode", PADDING_MODES)):
+        if key in settings and settings[key] not in allowed:
+            raise SegXAIError(f"inference {key} must be one of {', '.join(allowed)}, got {settings[key]!r}")
+    if settings.get("cval") is not None and _number(settings["cval"]) is None:
+        raise SegXAIError(f"inference cval must be a number (or null: the scan's minimum), got {settings['cval']!r}")
 
 
 def _integer(value: Any, what: str) -> int:
@@ -155,18 +211,24 @@ class ModelCard:
     already applied, e.g. deepbet): :func:`SegXAILib.inference.network_probabilities` then applies none, and
     gradient targets use log-probabilities (:mod:`SegXAILib.explain.targets`)."""
 
+    labelmap: dict[int, str] = field(default_factory=dict)
+    """A multi-label model's label map values and their names (the card's ``"labelmap"``); empty otherwise."""
+    sequences: list[str] = field(default_factory=list)
+    """The input channels' names in order (``input.sequences``); empty: ``sequence 1`` ... (:attr:`sequence_names`)."""
+
     intended_use: str = ""
     """What the model is for: the scans (modality, population) and the question it answers."""
     limitations: str = ""
     """Where it is known not to work, or was never tested; what its validation figures do not cover."""
 
-    OUTPUTS = ("logits", "probabilities")
+    OUTPUTS = ("logits", "probabilities", "sigmoid")
     """The valid values of ``output`` (a class constant, not a field)."""
 
     def __post_init__(self) -> None:
         if self.output not in self.OUTPUTS:
-            raise SegXAIError(f"output must be \"logits\" (the network returns logits, the default) or "
-                              f"\"probabilities\" (it applies a softmax itself), got {self.output!r}")
+            raise SegXAIError(f"output must be \"logits\" (the network returns logits, the default), "
+                              f"\"probabilities\" (it applies a softmax itself) or \"sigmoid\" (independent classes "
+                              f"that may overlap), got {self.output!r}")
 
     # ------------------------------------------------------------ parsing
     @classmethod
@@ -196,6 +258,9 @@ class ModelCard:
                 output=str(data.get("output", "logits")),
                 intended_use=str(data.get("intended_use", "")),
                 limitations=str(data.get("limitations", "")),
+                labelmap={_integer(int(k) if str(k).isdigit() else k, "labelmap value"): str(v)
+                          for k, v in data.get("labelmap", {}).items()},
+                sequences=[str(s) for s in data.get("input", {}).get("sequences", [])],
             )
         except SegXAIError as exc:
             raise SegXAIError(f"{source}: {exc}") from None
@@ -224,10 +289,12 @@ class ModelCard:
                 raise SegXAIError(f"{source}: group {group!r} names labels {sorted(unknown)} that no class has")
         try:  # checks owned by the modules that apply these entries
             validate_postprocessing(self.postprocessing, [c.label for c in self.classes])
-            unknown = set(self.inference) - {"mirror_axes"}
+            unknown = set(self.inference) - {"mirror_axes", *WINDOW_SETTINGS}
             if unknown:
-                raise SegXAIError(f"unknown inference setting(s) {sorted(unknown)}; the one setting is mirror_axes")
+                raise SegXAIError(f"unknown inference setting(s) {sorted(unknown)}; the settings are mirror_axes, "
+                                  f"{', '.join(WINDOW_SETTINGS)}")
             mirrorings(self.inference.get("mirror_axes", []))
+            validate_windows(self.inference)
             review_limits(self.review)
         except SegXAIError as exc:
             raise SegXAIError(f"{source}: {exc}") from None
@@ -246,8 +313,13 @@ class ModelCard:
         low, high = CHANNEL_LIMITS
         if not low <= self.input_channels <= high:
             raise SegXAIError(f"input.channels must be an integer from {low} to {high}, got {self.input_channels}")
-        if len(self.classes) < 2:
+        if len(self.classes) < (1 if self.multilabel else 2):
             raise SegXAIError("classes need at least two entries with distinct labels (the background first)")
+        if self.sequences and len(self.sequences) != self.input_channels:
+            raise SegXAIError(f"input.sequences names {len(self.sequences)} scans but input.channels is "
+                              f"{self.input_channels}; name one sequence per input channel")
+        if self.multilabel and self.groups:
+            raise SegXAIError("a multi-label (sigmoid) model's target is one output channel: remove its groups")
         low, high = LABEL_LIMITS
         for c in self.classes:
             if not low <= c.label <= high:
@@ -305,7 +377,8 @@ class ModelCard:
             "name": self.name,
             "description": self.description,
             "architecture": self.architecture,
-            "input": {"channels": self.input_channels, "modality": self.modality},
+            "input": {"channels": self.input_channels, "modality": self.modality,
+                      **({"sequences": self.sequences} if self.sequences else {})},
             "classes": [asdict(c) | {"color": list(c.color)} for c in self.classes],
             "groups": self.groups,
             "default_target": self.default_target,
@@ -318,6 +391,7 @@ class ModelCard:
             **({"review": self.review} if self.review else {}),
             **({"extra": self.extra} if self.extra else {}),
             **({"output": self.output} if self.output != "logits" else {}),
+            **({"labelmap": {str(k): v for k, v in self.labelmap.items()}} if self.labelmap else {}),
             **({"intended_use": self.intended_use} if self.intended_use else {}),
             **({"limitations": self.limitations} if self.limitations else {}),
         }
@@ -333,8 +407,27 @@ class ModelCard:
         return len(self.classes)
 
     @property
+    def multilabel(self) -> bool:
+        """Each output channel is its own class with its own sigmoid (``output`` ``sigmoid``); classes may overlap."""
+        return self.output == "sigmoid"
+
+    @property
+    def sequence_names(self) -> list[str]:
+        """The input channels' names in order: ``input.sequences``, else ``sequence 1`` ... (``scan`` for one)."""
+        if self.sequences:
+            return list(self.sequences)
+        return ["scan"] if self.input_channels == 1 else [f"sequence {n + 1}" for n in range(self.input_channels)]
+
+    @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def windows(self) -> Windows:
+        """The sliding windows every windowed pass of this model runs in: ``patch_size`` and the ``inference``
+        object's window settings."""
+        settings = {key: self.inference[key] for key in WINDOW_SETTINGS if key in self.inference}
+        return Windows(tuple(self.patch_size), **settings)
 
     @property
     def weight_paths(self) -> list[Path]:
@@ -362,7 +455,7 @@ class ModelCard:
             SegXAIError: the name is neither a class nor a group of this model.
         """
         if target is None:
-            target = self.default_target or self.classes[1].name
+            target = self.default_target or self.classes[0 if self.multilabel else 1].name
         by_label = {c.label: n for n, c in enumerate(self.classes)}
         for n, c in enumerate(self.classes):
             if target.lower() == c.name.lower() or target == str(c.label):
@@ -370,7 +463,7 @@ class ModelCard:
         for group, labels in self.groups.items():
             if target.lower() == group.lower():
                 return group, [by_label[label] for label in labels]
-        known = self.class_names[1:] + list(self.groups)
+        known = self.class_names[0 if self.multilabel else 1:] + list(self.groups)
         close = difflib.get_close_matches(target.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
         hint = f"did you mean {next(k for k in known if k.lower() == close[0])!r}? " if close else ""
         raise SegXAIError(f"unknown class {target!r} for model {self.name!r}; {hint}choose one of: {', '.join(known)}")

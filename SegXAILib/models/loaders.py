@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,11 +33,15 @@ class LoadedModel:
         card: the model card (classes, preprocessing, patch size).
         network: the module in eval mode; maps (N, C_in, D, H, W) to logits (N, n_classes, D, H, W).
         route: how it was loaded: "card", "torchscript" or "bundle".
+        pipeline: the model's own framework pipeline when it has one (a MONAI bundle's transforms:
+            :class:`~SegXAILib.models.bundle_pipeline.BundlePipeline`), which then segments instead of SegXAI's
+            preprocessing (:func:`SegXAILib.inference.segment`).
     """
 
     card: ModelCard
     network: nn.Module
     route: str
+    pipeline: Any = None
 
     @property
     def supports_hooks(self) -> bool:

@@ -109,15 +109,15 @@ def load_model(spec: str | os.PathLike, weights_index: int = 0, trust_model_code
     Raises:
         SegXAIError: unknown model, unreadable card or weights, or code the user has not trusted.
     """
-    from .loaders import LoadedModel, load_from_card
+    from .loaders import load_from_card
 
     card = resolve_card(spec)
     if trust_model_code:
         trust.grant(card.weight_paths)
     if card.extra.get("bundle_root"):
-        from .bundle import load_bundle_network
+        from .bundle import load_bundle
 
-        return LoadedModel(card, load_bundle_network(card, trust_model_code), "bundle")
+        return load_bundle(card, trust_model_code)
     return load_from_card(card, weights_index, trust_model_code)
 
 

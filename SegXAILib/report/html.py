@@ -43,6 +43,7 @@ from .montage import (
     render_map_montage,
     render_sa_curve,
     render_segmentation_montage,
+    render_sequence_shares,
     scan_window,
 )
 from .viewer import viewer_section
@@ -62,13 +63,20 @@ def write_report(folder: Path) -> Path:
     target = summary.get("target") or {"name": "segmented object",
                                        "labels": [c["label"] for c in summary["classes"] if c["label"] != 0]}
     labels = [int(v) for v in target["labels"]]
+    # a multi-label model's classes overlap: the target is its class's own file, the picture the label map's values
+    target_file = next((c["file"] for c in summary["classes"] if c["name"] == target["name"] and "file" in c), None)
+    if target_file is not None:
+        segmentation, labels = segmentation.with_array(read_volume(folder / target_file).array.astype(np.uint8)), [1]
     center = object_center(segmentation.array, labels)
     window = scan_window(scan.array)
     # each map's colour range, threshold and peak (display.py's rule): the summary's, or computed for an older one
     summary["maps"] = with_displays(summary.get("maps", []), scan.array,
                                     lambda item: read_volume(folder / item["file"]).array)
 
-    segmentation_png = render_segmentation_montage(scan, segmentation, summary["classes"], center,
+    picture_classes = summary["labelmap"]["values"] if "labelmap" in summary else summary["classes"]
+    segmentation_png = render_segmentation_montage(scan, read_volume(folder / summary["files"]["segmentation"]),
+                                                   [{"label": v.get("value", v.get("label")), **v}
+                                                    for v in picture_classes], center,
                                                    folder / SEGMENTATION_PICTURE, labels, window)
     target_mask = segmentation.with_array(np.isin(segmentation.array, labels))
     montages = []
@@ -85,13 +93,16 @@ def write_report(folder: Path) -> Path:
         (summary.get("model_grid") or {}).get("spacing_mm"))
 
     viewer = viewer_section(folder, summary, scan, segmentation, center, window)  # the interactive viewer
+    sequences = _sequence_section(summary, folder, str(target["name"]))
     page = _page(summary, review, target, scan, center, segmentation_png, montages, sa, sa_png,
-                 time.perf_counter() - start, viewer)
+                 time.perf_counter() - start, viewer, sequences)
     return atomic_write_text(folder / "report.html", page)
 
 
-def summary_scan_path(text: str, folder: Path) -> Path:
-    """The scan named in the summary: as written (absolute, or relative to here), else relative to the folder."""
+def summary_scan_path(text: str | list[str], folder: Path) -> Path:
+    """The scan named in the summary (the first, for several sequences, whose grid the results are on): as written
+    (absolute, or relative to here), else relative to the folder."""
+    text = text if isinstance(text, str) else text[0]
     path = Path(text)
     for candidate in (path, folder / path):
         if candidate.exists():
@@ -102,6 +113,10 @@ def summary_scan_path(text: str, folder: Path) -> Path:
 
 SEGMENTATION_PICTURE = "report/segmentation.png"
 SA_PICTURE = "report/sa_curve.png"
+SEQUENCES_PICTURE = "report/sequences.png"
+SEQUENCE_SHARES = {"ig_share": "integrated gradients (share of |attribution|)",
+                   "occlusion_share": "hiding the sequence (share of the drop in confidence)"}
+"""The ``sequences`` method's scalars the report draws as bars, and their words."""
 
 
 def montage_picture(map_file: str) -> str:
@@ -117,7 +132,7 @@ def montage_picture(map_file: str) -> str:
 def report_files(summary: dict[str, Any]) -> list[str]:
     """Every file :func:`write_report` may write for ``summary`` (relative to its folder); a map file of
     another kind (no volume suffix) has no picture."""
-    files = ["report.html", SEGMENTATION_PICTURE, SA_PICTURE]
+    files = ["report.html", SEGMENTATION_PICTURE, SA_PICTURE, SEQUENCES_PICTURE]
     for item in summary.get("maps") or []:
         try:
             files.append(montage_picture(str(item.get("file", "") if isinstance(item, dict) else "")))
@@ -128,7 +143,7 @@ def report_files(summary: dict[str, Any]) -> list[str]:
 
 def _page(summary: dict[str, Any], review: dict[str, Any], target: dict[str, Any], scan: Volume, center: np.ndarray,
           segmentation_png: Path, montages: Sequence[Path], sa: dict[str, Any] | None, sa_png: Path | None,
-          seconds: float, viewer: str = "") -> str:
+          seconds: float, viewer: str = "", sequences: str = "") -> str:
     name = html.escape(str(target["name"]))
     sections = [
         _header(summary, target),
@@ -139,6 +154,7 @@ def _page(summary: dict[str, Any], review: dict[str, Any], target: dict[str, Any
         _truth(summary),
         viewer,
         _maps(summary.get("maps", []), montages),
+        sequences,
     ]
     if sa is not None and sa_png is not None:
         sections.append(_sa_section(sa, sa_png))
@@ -305,6 +321,28 @@ def _maps(maps: Sequence[dict[str, Any]], montages: Sequence[Path]) -> str:
         cards.append(f"<article class=\"card\"><h3>{heading}</h3>\n"
                      f"{_figure(png, title, item.get('description', ''))}<dl>{details}</dl></article>")
     return "<section><h2>Maps</h2>\n" + "\n".join(cards) + "</section>"
+
+
+def _sequence_section(summary: dict[str, Any], folder: Path, target: str) -> str:
+    """The ``sequences`` method's shares per input sequence as bars, with the numbers behind them."""
+    explanation = next((e for e in summary.get("explanations", []) if e.get("method") == "sequences"), None)
+    if explanation is None:
+        return ""
+    names = list((explanation.get("metadata") or {}).get("sequences") or [])
+    scalars = explanation.get("scalars") or {}
+    shares = {words: [float(scalars.get(f"{key}.{name}", 0.0)) for name in names]
+              for key, words in SEQUENCE_SHARES.items() if any(f"{key}.{name}" in scalars for name in names)}
+    png = render_sequence_shares(names, shares, folder / SEQUENCES_PICTURE, target)
+    rows = [[html.escape(name), f"{scalars.get(f'occlusion_logit_drop.{name}', float('nan')):.2f}",
+             f"{scalars.get(f'occlusion_dice.{name}', float('nan')):.2f}",
+             f"{100 * scalars.get(f'ig_share.{name}', float('nan')):.0f} %"] for name in names]
+    caption = ("How much the segmentation relied on each scan. Hiding a scan (its voxels inside the head set to their "
+               "mean) lowers the model's confidence in the target by the drop shown (log-odds summed over the "
+               "target) and changes its outline (Dice with the outline seen with every scan: 1 = unchanged); "
+               "integrated gradients split the target's evidence between the scans.")
+    return ("<section><h2>Which scan drove the segmentation</h2>\n" + _figure(png, "share per sequence", caption)
+            + _table(["Sequence", "Drop in confidence when hidden", "Dice when hidden", "Integrated-gradients share"],
+                     rows, (1, 2, 3)) + "</section>")
 
 
 def _sa_section(sa: dict[str, Any], png: Path) -> str:

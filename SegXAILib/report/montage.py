@@ -410,3 +410,23 @@ def render_sa_curve(curve: Sequence[dict[str, Any]], path: Path, reference: str 
     ax.grid(alpha=0.3)
     figure.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
     return _save(figure, path)
+
+
+def render_sequence_shares(sequences: Sequence[str], shares: dict[str, Sequence[float]], path: Path,
+                           target: str) -> Path:
+    """Bars: each input sequence's share of what drove the target's segmentation, by method (``shares``: method
+    words -> one share per sequence, each list summing to 1 or all 0)."""
+    figure = Figure(figsize=(max(6.0, 1.4 * len(sequences) + 2.5), 4.2), layout="constrained")
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(shares))
+    x = np.arange(len(sequences))
+    for n, (words, values) in enumerate(shares.items()):
+        bars = ax.bar(x + (n - (len(shares) - 1) / 2) * width, values, width, label=words)
+        ax.bar_label(bars, labels=[f"{100 * v:.0f} %" for v in values], fontsize=9, padding=2)
+    ax.set_xticks(x, list(sequences), fontsize=11)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("share (all sequences together: 100 %)", fontsize=10)
+    ax.set_title(f"Which scan the {target} segmentation relied on", fontsize=12)
+    ax.grid(alpha=0.3, axis="y")
+    figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
+    return _save(figure, path)

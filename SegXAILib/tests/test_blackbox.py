@@ -15,8 +15,8 @@ from torch import nn
 
 from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import ExplainContext, NotApplicable
-from SegXAILib.explain.blackbox import region_crop
-from SegXAILib.explain.integrated_gradients import IntegratedGradients, riemann_rule
+from SegXAILib.explain.blackbox import region_crop, riemann_rule
+from SegXAILib.explain.integrated_gradients import IntegratedGradients
 from SegXAILib.explain.occlusion import OcclusionSensitivity
 from SegXAILib.explain.saliency import Saliency
 from SegXAILib.explain.smoothgrad import SmoothGrad

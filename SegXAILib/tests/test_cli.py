@@ -105,7 +105,7 @@ def test_bad_models_give_one_error_line(tmp_path, scan_file, capsys, problem):
     out = tmp_path / "out"
     if problem == "channels":
         args = ["segment", scan_file, "--model", make_card(tmp_path, "two", input_channels=2)]
-        words = "input channel"
+        words = "takes 2 scan(s), in this order: sequence 1, sequence 2; 1 given"
     elif problem == "unknown-model":
         args = ["segment", scan_file, "--model", "no-such-model"]
         words = "unknown model"

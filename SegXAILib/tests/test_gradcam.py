@@ -486,3 +486,49 @@ def test_empty_predicted_mask_falls_back_to_the_whole_volume():
     explanation = SegGradCAM().explain(context)
     assert explanation.metadata["region"] == "all" and "empty" in explanation.metadata["note"]
     assert explanation.scalars["region_voxels"] == 16**3
+
+
+def test_layers_found_on_a_small_probe_unless_the_network_needs_its_window():
+    """The probe is zeros of two input multiples (a 48^3 window: multiples of 16, a 32^3 probe) when the network
+    runs on them; UNETR's position embedding fixes its input size, so its probe is the card's window (the scan's
+    corner), and Grad-CAM runs."""
+    from monai.networks.nets import UNETR
+
+    from SegXAILib.explain.gradcam import probe_input
+
+    image = blob_image((48, 48, 48), seed=4)
+    unet = UNet(3, 1, 3, (4, 8, 16, 32), (2, 2, 2)).eval()
+    probe = probe_input(make_context(unet, image))
+    assert tuple(probe.shape) == (1, 1, 32, 32, 32) and not probe.any()
+
+    torch.manual_seed(4)
+    unetr = UNETR(1, 3, (48, 48, 48), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4).eval()
+    with pytest.raises(RuntimeError):
+        unetr(torch.zeros(1, 1, 32, 32, 32))
+    context = explain_context(unetr, image, (1,), architecture="unetr")
+    probe = probe_input(context)
+    assert torch.equal(probe, image)
+    assert SegGradCAM().explain(context).maps[0].array.max() > 0
+
+
+def test_whole_scan_option_is_one_pass_over_a_scan_larger_than_the_patch():
+    """``window: scan`` on a 20 x 24 x 16 scan with a 12^3 patch: one pass over the scan equals the brute-force
+    map; the default runs sliding windows and differs."""
+    network = tiny_unet(seed=5)
+    image = blob_image((20, 24, 16), seed=5)
+    region = np.zeros(image.shape[2:], bool)
+    region[6:14, 8:16, 4:12] = True
+    activation, gradient, _ = brute_force(network, image, "model.1.submodule.2", [1], region)
+    alpha = gradient.mean(axis=(1, 2, 3))
+    expected = trilinear(np.maximum(np.tensordot(alpha, activation, axes=1), 0), image.shape[2:])
+
+    def cam(**options):
+        context = make_context(network, image, patch=(12, 12, 12), options={"gradcam": {"mask": region, **options}})
+        explanation = SegGradCAM().explain(context)
+        return explanation.maps[0].array, explanation.metadata["sliding_window"]
+
+    whole, sliding = cam(window="scan")
+    assert not sliding
+    assert_close(whole, expected)
+    windowed, sliding = cam()
+    assert sliding and not np.allclose(windowed, whole, rtol=1e-3, atol=1e-3 * whole.max())

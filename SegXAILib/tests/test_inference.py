@@ -12,7 +12,7 @@ from torch import nn
 
 from SegXAILib.errors import Cancelled, SegXAIError
 from SegXAILib.inference import predict_probabilities, segment, sliding_window_predict, window_count
-from SegXAILib.models.card import ModelCard
+from SegXAILib.models.card import ModelCard, Windows
 from SegXAILib.models.loaders import load_from_card
 from SegXAILib.models.registry import load_model
 from SegXAILib.outputs import segmentation_summary
@@ -38,7 +38,7 @@ def test_sliding_window_equals_whole_volume_for_pointwise_network():
     calls = []
     progress = Progress(lambda stage, fraction, message: calls.append(fraction))
     with torch.no_grad():
-        stitched = sliding_window_predict(net, x, (16, 16, 16), torch.device("cpu"), 0.5, progress)
+        stitched = sliding_window_predict(net, x, Windows((16, 16, 16), overlap=0.5), torch.device("cpu"), progress)
         direct = net(x)
     assert torch.allclose(stitched, direct, atol=1e-5)
     assert calls[-1] == pytest.approx(1.0)
@@ -49,7 +49,7 @@ def test_sliding_window_equals_whole_volume_for_unet_when_one_window(tiny_card):
     model = load_model(tiny_card)
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
-        stitched = sliding_window_predict(model.network, x, (16, 16, 16), torch.device("cpu"))
+        stitched = sliding_window_predict(model.network, x, Windows((16, 16, 16)), torch.device("cpu"))
         direct = model.network(x)
     assert torch.allclose(stitched, direct, atol=1e-5)
 
@@ -59,7 +59,7 @@ def test_cancel_stops_inference():
     event.set()
     net = nn.Conv3d(1, 2, 1)
     with pytest.raises(Cancelled):
-        sliding_window_predict(net, torch.zeros(1, 1, 8, 8, 8), (8, 8, 8), torch.device("cpu"),
+        sliding_window_predict(net, torch.zeros(1, 1, 8, 8, 8), Windows((8, 8, 8)), torch.device("cpu"),
                                progress=Progress(cancel_event=event))
 
 
@@ -142,7 +142,7 @@ def test_scans_smaller_than_a_window_are_padded_with_their_background():
         half = (r - size) // 2
         pads += [half, r - size - half]
     with torch.no_grad():
-        stitched = sliding_window_predict(net, x, roi, torch.device("cpu"))
+        stitched = sliding_window_predict(net, x, Windows(roi), torch.device("cpu"))
         padded = net(torch.nn.functional.pad(x, pads, value=float(x.min())))
     d0, h0, w0 = pads[4], pads[2], pads[0]
     expected = padded[..., d0:d0 + 6, h0:h0 + 7, w0:w0 + 8]

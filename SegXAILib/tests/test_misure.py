@@ -28,7 +28,7 @@ from SegXAILib.explain.misure import (
 from SegXAILib.inference import sliding_window_predict
 from SegXAILib.methods import get_explainer
 from SegXAILib.metrics import dice
-from SegXAILib.models.card import ModelCard
+from SegXAILib.models.card import ModelCard, Windows
 from SegXAILib.models.loaders import LoadedModel
 from SegXAILib.upsampling import upsample_to
 
@@ -172,7 +172,7 @@ def test_clamp_rule_holds_after_every_step():
     x_sr = torch.where(torch.from_numpy(sr), image, torch.tensor(0.0))
     terms = [DiceTerm([0], 1.0, reference[0], (0.0, 0.0, 0.0)), DiceTerm([1], 2.0, reference[1], (0.0, 0.0, 0.0))]
     seen = []
-    optimise_mask(CropPredictor(network, (16, 16, 16), (2, 2, 2), 0.0, torch.device("cpu")), x_sr, mask, terms,
+    optimise_mask(CropPredictor(network, Windows((16, 16, 16)), (2, 2, 2), 0.0, torch.device("cpu")), x_sr, mask, terms,
                   MiSuReOptions(steps=12, lam=1.0), lambda step, cells, loss: seen.append(cells.clone()))
     assert len(seen) == 12
     for cells in seen:
@@ -226,7 +226,7 @@ def test_a_crop_over_max_voxels_optimises_a_patch_window_and_removes_the_scan_be
     # Dice explained is the network's own prediction of X_MSR (b = 0 beyond the window), taken as background
     # beyond the window, as everywhere beyond the region f runs on
     # M_0 is f(X_0) as the pipeline runs f on a scan larger than the patch: in sliding windows
-    m0 = (sliding_window_predict(network, torch.from_numpy(image)[None, None], (16, 16, 16),
+    m0 = (sliding_window_predict(network, torch.from_numpy(image)[None, None], Windows((16, 16, 16)),
                                  torch.device("cpu")).argmax(1) == 1)[0].numpy()
     assert explanation.metadata["object_voxels"] == m0.sum()
     by_hand = dice(whole_grid_target(network, image * msr) & window, m0)

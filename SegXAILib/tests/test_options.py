@@ -14,6 +14,8 @@ from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import ExplainContext
 from SegXAILib.explain.gradcam import SegGradCAM, SegGradCAMPlusPlus
 from SegXAILib.methods import EXPLAINERS, MethodOptions, check_options, explainer_class, parse_option_pairs
+from SegXAILib.models.card import Windows
+from SegXAILib.models.registry import load_model
 
 
 def error_of(raw, methods=None) -> str:
@@ -68,7 +70,8 @@ def test_an_unknown_method_is_an_error_naming_the_valid_ones():
     ({"misure": {"margin": -1}}, "option misure.margin must be an integer >= 0 or null, got -1"),
     ({"misure": {"baseline": "max"}},
      "option misure.baseline must be a number or 'min' (the scan's minimum), got 'max'"),
-    ({"gradcam": {"overlap": 1}}, "option gradcam.overlap must be a number in [0, 1), got 1"),
+    ({"gradcam": {"overlap": 1}},
+     "option gradcam.overlap must be a number in [0, 1), or null: the model's own windows, got 1"),
     ({"gradcampp": {"box": [0, 4]}}, "option gradcampp.box must be [k0, k1, j0, j1, i0, i1] (six integers) or null, "
                                      "got [0, 4]"),
 ])
@@ -95,9 +98,12 @@ def test_lambda_is_the_alias_of_lam_and_lam_is_not_an_option():
     assert message.startswith("unknown option misure.lam;") and "lambda" in message
 
 
-def test_defaults_are_the_previous_hard_coded_values():
+def test_defaults_are_the_previous_hard_coded_values(tiny_card):
     defaults = {name: asdict(options) for name, options in check_options({}, list(EXPLAINERS)).items()}
-    grad_cam = {"layer": ("last_decoder",), "region": None, "box": None, "mask": None, "overlap": 0.25}
+    # overlap None: the model's own windows, for SegXAI's cards the previous 0.25 with Gaussian blending
+    assert load_model(tiny_card).card.windows == Windows((16, 16, 16), 0.25, "gaussian", 0.125, "constant", None)
+    grad_cam = {"layer": ("last_decoder",), "region": None, "box": None, "mask": None, "overlap": None,
+                "window": "model"}
     assert defaults == {
         "gradcam": grad_cam, "gradcampp": grad_cam,
         "protoseg": {"resolution": "input", "layers": ("last_decoder",), "max_voxels": 160**3},
@@ -105,12 +111,13 @@ def test_defaults_are_the_previous_hard_coded_values():
         "misure": {"radius": 3, "tau": 0.9, "max_dilations": 20, "baseline": None, "coarse": 4, "steps": 100,
                    "lr": 0.1, "lam": 0.01, "gamma": 0.0, "tv_beta": 1.0, "alpha_background": 1.0,
                    "alpha_target": 2.0, "margin": 16, "max_voxels": None},
-        "occlusion": {"margin": 16, "overlap": 0.25, "cube": 16, "stride": 8, "baseline": None, "reach": 0,
+        "occlusion": {"margin": 16, "overlap": None, "cube": 16, "stride": 8, "baseline": None, "reach": 0,
                       "max_cubes": 27, "batch": 4},
-        "saliency": {"margin": 16, "overlap": 0.25},
-        "smoothgrad": {"margin": 16, "overlap": 0.25, "samples": 8, "noise": 0.1, "seed": 0, "batch": 4},
-        "integrated-gradients": {"margin": 16, "overlap": 0.25, "steps": 16, "method": "quadratic", "baseline": None,
+        "saliency": {"margin": 16, "overlap": None},
+        "smoothgrad": {"margin": 16, "overlap": None, "samples": 8, "noise": 0.1, "seed": 0, "batch": 4},
+        "integrated-gradients": {"margin": 16, "overlap": None, "steps": 16, "method": "quadratic", "baseline": None,
                                  "batch": 4},
+        "sequences": {"margin": 16, "overlap": None, "steps": 16, "batch": 4},
         "mhex-uncertainty": {"route": "sketch", "k": 64, "chunk": 2, "seed": 0},
         "mcdropout": {"margin": 3, "samples": 8, "seed": 0},
         "tta": {"margin": 3, "transforms": 8, "plane": (1, 2)},
@@ -155,6 +162,6 @@ def test_the_context_parses_raw_options_and_keeps_parsed_ones():
     gradcam = context.options_for(SegGradCAM())
     assert gradcam.layer == ("bottleneck",) and gradcam.mask.dtype == bool and np.array_equal(gradcam.mask, mask)
     assert context.options_for(SegGradCAMPlusPlus()).overlap == 0.5
-    assert context_with({}).options_for(SegGradCAM()).overlap == 0.25
+    assert context_with({}).options_for(SegGradCAM()).overlap is None
     with pytest.raises(SegXAIError, match="unknown option gradcam.layers; the options of gradcam are: layer, "):
         context_with({"gradcam": {"layers": "bottleneck"}}).options_for(SegGradCAM())

@@ -185,7 +185,7 @@ EARLIER_ROWS = {  # each builds (scan, model) from (folder, tiny card), and the 
     "constant volume": (lambda d, c: (_write(d, "flat.nrrd", np.full((6, 7, 8), 5, np.int16)), c), "empty"),
     "unknown model": (lambda d, c: (scan(d, ".nii.gz"), "no-such-model"), "unknown model 'no-such-model'"),
     "input channels mismatch": (lambda d, c: (scan(d, ".nii.gz"), make_card(c.parent, "two", input_channels=2)),
-                                "expects 2 input channel(s)"),
+                                "takes 2 scan(s), in this order: sequence 1, sequence 2; 1 given"),
     "weights of another architecture": (
         lambda d, c: (scan(d, ".nii.gz"), make_card(c.parent, "other", weights_from={
             "name": "unet", "args": {"channels": [2, 4, 8], "strides": [2, 2]}})), "weights"),

@@ -201,7 +201,7 @@ def test_tta_identity_sample_is_the_segmentations_own_prediction(tmp_path):
     image = torch.randn(1, 1, 12, 18, 20)
     context = model_context(model, image)
     reused = TTAUncertainty().sample(0, context, TTAUncertainty.Options(), Progress())
-    fresh = predict_softmax(model.network, image, card.patch_size, torch.device("cpu"), Progress(), "tta")
+    fresh = predict_softmax(model.network, image, card.windows, torch.device("cpu"), Progress(), "tta")
     torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
 
 

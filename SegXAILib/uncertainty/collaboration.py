@@ -262,7 +262,7 @@ def collaboration_volume(model: LoadedModel, image: torch.Tensor, label: np.ndar
                                                   options.route, options.chunk, options.seed, progress)
         return uncertainty, zero.to(uncertainty.dtype)
 
-    uncertainty, zero = sliding_window_predict(window_map, stacked, model.card.patch_size, device,
+    uncertainty, zero = sliding_window_predict(window_map, stacked, model.card.windows, device,
                                                progress=progress, stage=CollaborationUncertainty.name)
     zero_mask = zero[0, 0].numpy() >= 0.5  # zero in the windows that weigh most
     array = uncertainty[0, 0].numpy().astype(np.float32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ from torch import nn
 from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
 from ..explain.options import MethodOptions, option
 from ..inference import network_probabilities, sliding_window_predict
+from ..models.card import Windows
 from ..models.loaders import LoadedModel, load_from_card
 from ..progress import Progress
 from ..symmetries import AXIAL, FlipRotate, augment, flip_rotate_transforms, invert
@@ -40,12 +41,12 @@ from .measures import UncertaintyAccumulator
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def predict_softmax(network: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
+def predict_softmax(network: nn.Module, image: torch.Tensor, windows: Windows,
                     device: torch.device, progress: Progress, stage: str, output: str = "logits") -> torch.Tensor:
-    """Sliding-window softmax of (1, C, D, H, W) ``image``: (n_classes, D, H, W) float32 on the CPU (``output``:
-    what the network returns, the card's ``output``; probabilities are taken as they are)."""
+    """Softmax of (1, C, D, H, W) ``image`` in the model's sliding ``windows``: (n_classes, D, H, W) float32 on the
+    CPU (``output``: what the network returns, the card's ``output``; probabilities are taken as they are)."""
     with torch.inference_mode():
-        logits = sliding_window_predict(network, image, patch_size, device, progress=progress, stage=stage)
+        logits = sliding_window_predict(network, image, windows, device, progress=progress, stage=stage)
         return network_probabilities(logits, output)[0]
 
 
@@ -196,7 +197,7 @@ class MCDropoutUncertainty(SampledUncertainty):
             device_type=device.type)
         with fork:
             torch.manual_seed(options.seed + t)
-            return predict_softmax(context.model.network, context.image, context.model.card.patch_size,
+            return predict_softmax(context.model.network, context.image, context.model.card.windows,
                                    device, progress, self.name, context.model.card.output)
 
     def metadata(self, context: ExplainContext, options: MCDropoutOptions) -> dict[str, Any]:
@@ -246,7 +247,8 @@ class TTAUncertainty(SampledUncertainty):
         if transform.k % 2:
             a, b = transform.plane
             patch[a], patch[b] = patch[b], patch[a]
-        probs = predict_softmax(context.model.network, augment(context.image, transform), patch,
+        probs = predict_softmax(context.model.network, augment(context.image, transform),
+                                context.model.card.windows.adjusted(size=patch),
                                 context.device, progress, self.name, context.model.card.output)
         return invert(probs, transform)
 
@@ -283,7 +285,7 @@ class EnsembleUncertainty(SampledUncertainty):
 
     def sample(self, t: int, context: ExplainContext, options: SampledOptions, progress: Progress) -> torch.Tensor:
         member = load_from_card(context.model.card, t).network.to(context.device).eval()
-        return predict_softmax(member, context.image, context.model.card.patch_size, context.device,
+        return predict_softmax(member, context.image, context.model.card.windows, context.device,
                                progress, self.name, context.model.card.output)
 
     def metadata(self, context: ExplainContext, options: SampledOptions) -> dict[str, Any]:

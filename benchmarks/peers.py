@@ -1,0 +1,208 @@
+"""SegXAI beside other explanation tools: one network, one scan, one target score; seconds, memory, agreement.
+
+Each row runs in a fresh child process: one sliding-window forward pass (the segmentation, which gives R), then
+the tool's method, timed; the child's map is saved and compared by the parent. The network is the bundled
+brain-lesion U-Net, the scan ``explainers.synthetic_scan``, the target "whole tumour", the score SegXAI's (the
+target's log-odds summed over R, the predicted tumour), the layer the last decoder stage. Every tool gets that
+score and layer (``peer_adapters.py`` says how); the peers run the whole scan in one pass (none of them has
+sliding windows), and so does SegXAI's Grad-CAM (``window: scan``) except on the CT grid; SegXAI's occlusion
+and integrated gradients run the whole grid in the card's 96^3 windows when it is larger than one.
+
+Columns: seconds of the method; its ratio to the forward pass of the same child; the child's peak resident
+memory (``VmHWM``, model and forward pass included); Pearson correlation of the map with a reference (Grad-CAM
+and Grad-CAM++: ``peer_adapters.brute_force_gradcam``, the definition in one autograd pass of the whole scan;
+occlusion and integrated gradients: SegXAI's map); and "fails" with the reason when a tool cannot run the case.
+Equal settings: occlusion cubes of 16 voxels every 8 over R's bounding box at the scan's no-signal value;
+integrated gradients 16 trapezoid steps from that value, 4 copies per pass.
+
+    python benchmarks/peers.py --size 96                              # the markdown table
+    python benchmarks/peers.py --size 128 --json                      # rows as JSON
+    python benchmarks/peers.py --size 96 --methods gradcam --repeat 3  # median of 3 child processes per row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from explainers import SIZES
+
+ROWS = [("segxai", "gradcam"), ("monai", "gradcam"), ("captum", "gradcam"), ("pytorch-grad-cam", "gradcam"),
+        ("medcam", "gradcam"), ("segxai", "gradcampp"), ("monai", "gradcampp"), ("captum", "gradcampp"),
+        ("pytorch-grad-cam", "gradcampp"), ("medcam", "gradcampp"), ("segxai", "occlusion"),
+        ("segxai-crop", "occlusion"), ("monai", "occlusion"), ("segxai", "integrated-gradients"),
+        ("segxai-crop", "integrated-gradients"), ("captum", "integrated-gradients")]
+"""(tool, method) rows; ``segxai-crop`` is SegXAI's default for the black-box methods: the score on R's bounding
+box grown by 16 voxels, not on the whole grid (less work; the map differs where the network sees the whole scan,
+e.g. through instance normalisation)."""
+REFERENCES = {"gradcam": ("reference", "gradcam"), "gradcampp": ("reference", "gradcampp"),
+              "occlusion": ("segxai", "occlusion"), "integrated-gradients": ("segxai", "integrated-gradients")}
+UNSUPPORTED = {("captum", "gradcampp"): "captum has no Grad-CAM++"}
+CUBE, STRIDE, STEPS, BATCH = 16, 8, 16, 4
+
+
+def occlusion_cubes(region) -> tuple[list[list[int]], int]:
+    """SegXAI's cube starts per axis over R's bounding box at the benchmark's settings, and how many cubes."""
+    from SegXAILib.explain.blackbox import bounding_box
+    from SegXAILib.explain.occlusion import OcclusionSensitivity
+
+    starts, _, _ = OcclusionSensitivity.placement(bounding_box(region), region.shape, CUBE, STRIDE, 10**6)
+    return starts, math.prod(len(s) for s in starts)
+
+
+def _segxai(context, method: str, size: str, crop: bool = False):
+    """SegXAI's map of ``method`` at the benchmark's settings, (D, H, W) float32: Grad-CAM in one pass over the
+    scan (``window: scan``), as the peers, except on the CT grid (the model's windows: no peer runs there);
+    occlusion and integrated gradients on the whole grid (``margin: null``), as the peers, or with ``crop`` on R's
+    crop (SegXAI's default margin)."""
+    from SegXAILib.methods import get_explainer
+
+    if method in ("gradcam", "gradcampp") and size != "ct":
+        context.options = {method: {"window": "scan"}}
+    if method == "occlusion":
+        context.options = {"occlusion": {"cube": CUBE, "stride": STRIDE, "batch": BATCH,
+                                         "max_cubes": occlusion_cubes(context.predicted_mask)[1]}}
+    if method == "integrated-gradients":
+        context.options = {"integrated-gradients": {"steps": STEPS, "method": "trapezoid", "batch": BATCH}}
+    if not crop and method in ("occlusion", "integrated-gradients"):
+        context.options[method]["margin"] = None
+    maps = get_explainer(method).explain(context).maps
+    return next(m.array for m in maps if m.variant == ("signed" if method == "integrated-gradients" else None))
+
+
+def _peer(problem, tool: str, method: str):
+    """The peer's map (``peer_adapters``) at the benchmark's settings; MONAI's occlusion box is chosen so that its
+    cubes are SegXAI's (it starts them (CUBE - 1) // 2 voxels before the box)."""
+    import peer_adapters as peers
+
+    if method == "gradcam":
+        return peers.GRADCAM_PEERS[tool](problem)
+    if method == "gradcampp":
+        return peers.GRADCAMPP_PEERS[tool](problem)
+    if method == "occlusion":
+        starts, _ = occlusion_cubes(problem.region)
+        edge = (CUBE - 1) // 2
+        box = (tuple(s[0] + edge for s in starts), tuple(s[-1] + CUBE - edge for s in starts))
+        return peers.monai_occlusion(problem, CUBE, STRIDE, box, BATCH)
+    return peers.captum_integrated_gradients(problem, STEPS, BATCH)
+
+
+def run_one(size: str, tool: str, method: str, out: Path) -> dict:
+    """In this process: the forward pass, then the tool's method; the map saved to ``out``."""
+    import numpy as np
+    import torch
+    from explainers import model_for, synthetic_scan
+    from memory import peak_rss_gb
+    from peer_adapters import Problem, brute_force_gradcam
+
+    from SegXAILib.explain.base import ExplainContext
+    from SegXAILib.explain.layers import resolve_layers
+    from SegXAILib.inference import predict_probabilities
+    from SegXAILib.preprocessing import no_signal_level
+
+    torch.manual_seed(0)
+    model = model_for("gradcam")
+    image = synthetic_scan(SIZES[size])
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    probabilities = predict_probabilities(model, image, device)
+    forward = time.perf_counter() - start
+    _, channels = model.card.target_channels(None)
+    x = torch.from_numpy(image)[None, None]
+    context = ExplainContext(model=model, image=x, target="whole tumour", channels=channels,
+                             probabilities=probabilities, device=device)
+    if tool in ("segxai", "segxai-crop"):
+        start = time.perf_counter()
+        array = _segxai(context, method, size, crop=tool == "segxai-crop")
+    else:
+        window = x[(..., *(slice(0, p) for p in model.card.patch_size))]
+        layer = resolve_layers(model.network, "last_decoder", window)[0][0]
+        problem = Problem(model.network, x, channels, context.predicted_mask, layer, model.card.output,
+                          no_signal_level(image))
+        start = time.perf_counter()
+        array = brute_force_gradcam(problem, method == "gradcampp") if tool == "reference" else \
+            _peer(problem, tool, method)
+    seconds = time.perf_counter() - start
+    np.save(out, np.asarray(array, np.float32))
+    return {"forward": forward, "seconds": seconds, "peak_gb": peak_rss_gb()}
+
+
+def row(size: str, tool: str, method: str, folder: Path, repeat: int = 1) -> dict:
+    """One row from ``repeat`` child processes (median seconds, largest peak); ``note`` says why it failed."""
+    import statistics
+
+    import peer_adapters
+
+    result = {"tool": tool, "method": method, "size": "x".join(map(str, SIZES[size][::-1])), "seconds": None,
+              "peak_gb": None, "pearson_vs_reference": None, "note": ""}
+    failure = UNSUPPORTED.get((tool, method)) or (None if tool in ("segxai", "segxai-crop", "reference") else
+                                                  peer_adapters.import_failure(tool))
+    if failure:
+        return {**result, "note": f"fails: {failure}"}
+    out = folder / f"{tool}-{method}.npy"
+    runs = []
+    for _ in range(repeat):
+        child = subprocess.run([sys.executable, __file__, "--one", size, tool, method, str(out)], capture_output=True,
+                               text=True)
+        if child.returncode != 0:
+            lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode} (out of memory?)"]
+            return {**result, "note": f"fails: {lines[-1][:160]}"}
+        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return {**result, "seconds": round(statistics.median(r["seconds"] for r in runs), 2),
+            "peak_gb": round(max(r["peak_gb"] for r in runs), 2),
+            "forward": statistics.median(r["forward"] for r in runs)}
+
+
+def main() -> None:
+    import numpy as np
+    from peer_adapters import pearson
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="96", choices=sorted(SIZES))
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument("--repeat", type=int, default=1, help="child processes per row (median seconds)")
+    parser.add_argument("--methods", default="gradcam,gradcampp,occlusion,integrated-gradients")
+    parser.add_argument("--one", nargs=4, metavar=("SIZE", "TOOL", "METHOD", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        size, tool, method, out = args.one
+        print(json.dumps(run_one(size, tool, method, Path(out))))
+        return
+    if not args.json:
+        print("| scan | method | tool | seconds | x forward pass | peak RSS (GB) | Pearson vs reference | note |\n"
+              "|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        rows = []
+        for method in args.methods.split(","):
+            tool = REFERENCES[method][0]
+            reference = row(args.size, tool, method, folder, args.repeat if tool == "segxai" else 1)
+            reference_map = folder / f"{REFERENCES[method][0]}-{method}.npy"
+            for tool in [t for t, m in ROWS if m == method]:
+                result = reference if (tool, method) == REFERENCES[method] else row(args.size, tool, method, folder,
+                                                                                             args.repeat)
+                mine = folder / f"{tool}-{method}.npy"
+                if mine.exists() and reference_map.exists():
+                    r = pearson(np.load(mine), np.load(reference_map))
+                    result["pearson_vs_reference"] = None if math.isnan(r) else round(r, 4)
+                    if math.isnan(r):
+                        finite = bool(np.isfinite(np.load(mine)).any())
+                        result["note"] = "fails: the map is constant" if finite else "fails: the map is NaN or infinite"
+                rows.append(result)
+                if not args.json:
+                    ratio = f"{result['seconds'] / result['forward']:.2f}x" if result["seconds"] is not None else ""
+                    print(f"| {result['size']} | {method} | {tool} | {result['seconds'] or ''} | {ratio} | "
+                          f"{result['peak_gb'] or ''} | {result['pearson_vs_reference']} | {result['note']} |",
+                          flush=True)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "forward"} for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
