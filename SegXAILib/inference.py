@@ -309,8 +309,10 @@ def volumes_ml(labels: Volume, label_values: Sequence[int]) -> dict[int, tuple[i
 def segment_with_pipeline(scans: list[Volume], resampled: list[int], model: LoadedModel, device: torch.device,
                           progress: Progress | None = None) -> SegmentationResult:
     """Segment ``scans`` (:func:`segment`'s) as the model's own framework does (a MONAI bundle's preprocessing,
-    windows and postprocessing: :mod:`SegXAILib.models.bundle_pipeline`). The probabilities are the network's on
-    the framework's model grid; the labels are the framework's, on the first scan's grid."""
+    windows and postprocessing: :mod:`SegXAILib.models.bundle_pipeline`; nnU-Net's: :mod:`SegXAILib.models.nnunet`).
+    The windows are SegXAI's (:func:`network_output`) unless the pipeline has its own ``predict(prepared, device)``
+    giving the (1, n_classes, K, J, I) logits (nnU-Net's predictor). The probabilities are the network's on the
+    framework's model grid; the labels are the framework's, on the first scan's grid."""
     progress = progress or Progress()
     for n, scan in enumerate(scans):
         validate_scan(scan, model.card.sequence_names[n])
@@ -322,7 +324,13 @@ def segment_with_pipeline(scans: list[Volume], resampled: list[int], model: Load
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    logits = network_output(model, prepared.image, device, progress)
+    predict = getattr(model.pipeline, "predict", None)  # a framework with its own windows (nnU-Net's predictor)
+    if predict is not None:
+        progress.update("inference", 0.0)
+        logits = predict(prepared, device)
+        progress.update("inference", 1.0)
+    else:
+        logits = network_output(model, prepared.image, device, progress)
     probabilities = network_probabilities(logits, model.card.output)[0].numpy()
     timings["inference"] = time.perf_counter() - start
 

@@ -440,11 +440,13 @@ class ModelCard:
 
     @property
     def packages(self) -> list[str]:
-        """The Python distributions whose files the card names (``package:`` weights and grid files)."""
+        """The Python distributions whose files the card names (``package:`` weights and grid files), and nnunetv2 for
+        an nnU-Net model (:mod:`SegXAILib.models.nnunet` runs nnU-Net's own code)."""
         names = [self.weights] if isinstance(self.weights, str) else list(self.weights or [])
         grid = self.preprocessing.get("grid")
         names += [v for v in grid.values() if is_package_file(v)] if isinstance(grid, dict) else []
-        return sorted({split(n)[0] for n in names if is_package_file(n)})
+        framework = ["nnunetv2"] if self.extra.get("nnunet_root") else []
+        return sorted({split(n)[0] for n in names if is_package_file(n)} | set(framework))
 
     def target_channels(self, target: str | None) -> tuple[str, list[int]]:
         """Resolve a target (class name, group name, or label value) to output channel indices.

@@ -5,12 +5,15 @@ A model is named on the command line (or in the Slicer panel) by one of:
 - a bundled model's name (cards in ``SegXAILib/models/weights/``), or the name of a card or of a MONAI bundle
   folder in a folder listed in the ``SEGXAI_MODEL_PATH`` environment variable (``os.pathsep``-separated);
 - a path to a model card (``.json``);
-- a path to a MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``).
+- a path to a MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``);
+- a path to an nnU-Net v2 trained-model folder (``dataset.json``, ``plans.json``, ``fold_N/checkpoint_final.pth``:
+  :mod:`SegXAILib.models.nnunet`).
 
 A TorchScript model is loaded through a card whose architecture is ``{"name": "torchscript"}``; that runs the
 archive's code, so only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`); so does a MONAI bundle whose
 needed config keys hold code (:func:`SegXAILib.models.bundle.check_bundle_trust`). Listing and resolving models
-reads cards and configs as data only (nothing of a bundle's config is evaluated), never a model file.
+reads cards and configs as data only (nothing of a bundle's config is evaluated), never a model file but an nnU-Net
+checkpoint's recorded configuration where its folder's name does not give it (read as data: ``weights_only``).
 
 A card whose files come with an installed Python package (``"package:deepbet/..."``, e.g. the bundled
 ``deepbet`` card) is listed only while that package is installed; naming it without the package says how to
@@ -45,9 +48,21 @@ def _is_bundle(path: Path) -> bool:
     return path.is_dir() and any((path / "configs" / f"inference.{ext}").is_file() for ext in ("json", "yaml", "yml"))
 
 
+def _is_model_folder(path: Path) -> bool:
+    """A MONAI bundle or an nnU-Net trained-model folder (:func:`SegXAILib.models.nnunet.is_nnunet_folder`)."""
+    from .nnunet import is_nnunet_folder
+
+    return _is_bundle(path) or is_nnunet_folder(path)
+
+
 def card_at(path: Path) -> ModelCard:
-    """The card of a card file or of a MONAI bundle folder (derived from its configs as data)."""
+    """The card of a card file, of a MONAI bundle folder (derived from its configs as data) or of an nnU-Net
+    trained-model folder (from its dataset.json and plans.json)."""
     if path.is_dir():
+        from .nnunet import card_from_nnunet, is_nnunet_folder
+
+        if is_nnunet_folder(path):
+            return card_from_nnunet(path)
         from .bundle import card_from_bundle
 
         return card_from_bundle(path)
@@ -58,7 +73,7 @@ def _cards() -> dict[str, tuple[Path, list[str]]]:
     """Name -> (card path or bundle folder, the packages it needs that are not installed), first one found wins."""
     found: dict[str, tuple[Path, list[str]]] = {}
     for folder in model_search_dirs():
-        for path in sorted(p for p in folder.glob("*") if p.suffix == ".json" or _is_bundle(p)):
+        for path in sorted(p for p in folder.glob("*") if p.suffix == ".json" or _is_model_folder(p)):
             try:
                 card = card_at(path)
                 missing = [p for p in card.packages if installed_version(p) is None]
@@ -91,10 +106,10 @@ def resolve_card(spec: str | os.PathLike) -> ModelCard:
     if str(spec) in cards:
         return card_at(cards[str(spec)])
     if path.suffix in (".json", ".pt", ".ts", ".pth", ".safetensors") or os.sep in str(spec):
-        raise SegXAIError(f"model not found: {spec}; give a model card (.json), a MONAI bundle folder, "
-                          "or a name from 'segxai models'")
+        raise SegXAIError(f"model not found: {spec}; give a model card (.json), a MONAI bundle or nnU-Net model "
+                          "folder, or a name from 'segxai models'")
     raise SegXAIError(f"unknown model {str(spec)!r}; available: {', '.join(cards) or 'none'} "
-                      "(or give a model card path or a MONAI bundle folder)")
+                      "(or give a model card path, a MONAI bundle or an nnU-Net model folder)")
 
 
 def load_model(spec: str | os.PathLike, weights_index: int = 0, trust_model_code: bool = False) -> LoadedModel:
@@ -118,6 +133,10 @@ def load_model(spec: str | os.PathLike, weights_index: int = 0, trust_model_code
         from .bundle import load_bundle
 
         return load_bundle(card, trust_model_code)
+    if card.extra.get("nnunet_root"):
+        from .nnunet import load_nnunet
+
+        return load_nnunet(card)
     return load_from_card(card, weights_index, trust_model_code)
 
 
@@ -152,11 +171,14 @@ def check_trust(card: ModelCard, trust_model_code: bool = False) -> None:
 
 def model_fingerprint(card: ModelCard) -> str:
     """SHA-256 of the card (its JSON, keys sorted) and of the bytes of every weights file it names, or, for a
-    MONAI bundle, of every file of the bundle's ``configs/`` and ``models/``: equal fingerprints, same model."""
+    MONAI bundle, of every file of the bundle's ``configs/`` and ``models/`` (of an nnU-Net model, its checkpoints,
+    dataset.json and plans.json): equal fingerprints, same model."""
     digest = hashlib.sha256(json.dumps(card.to_dict(), sort_keys=True, default=str).encode())
-    bundle = card.extra.get("bundle_root")
+    bundle, nnunet = card.extra.get("bundle_root"), card.extra.get("nnunet_root")
     files = card.weight_paths if not bundle else sorted(
         p for sub in ("configs", "models") for p in (Path(bundle) / sub).rglob("*") if p.is_file())
+    if nnunet:
+        files = [*files, Path(nnunet) / "dataset.json", Path(nnunet) / "plans.json"]
     for path in files:
         digest.update(path.name.encode())
         with open(path, "rb") as stream:

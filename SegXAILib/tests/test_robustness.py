@@ -285,9 +285,9 @@ def test_memory_estimate_of_an_absurd_spacing_is_immediate():
 # ------------------------------------------------------------------------------------ the network's multiple
 def test_card_divisibility_rule_is_the_networks():
     from SegXAILib.models.networks import input_multiple
-    from SegXAILib.models.registry import available_cards
+    from SegXAILib.models.registry import available_cards, card_at
 
-    cards = [ModelCard.load(path) for path in available_cards().values()]
+    cards = [card_at(path) for path in available_cards().values()]  # cards, and model folders (nnU-Net's)
     cards.append(ModelCard.from_dict(card_dict()))
     for card in cards:
         rule = stride_multiple(card.architecture)
