@@ -18,8 +18,7 @@ from .explain.base import ExplanationMap
 from .explain.pipeline import ExplainResult
 from .fileio import OutputFolder, summary_files
 from .inference import SegmentationResult, volumes_ml
-from .models.bundle import PALETTE
-from .models.card import ModelCard
+from .models.card import PALETTE, ModelCard
 from .preprocessing import resample_to_grid
 from .report.display import display_range, head_mask
 from .verdict import CaseVerdict

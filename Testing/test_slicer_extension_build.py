@@ -22,8 +22,8 @@ def expected_files() -> set[str]:
     engine = ROOT / "SegXAILib"
     module |= {p.relative_to(ROOT).as_posix() for p in engine.rglob("*.py")
                if "tests" not in p.relative_to(engine).parts}
-    module |= {p.relative_to(ROOT).as_posix() for pattern in ("*.json", "*.safetensors")
-               for p in (engine / "models" / "weights").glob(pattern)}
+    module |= {p.relative_to(ROOT).as_posix() for pattern in ("*.json", "*.safetensors", "*.pth")
+               for p in (engine / "models" / "weights").rglob(pattern)}  # an nnU-Net model is a folder
     return module
 
 

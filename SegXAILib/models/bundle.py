@@ -70,7 +70,7 @@ from torch import nn
 
 from ..errors import SegXAIError
 from ..fileio import read_json_object
-from .card import ModelCard
+from .card import PALETTE, ModelCard
 from .loaders import LoadedModel
 
 INFERENCE_CONFIGS = ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml")
@@ -81,13 +81,6 @@ TORCHSCRIPT = "models/model.ts"
 DEFAULT_PATCH = (96, 96, 96)
 MERGED_KEYS = ("input", "preprocessing", "extra")
 
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-    (0, 0, 128), (128, 128, 128),
-)
-"""Class colours: channel n > 0 gets ``PALETTE[(n - 1) % len(PALETTE)]``; channel 0 is black."""
 
 _REFERENCE = re.compile(r"@([\w#:]+)")
 _PURE_REFERENCE = re.compile(r"\$?@([\w#:]+)")

@@ -87,6 +87,14 @@ ORIENTATIONS = ("RAS", None)
 PATCH_LIMITS = (8, 512)
 LABEL_LIMITS = (0, 65535)
 CHANNEL_LIMITS = (1, 16)
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (0, 0, 128), (128, 128, 128),
+)
+"""Class colours of models whose files name none (MONAI bundles, nnU-Net): class n > 0 of a softmax model gets
+``PALETTE[(n - 1) % len(PALETTE)]`` (0, the background, is black)."""
 BLENDS = ("gaussian", "constant")
 PADDING_MODES = ("constant", "reflect", "replicate", "circular")
 WINDOW_SETTINGS = ("overlap", "blend", "sigma_scale", "padding_mode", "cval")

@@ -31,15 +31,17 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import SegXAIError
 from ..fileio import read_json_object
 from ..volume import Volume
-from .card import ModelCard
+from .card import PALETTE, ModelCard
+
+if TYPE_CHECKING:  # torch is imported where a network runs: listing models and resolving names stay light
+    import torch
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 """The checkpoint of each fold, in the order SegXAI takes them (``nnUNetv2_predict``'s default first)."""
@@ -75,6 +77,8 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         SegXAIError: missing file, a pickle naming any other global (one line naming it), not a torch file, or no
             ``network_weights``.
     """
+    import torch
+
     if not path.is_file():
         raise SegXAIError(f"nnU-Net checkpoint not found: {path}")
     try:
@@ -120,7 +124,7 @@ def _configuration(folder: Path, plans: dict[str, Any], checkpoints: list[Path])
     (``Trainer__Plans__3d_fullres``), else the one recorded in the first checkpoint (read as data, its tensors
     mapped but not read)."""
     configurations = plans.get("configurations", {})
-    named = folder.name.rsplit("__", 1)[-1] if "__" in folder.name else None
+    named = folder.name.rsplit("__", 1)[-1] if "__" in folder.name else _overrides(folder).get("configuration")
     name = named if named in configurations else read_checkpoint(checkpoints[0], mmap=True).get(
         "init_args", {}).get("configuration")
     if name not in configurations:
@@ -129,6 +133,18 @@ def _configuration(folder: Path, plans: dict[str, Any], checkpoints: list[Path])
         raise SegXAIError(f"nnU-Net model {folder}: configuration {name!r} is not supported; SegXAI runs "
                           f"{', '.join(CONFIGURATIONS)} (a cascade's second stage needs the first's segmentation)")
     return str(name)
+
+
+OVERRIDES = "segxai.json"
+"""An optional file beside ``plans.json``: ``configuration`` (which one the folder holds, when its name does not
+say: then no checkpoint is opened to find out) and card keys that replace the derived ones (``name``,
+``description``, ``intended_use``, ``limitations``, ``validation``)."""
+CARD_OVERRIDES = ("name", "description", "intended_use", "limitations", "validation")
+
+
+def _overrides(folder: Path) -> dict[str, Any]:
+    path = folder / OVERRIDES
+    return read_json_object(path, "SegXAI's nnU-Net notes", "fix it: a JSON object") if path.is_file() else {}
 
 
 def _classes(folder: Path, labels: dict[str, Any]) -> list[dict[str, Any]]:
@@ -140,8 +156,6 @@ def _classes(folder: Path, labels: dict[str, Any]) -> list[dict[str, Any]]:
     by_value = sorted((int(v), str(k)) for k, v in labels.items())
     if [v for v, _ in by_value] != list(range(len(by_value))):
         raise SegXAIError(f"nnU-Net model {folder}: dataset.json's labels are not 0, 1, 2 ...: {labels}")
-    from .bundle import PALETTE  # the same colours as a MONAI bundle's classes
-
     return [{"name": name, "label": value,
              "color": [0, 0, 0] if value == 0 else list(PALETTE[(value - 1) % len(PALETTE)])}
             for value, name in by_value]
@@ -150,8 +164,8 @@ def _classes(folder: Path, labels: dict[str, Any]) -> list[dict[str, Any]]:
 def card_from_nnunet(folder: Path) -> ModelCard:
     """The model card of an nnU-Net trained-model folder, derived from ``dataset.json`` and ``plans.json``: classes
     from the labels, input channels from ``channel_names``, the window from the configuration's patch size, the
-    weights the folds' checkpoints. Reads JSON only, and the first checkpoint's recorded configuration where the
-    folder's name does not give it (:func:`_configuration`)."""
+    weights the folds' checkpoints; :data:`OVERRIDES` where present. Reads JSON only, and the first checkpoint's
+    recorded configuration where neither the folder's name nor its ``segxai.json`` gives it (:func:`_configuration`)."""
     folder = Path(folder).resolve()
     checkpoints = fold_checkpoints(folder)
     if not checkpoints:
@@ -187,6 +201,7 @@ def card_from_nnunet(folder: Path) -> ModelCard:
         "weights": [str(p.relative_to(folder)) for p in checkpoints],
         "extra": {"nnunet_root": str(folder), "nnunet_configuration": name, "install": INSTALL},
     }
+    data.update({key: value for key, value in _overrides(folder).items() if key in CARD_OVERRIDES})
     return ModelCard.from_dict(data, root=folder, source=f"nnU-Net model {folder}")
 
 
@@ -264,6 +279,8 @@ class NnunetPipeline:
         if tuple(properties["shape_before_cropping"]) != tuple(scans[0].shape[i] for i in self._transpose):
             raise SegXAIError(f"nnU-Net read the scan as {tuple(properties['shape_before_cropping'])} voxels but "
                               f"SegXAI as {scans[0].shape}; give the scan as NIfTI")
+        import torch
+
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         return NnunetPrepared(image[None], self._model_grid(data[0], properties, scans[0]), properties, read_by)
 
@@ -312,6 +329,8 @@ def load_nnunet(card: ModelCard) -> Any:
     Raises:
         SegXAIError: nnunetv2 not installed, a refused checkpoint or plans file, weights that do not fit.
     """
+    import torch
+
     from .loaders import LoadedModel
 
     _nnunet()

@@ -71,7 +71,7 @@ def nnunet_labels(held_out: tuple[Path, np.ndarray], tmp_path_factory: pytest.Te
     command = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(held_out[0].parent),
                "-o", str(root / "out"), "-d", DATASET, "-c", "3d_fullres", "-p", "nnUNetPlans_tiny",
                "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return sitk.GetArrayFromImage(sitk.ReadImage(str(root / "out" / "case.nii.gz")))
 
