@@ -44,7 +44,7 @@ from SegXAILogic.scores import caseScores, reviewVerdict, sequenceShares
 DEFAULT_MODEL = "brain-lesion-unet"
 VERDICT_STYLES = {"review": "color: #c0392b; font-weight: bold", "incomplete": "color: #b9770e", "ok": ""}
 """How the verdict label looks: red when a score asks for review, amber when checks were not run."""
-ADD_CARD, ADD_BUNDLE = "Add model card...", "Add MONAI bundle folder..."
+ADD_CARD, ADD_BUNDLE = "Add model card...", "Add model folder (MONAI bundle or nnU-Net)..."
 
 #
 # SegXAI
@@ -290,7 +290,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if text == ADD_CARD:
             path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Model card", "", "Model card (*.json)")
         elif text == ADD_BUNDLE:
-            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "MONAI bundle folder")
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "MONAI bundle or nnU-Net model folder")
         else:
             path = self.ui.modelComboBox.itemData(index)
         if path:
