@@ -34,8 +34,8 @@ of 1 voxel, relative) and ``integrated-gradients-signed`` (log-odds: the voxels'
 which add up to ``attribution_sum``). Cost: ``steps`` forward and backward passes of the crop, ``batch``
 copies per pass. Options: ``steps`` [16; METHODS.md's 32 costs twice as much: take it for a tighter
 completeness check], ``method`` [quadratic], ``baseline`` [null: no-signal level], ``batch`` [4],
-``margin`` [16; null: the whole grid], ``overlap`` [0.25]. Needs only the network's output: runs on
-TorchScript models.
+``margin`` [16; null: the whole grid], ``overlap`` [null: the model's own windows]. Needs only the network's
+output: runs on TorchScript models.
 """
 
 from __future__ import annotations

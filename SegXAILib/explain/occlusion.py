@@ -24,8 +24,8 @@ tumour (a bounding box of about 48 x 48 x 56 voxels at 1.5 mm; an 80 x 80 x 88 c
 ``--option occlusion.max_cubes=1000``, ``occlusion.cube=8``, ``occlusion.stride=4``).
 
 Options: ``cube`` [16], ``stride`` [8], ``baseline`` [null: no-signal level], ``reach`` [0], ``max_cubes``
-[27], ``batch`` [4] occluded copies per pass, ``margin`` [16; null: the whole grid], ``overlap`` [0.25].
-Needs only the network's output: runs on TorchScript models.
+[27], ``batch`` [4] occluded copies per pass, ``margin`` [16; null: the whole grid], ``overlap`` [null: the
+model's own windows]. Needs only the network's output: runs on TorchScript models.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ windows' gradients otherwise; 0 outside the crop). It equals captum's ``Saliency
 Maps: ``saliency`` (shown): |dS/dX| summed over the input channels and smoothed by a Gaussian of 1 voxel,
 relative; ``saliency-signed``: dS/dX summed over the input channels, in log-odds per intensity unit of the
 normalised scan. Cost: one forward and one backward pass of the crop. Options: ``margin`` [16; null: the
-whole grid], ``overlap`` [0.25]. Needs only the network's output: runs on TorchScript models.
+whole grid], ``overlap`` [null: the model's own windows]. Needs only the network's output: runs on TorchScript models.
 """
 
 from __future__ import annotations

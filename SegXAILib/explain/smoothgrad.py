@@ -12,9 +12,9 @@ seeded with ``seed`` (:meth:`SmoothGrad.draw_noise`), so a run is reproducible a
 Maps as saliency's: ``smoothgrad`` (shown: |attribution| summed over the input channels, smoothed by a
 Gaussian of 1 voxel, relative) and ``smoothgrad-signed`` (log-odds per intensity unit). Cost: ``samples``
 forward and backward passes of the crop, ``batch`` copies per pass. Options: ``samples`` [8], ``noise``
-[0.1], ``seed`` [0], ``batch`` [4], ``margin`` [16; null: the whole grid], ``overlap`` [0.25]. The paper
-averages 50 copies; 8 keep the cost near that of integrated gradients with 8 steps (ask for more when the map
-is grainy). Needs only the network's output: runs on TorchScript models.
+[0.1], ``seed`` [0], ``batch`` [4], ``margin`` [16; null: the whole grid], ``overlap`` [null: the model's own
+windows]. The paper averages 50 copies; 8 keep the cost near that of integrated gradients with 8 steps (ask
+for more when the map is grainy). Needs only the network's output: runs on TorchScript models.
 """
 
 from __future__ import annotations
