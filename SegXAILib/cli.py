@@ -80,13 +80,12 @@ def _check_model(args: argparse.Namespace, target: str | None = None, check_targ
     if Path(args.model).is_dir():
         return
     from .models.registry import resolve_card
+    from .preprocessing import check_scan_count
 
     card = resolve_card(args.model)
     scans = getattr(args, "scan", None)  # the commands that take scans
-    if scans is not None and len(scans) != card.input_channels:
-        names = card.sequence_names
-        raise SegXAIError(f"model {card.name!r} takes {len(names)} scan(s), in this order: {', '.join(names)}; "
-                          f"{len(scans)} given; give one co-registered scan per sequence")
+    if scans is not None:
+        check_scan_count(len(scans), card.sequence_names, card.name)
     if check_target:
         card.target_channels(target)
 

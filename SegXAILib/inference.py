@@ -33,7 +33,7 @@ from .preprocessing import (
 )
 from .progress import Progress, part_of
 from .symmetries import augment, invert, mirrorings
-from .volume import Volume
+from .volume import Volume, label_dtype
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -93,11 +93,10 @@ def sliding_window_predict(
         progress.update(stage, done / total, f"window {min(done, total)}/{total}")
         return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
-    cval = float(image.min()) if windows.cval is None else windows.cval
     return sliding_window_inference(
         image, roi_size=tuple(windows.size), sw_batch_size=1, predictor=predictor, overlap=windows.overlap,
-        mode=windows.blend, sigma_scale=windows.sigma_scale, padding_mode=windows.padding_mode, cval=cval,
-        sw_device=device, device=torch.device("cpu"), with_coord=with_coord)
+        mode=windows.blend, sigma_scale=windows.sigma_scale, padding_mode=windows.padding_mode,
+        cval=windows.constant(image), sw_device=device, device=torch.device("cpu"), with_coord=with_coord)
 
 
 def pad_as_windows(image: torch.Tensor, pad: Sequence[int], windows: Windows) -> torch.Tensor:
@@ -105,7 +104,7 @@ def pad_as_windows(image: torch.Tensor, pad: Sequence[int], windows: Windows) ->
     window: ``windows.padding_mode``, constant padding with ``windows.cval`` (None: the image's minimum)."""
     if windows.padding_mode != "constant":
         return F.pad(image, tuple(pad), mode=windows.padding_mode)
-    return F.pad(image, tuple(pad), value=float(image.min()) if windows.cval is None else windows.cval)
+    return F.pad(image, tuple(pad), value=windows.constant(image))
 
 
 def network_probabilities(output: torch.Tensor, kind: str = "logits") -> torch.Tensor:
@@ -233,8 +232,7 @@ def labels_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume,
             better = p > best
             index[better] = c
             np.maximum(best, p, out=best)
-    dtype = np.uint8 if max(label_values) < 256 else np.uint16
-    return scan.with_array(np.asarray(label_values, dtype=dtype)[index])
+    return scan.with_array(np.asarray(label_values, dtype=label_dtype(max(label_values)))[index])
 
 
 def masks_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume) -> list[Volume]:
@@ -245,7 +243,7 @@ def masks_on_grid(probabilities: np.ndarray, model_grid: Volume, scan: Volume) -
 
 def multilabel_labels(masks: Sequence[Volume], label_values: Sequence[int]) -> Volume:
     """One label map of overlapping classes: each voxel the label of its last class (channel order)."""
-    labels = np.zeros(masks[0].shape, np.uint8 if max(label_values) < 256 else np.uint16)
+    labels = np.zeros(masks[0].shape, label_dtype(max(label_values)))
     for mask, value in zip(masks, label_values):
         labels[mask.array > 0] = value
     return masks[0].with_array(labels)

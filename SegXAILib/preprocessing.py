@@ -57,9 +57,7 @@ def input_scans(scans: Volume | Sequence[Volume], names: Sequence[str], model: s
             first one in space (not co-registered).
     """
     scans = [scans] if isinstance(scans, Volume) else list(scans)
-    if len(scans) != len(names):
-        raise SegXAIError(f"model {model!r} takes {len(names)} scan(s), in this order: {', '.join(names)}; "
-                          f"{len(scans)} given; give one co-registered scan per sequence")
+    check_scan_count(len(scans), names, model)
     first, resampled = scans[0], []
     for n, scan in enumerate(scans[1:], start=1):
         if scan.same_grid(first, atol=1e-3):
@@ -70,6 +68,13 @@ def input_scans(scans: Volume | Sequence[Volume], names: Sequence[str], model: s
         scans[n] = resample_to_grid(scan, first)
         resampled.append(n)
     return scans, resampled
+
+
+def check_scan_count(given: int, names: Sequence[str], model: str) -> None:
+    """One line naming the sequences in order when ``given`` scans are not one per sequence of ``model``."""
+    if given != len(names):
+        raise SegXAIError(f"model {model!r} takes {len(names)} scan(s), in this order: {', '.join(names)}; "
+                          f"{given} given; give one co-registered scan per sequence")
 
 
 def _overlaps(volume: Volume, reference: Volume) -> bool:

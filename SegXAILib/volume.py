@@ -124,6 +124,11 @@ class Volume:
 
 
 # --------------------------------------------------------------------- reading
+def label_dtype(largest: int) -> type[np.unsignedinteger]:
+    """The integer type of a label map whose largest label is ``largest``: uint8, or uint16 above 255."""
+    return np.uint8 if largest < 256 else np.uint16
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a NIfTI, NRRD or MHA file, or a folder holding one DICOM series.
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import SegXAIError
-from ..volume import Volume
+from ..volume import Volume, label_dtype
 
 LOADERS = ("LoadImage", "LoadImaged")
 """Transforms that read files: replaced by the scan SegXAI has read (module docstring)."""
@@ -176,8 +176,9 @@ class BundlePipeline:
             from ..preprocessing import resample_to_grid
 
             result = resample_to_grid(result, scan, interpolation="nearest")
-        dtype = np.uint8 if array.max(initial=0) < 256 and array.min(initial=0) >= 0 else np.uint16
-        return scan.with_array(result.array.astype(dtype))
+        # a negative value (no label map should hold one) keeps the wider type, as before
+        largest = int(array.max(initial=0)) if array.min(initial=0) >= 0 else 256
+        return scan.with_array(result.array.astype(label_dtype(largest)))
 
 
 def _without(compose: Any, names: tuple[str, ...]) -> Any:

@@ -123,6 +123,10 @@ class Windows:
     padding_mode: str = "constant"
     cval: float | None = None
 
+    def constant(self, image: Any) -> float:
+        """The value of constant padding around ``image`` (a tensor or array): ``cval``, else its minimum."""
+        return float(image.min()) if self.cval is None else float(self.cval)
+
     def adjusted(self, size: Sequence[int] | None = None, overlap: float | None = None) -> Windows:
         """These windows with another ``size`` or ``overlap`` where given (a method's crop or option)."""
         return replace(self, size=self.size if size is None else tuple(size),

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import SegXAIError
 from ..fileio import read_json_object
-from ..volume import Volume
+from ..volume import Volume, label_dtype
 from .card import PALETTE, ModelCard
 
 if TYPE_CHECKING:  # torch is imported where a network runs: listing models and resolving names stay light
@@ -318,8 +318,7 @@ class NnunetPipeline:
         p = self.predictor
         labels = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits[0], p.plans_manager, p.configuration_manager, p.label_manager, prepared.properties)
-        dtype = np.uint8 if int(labels.max(initial=0)) < 256 else np.uint16
-        return scan.with_array(np.asarray(labels).astype(dtype)), []
+        return scan.with_array(np.asarray(labels).astype(label_dtype(int(labels.max(initial=0))))), []
 
 
 def load_nnunet(card: ModelCard) -> Any:

@@ -51,7 +51,7 @@ from matplotlib import colormaps
 
 from ..errors import SegXAIError
 from ..glossary import map_title
-from ..volume import Volume, read_volume
+from ..volume import Volume, label_dtype, read_volume
 from .display import MapDisplay, with_displays
 from .montage import OVERLAY_ALPHA, class_colours
 
@@ -111,8 +111,7 @@ def encode_scan(volume: Volume) -> bytes:
 def encode_labels(volume: Volume) -> bytes:
     """A label map, exact: uint8, or uint16 when a label is above 255."""
     array = np.asarray(volume.array)
-    dtype = np.uint8 if array.size == 0 or int(array.max()) <= 255 else np.uint16
-    return nifti_gz(array.astype(dtype), volume.ijk_to_ras)
+    return nifti_gz(array.astype(label_dtype(int(array.max(initial=0)))), volume.ijk_to_ras)
 
 
 def encode_map(volume: Volume, value_range: Sequence[float]) -> bytes:
