@@ -122,6 +122,20 @@ def test_bad_models_give_one_error_line(tmp_path, scan_file, capsys, problem):
     assert not out.exists()
 
 
+def test_a_sequence_that_does_not_overlap_the_first_is_one_error_line(tmp_path, scan_file, capsys):
+    """A model of two sequences given a second scan 1 m away (not co-registered): exit 2, one line, nothing written."""
+    first = read_volume(scan_file)
+    far = write_volume(Volume(first.array, first.spacing, first.origin + 1000.0, first.direction),
+                       tmp_path / "far.nii.gz")
+    out = tmp_path / "out"
+    card = make_card(tmp_path, "two", input_channels=2)
+    assert run_cli("segment", scan_file, far, "--model", card, "--out", out, "--progress", "none") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the sequence 2 scan does not overlap the sequence 1 scan in space; the scans must be "
+                   "co-registered (register them first, e.g. in 3D Slicer)"]
+    assert not out.exists()
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -34,14 +34,17 @@ SCAN_SPACING_MM = 2.5  # the plans' is 3 mm: nnU-Net resamples the scan there an
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    """A synthetic lesion case the model never saw, on a 2.5 mm grid: its scan file (``case_0000.nii.gz``, nnU-Net's
-    name for channel 0) and its lesion mask (K, J, I)."""
+    return held_out_case(tmp_path_factory.mktemp("held_out"))
+
+
+def held_out_case(folder: Path) -> tuple[Path, np.ndarray]:
+    """A synthetic lesion case the model never saw, on a 2.5 mm grid, written into ``folder``: its scan file
+    (``scans/case_0000.nii.gz``, nnU-Net's name for channel 0) and its lesion mask (K, J, I)."""
     from SegXAILib.data.lesion import synthesize_lesion
     from SegXAILib.data.samples import read_host
     from SegXAILib.volume import write_volume
 
     case = synthesize_lesion(read_host("colin27"), seed=HELD_OUT_SEED)
-    folder = tmp_path_factory.mktemp("held_out")
     write_volume(case.image, folder / "image.nii.gz")
     write_volume(case.label, folder / "label.nii.gz")
     image = sitk.ReadImage(str(folder / "image.nii.gz"), sitk.sitkFloat32)
