@@ -1,4 +1,5 @@
-"""Collaboration-gradient uncertainty of an EU-Net (paper 000 section 3.5, METHODS.md section 2).
+"""Collaboration-gradient uncertainty of an EU-Net or an nnU-Net (paper 000 section 3.5, METHODS.md sections 2
+and 10).
 
 For every voxel p and adjacent heads (s, s+1), with pseudo-label y(p) = argmax of the final output::
 
@@ -27,12 +28,23 @@ closed form is used where it holds, for the pointwise part:
   s+1), linearised once at the cached X_s, Y_s and skip (:mod:`SegXAILib.models.tangent`: the
   derivatives written out, about 4x faster than ``torch.func.jvp``, which remains the fallback).
 
+An nnU-Net-style U-Net (:mod:`SegXAILib.models.deep_supervision`) has no Conv1: its head s is the 1x1x1
+convolution ``seg_layers[s]`` on X_s, and theta is the weight of the last convolution of decoder stage s (the
+one producing X_s, before its normalisation and nonlinearity), which head s's loss reaches through X_s and head
+s+1's loss through the next stage. That convolution feeds a normalisation (in nnU-Net's plans an instance norm,
+which mixes every voxel), so neither loss has the closed form: the tangents of both heads' logits along R come
+from ``torch.func.jvp`` through stages s and s+1 (vmapped over the directions: :func:`deep_supervision_projections`).
+Only pairs of trained heads are compared (nnU-Net leaves its coarsest head untrained:
+:func:`~SegXAILib.models.deep_supervision.trained_heads`). Zero gradients there come from a head whose softmax is
+exactly one-hot in float32 at the pseudo-label (its loss is then flat), not from a dead ReLU.
+
 Then ``g_t(p) . R = delta_t(p) . up(dP_t)(p)`` for all voxels at once. Two routes:
 
 - ``sketch`` (default): k Gaussian directions R; the cosine of the two k-vectors estimates
   cos(g_s, g_s+1) (random projections approximately keep angles; error ~ 1/sqrt(k)).
-- ``exact``: the canonical basis of theta (k = H_s * C_s directions): the sums become the exact dot
-  products and norms, without ever storing a per-voxel gradient.
+- ``exact``: the canonical basis of theta (k = H_s * C_s directions for an EU-Net, every weight of the
+  convolution for an nnU-Net): the sums become the exact dot products and norms, without ever storing a
+  per-voxel gradient.
 
 :func:`collaboration_reference` is the brute-force reference (one autograd call per voxel and head).
 """
@@ -42,23 +54,36 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import SegXAIError
 from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMap, NotApplicable
 from ..explain.options import MethodOptions, option
 from ..inference import sliding_window_predict
 from ..metrics import dice
+from ..models.deep_supervision import (
+    HeadOutput,
+    head_outputs,
+    is_deep_supervised_unet,
+    last_convolution,
+    pair_logits,
+    trained_heads,
+)
 from ..models.eunet import EUNet, StageOutput, upsample_to
 from ..models.loaders import LoadedModel
+from ..models.tangent import jvp_map
 from ..progress import Progress
 
 ROUTES = ("sketch", "exact")
 _TINY = torch.finfo(torch.float32).tiny
+
+Projections = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Directions (m, *theta) -> tangents of heads s and s+1's logits, (m, N, n_classes, *grid_s) and (..., *grid_s+1)."""
 
 
 def _residual(prediction: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -82,18 +107,22 @@ def _along(residual: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     return along
 
 
-def _directions(route: str, k: int, shape: tuple[int, int], chunk: int, seed: int) -> Iterator[torch.Tensor]:
-    """Chunks (m, H, C) of directions in theta: k Gaussian ones, or the canonical basis (``exact``)."""
+def _directions(route: str, k: int, shape: tuple[int, ...], chunk: int, seed: int) -> Iterator[torch.Tensor]:
+    """Chunks (m, *shape) of directions in theta: k Gaussian ones, or the canonical basis (``exact``), a chunk at
+    a time (an nnU-Net convolution has 10^5 weights: the whole basis would not fit)."""
     if route == "exact":
-        yield from torch.eye(shape[0] * shape[1]).view(-1, *shape).split(chunk)
+        size = math.prod(shape)
+        for start in range(0, size, chunk):
+            basis = torch.zeros(min(chunk, size - start), size)
+            basis[torch.arange(basis.shape[0]), torch.arange(start, start + basis.shape[0])] = 1.0
+            yield basis.view(-1, *shape)
         return
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, k, chunk):
         yield torch.randn(min(chunk, k - start), *shape, generator=generator)
 
 
-def pair_projections(network: EUNet, stages: Sequence[StageOutput], s: int
-                     ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def pair_projections(network: EUNet, stages: Sequence[StageOutput], s: int) -> Projections:
     """Tangents of the deep predictions P_s and P_s+1 along directions R of W1_s, on their own grids.
 
     The sub-network from Y_s to P_s+1 is linearised once at the cached Y_s (models/tangent.py); the
@@ -122,10 +151,81 @@ def pair_projections(network: EUNet, stages: Sequence[StageOutput], s: int
     return projections
 
 
-def collaboration_map(network: EUNet, image: torch.Tensor, label: torch.Tensor, k: int = 64,
+def deep_supervision_projections(network: nn.Module, heads: list[HeadOutput], s: int) -> Projections:
+    """Tangents of heads s and s+1's logits along directions R of the last convolution weight of decoder stage s
+    of an nnU-Net-style U-Net (``heads``: :func:`~SegXAILib.models.deep_supervision.head_outputs`), by
+    ``torch.func.jvp`` through stages s and s+1, vmapped over the directions (each chunk recomputes the two stages'
+    values once)."""
+    name, convolution = last_convolution(network, s)
+    weight = convolution.weight.detach()
+    return jvp_map(lambda theta: pair_logits(network, heads, s, f"{name}.weight", theta), weight)
+
+
+class HeadPair(NamedTuple):
+    """Adjacent heads (s, s+1) and their shared parameter theta.
+
+    Attributes:
+        stage: s.
+        own, next: the logits P_s (N, n_classes, *grid_s) and P_s+1.
+        theta_shape: the shape directions in theta have (without the leading m).
+        projections: directions -> tangents of P_s and P_s+1.
+    """
+
+    stage: int
+    own: torch.Tensor
+    next: torch.Tensor
+    theta_shape: tuple[int, ...]
+    projections: Projections
+
+
+def pair_stages(network: nn.Module) -> list[int] | None:
+    """The s of every pair (s, s+1) of adjacent heads compared, coarse to fine: all of an EU-Net's, those of an
+    nnU-Net-style U-Net where both heads were trained (:func:`~SegXAILib.models.deep_supervision.trained_heads`);
+    None for a network without heads per decoder stage."""
+    if isinstance(network, EUNet):
+        return list(range(len(network.heads) - 1))
+    if not is_deep_supervised_unet(network):
+        return None
+    trained = trained_heads(network)
+    return [s for s in trained if s + 1 in trained]
+
+
+def head_pairs(network: nn.Module, image: torch.Tensor) -> Iterator[HeadPair]:
+    """The pairs of :func:`pair_stages` of an EU-Net or an nnU-Net-style U-Net on (N, C, *grid) ``image``, coarse to
+    fine, from one forward pass; each pair's projections are built when it is reached."""
+    if isinstance(network, EUNet):
+        stages = network.stage_outputs(image)
+        for s in pair_stages(network):
+            yield HeadPair(s, stages[s].prediction, stages[s + 1].prediction,
+                           tuple(network.heads[s].conv1.weight.shape[:2]), pair_projections(network, stages, s))
+        return
+    heads = head_outputs(network, image)
+    for s in pair_stages(network):
+        yield HeadPair(s, heads[s].logits, heads[s + 1].logits, tuple(last_convolution(network, s)[1].weight.shape),
+                       deep_supervision_projections(network, heads, s))
+
+
+def shared_parameter(network: nn.Module, s: int) -> tuple[str, nn.Parameter]:
+    """theta of the pair (s, s+1) and its name in the network: the Conv1 weight of an EU-Net's head s, the last
+    convolution weight of an nnU-Net's decoder stage s."""
+    if isinstance(network, EUNet):
+        return f"heads.{s}.conv1.weight", network.heads[s].conv1.weight
+    name, convolution = last_convolution(network, s)
+    return f"decoder.stages.{s}.{name}.weight", convolution.weight
+
+
+def head_logits(network: nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
+    """Every head's logits P_s, coarse to fine, of an EU-Net or an nnU-Net-style U-Net."""
+    if isinstance(network, EUNet):
+        return [stage.prediction for stage in network.stage_outputs(image)]
+    return [head.logits for head in head_outputs(network, image)]
+
+
+def collaboration_map(network: nn.Module, image: torch.Tensor, label: torch.Tensor, k: int = 64,
                       route: str = "sketch", chunk: int = 2, seed: int = 0, progress: Progress | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 - consistency of (N, C, *grid) ``image`` with pseudo-label ``label`` (N, *grid) (one window).
+    """1 - consistency of (N, C, *grid) ``image`` with pseudo-label ``label`` (N, *grid) (one window), for an
+    EU-Net (``feed="decoder"``) or an nnU-Net-style U-Net.
 
     Returns:
         uncertainty (N, 1, *grid) in [0, 2] (2 at zero-gradient voxels) and the zero-gradient mask
@@ -135,16 +235,14 @@ def collaboration_map(network: EUNet, image: torch.Tensor, label: torch.Tensor, 
         raise SegXAIError(f"unknown route {route!r} for mhex-uncertainty; use one of {', '.join(ROUTES)}")
     grid = tuple(image.shape[2:])
     with torch.no_grad():  # forward-mode AD below ignores no_grad; this only stops a backward graph
-        stages = network.stage_outputs(image)
         cosines, zero = [], torch.zeros(image.shape[0], 1, *grid, dtype=torch.bool, device=image.device)
-        for s in range(len(stages) - 1):
-            residual_own, residual_next = (_residual(stages[t].prediction, label) for t in (s, s + 1))
+        for pair in head_pairs(network, image):
+            residual_own, residual_next = (_residual(logits, label) for logits in (pair.own, pair.next))
             dot, norm_own, norm_next = (torch.zeros(image.shape[0], 1, *grid, device=image.device) for _ in range(3))
-            projections = pair_projections(network, stages, s)
-            for directions in _directions(route, k, tuple(network.heads[s].conv1.weight.shape[:2]), chunk, seed + s):
+            for directions in _directions(route, k, pair.theta_shape, chunk, seed + pair.stage):
                 if progress is not None:
                     progress.check()
-                d_own, d_next = projections(directions)
+                d_own, d_next = pair.projections(directions.to(image))
                 a, b = _along(residual_own, d_own), _along(residual_next, d_next)
                 for m in range(a.shape[0]):  # in place: no (m, N, 1, *grid) products
                     dot.addcmul_(a[m], b[m])
@@ -158,7 +256,7 @@ def collaboration_map(network: EUNet, image: torch.Tensor, label: torch.Tensor, 
         return uncertainty.masked_fill(zero, 2.0), zero
 
 
-def collaboration_reference(network: EUNet, image: torch.Tensor, label: torch.Tensor,
+def collaboration_reference(network: nn.Module, image: torch.Tensor, label: torch.Tensor,
                             voxels: Sequence[tuple[int, ...]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Brute force: the exact per-voxel gradients by one autograd call per voxel, head and pair.
 
@@ -168,12 +266,13 @@ def collaboration_reference(network: EUNet, image: torch.Tensor, label: torch.Te
     grid = tuple(image.shape[2:])
     voxels = list(np.ndindex(grid)) if voxels is None else [tuple(v) for v in voxels]
     with torch.enable_grad():
-        stages = network.stage_outputs(image)
-        cosines = np.zeros((len(stages) - 1, len(voxels)))
+        logits = head_logits(network, image)
+        stages = pair_stages(network)
+        cosines = np.zeros((len(stages), len(voxels)))
         zero = np.zeros(len(voxels), dtype=bool)
-        for s in range(len(stages) - 1):
-            weight = network.heads[s].conv1.weight
-            log_probabilities = [torch.log_softmax(upsample_to(stages[t].prediction, grid), dim=1) for t in (s, s + 1)]
+        for pair, s in enumerate(stages):
+            weight = shared_parameter(network, s)[1]
+            log_probabilities = [torch.log_softmax(upsample_to(logits[t], grid), dim=1) for t in (s, s + 1)]
             for i, p in enumerate(voxels):
                 gradients = []
                 for log_p in log_probabilities:
@@ -184,7 +283,7 @@ def collaboration_reference(network: EUNet, image: torch.Tensor, label: torch.Te
                 if min(norms) == 0.0:
                     zero[i] = True
                 else:
-                    cosines[s, i] = float((gradients[0] * gradients[1]).sum()) / (norms[0] * norms[1])
+                    cosines[pair, i] = float((gradients[0] * gradients[1]).sum()) / (norms[0] * norms[1])
     return np.where(zero, 2.0, 1.0 - cosines.mean(0)), zero
 
 
@@ -220,13 +319,15 @@ def agreement(uncertainty: np.ndarray, other: np.ndarray, mask: np.ndarray | Non
 class CollaborationOptions(MethodOptions):
     """Options of ``mhex-uncertainty``.
 
-    route: ``sketch`` or ``exact`` (H_s * C_s directions per pair: small volumes).
+    route: ``sketch`` or ``exact`` (H_s * C_s directions per pair for an EU-Net, every weight of the convolution
+        for an nnU-Net: small networks and volumes).
     k: number of random directions of the sketch. 64: the sketch's error in a cosine is about
         1/sqrt(k), and on the brain-lesion EU-Net the map's own contrast is smaller than that at k = 16
         (two seeds of k = 16 correlated 0.0-0.27; k = 64 correlates 0.72-0.83 with k = 256 and agrees with the
         ensemble entropy as well as k = 256 does: docs/collaboration_uncertainty.md). Cost grows with k.
     chunk: directions per forward-mode pass (memory: chunk x n_classes x window voxels; small batches stay
-        in the CPU's cache: 2 is faster than 8).
+        in the CPU's cache: 2 is faster than 8). An nnU-Net's pass carries chunk copies of two decoder stages'
+        activations and recomputes their values once per pass: larger chunks are faster there, memory permitting.
     seed: of the random directions.
     """
 
@@ -241,7 +342,7 @@ def collaboration_volume(model: LoadedModel, image: torch.Tensor, label: np.ndar
     """:func:`collaboration_map` of a whole scan by sliding windows of the card's patch size.
 
     Args:
-        model: an EU-Net (``feed="decoder"``).
+        model: an EU-Net (``feed="decoder"``) or an nnU-Net-style U-Net.
         image: (1, C, D, H, W) on the model grid.
         label: (D, H, W) integer pseudo-label y (the argmax of the output, or a ground truth as channel indices).
 
@@ -271,33 +372,37 @@ def collaboration_volume(model: LoadedModel, image: torch.Tensor, label: np.ndar
 
 
 class CollaborationUncertainty(Explainer):
-    """Collaboration-gradient uncertainty of an EU-Net's adjacent MHEX+ heads (one model, no sampling).
+    """Collaboration-gradient uncertainty of adjacent heads of an EU-Net (MHEX+ heads) or an nnU-Net
+    (deep-supervision outputs): one model, no sampling.
 
     Options: :class:`CollaborationOptions` (``--option mhex-uncertainty.NAME=VALUE``).
     """
 
     name: ClassVar[str] = "mhex-uncertainty"
     Options = CollaborationOptions
-    summary: ClassVar[str] = ("Collaboration-gradient uncertainty of an EU-Net: where adjacent MHEX+ heads' "
-                              "gradients disagree (options: k, route=sketch|exact, chunk, seed)")
+    summary: ClassVar[str] = ("Collaboration-gradient uncertainty of an EU-Net or nnU-Net: where adjacent decoder "
+                              "heads' gradients disagree (options: k, route=sketch|exact, chunk, seed)")
 
     def check_applicable(self, model: LoadedModel) -> None:
         super().check_applicable(model)
         network = model.network
-        if not isinstance(network, EUNet):
-            raise NotApplicable("mhex-uncertainty needs a network with MHEX+ heads (an EU-Net, architecture "
-                                f"'eunet'); {model.card.name!r} has none")
-        if network.feed != "decoder":
+        stages = pair_stages(network)
+        if stages is None:
+            raise NotApplicable("mhex-uncertainty needs a network with a head on every decoder stage (an EU-Net's "
+                                f"MHEX+ heads or an nnU-Net's deep-supervision outputs); {model.card.name!r} has none")
+        if isinstance(network, EUNet) and network.feed != "decoder":
             raise NotApplicable("mhex-uncertainty needs an EU-Net with feed='decoder': with feed='head' the next "
                                 "head does not depend on this head's weights, so there is nothing to compare")
-        if len(network.heads) < 2:
-            raise NotApplicable("mhex-uncertainty needs two or more MHEX+ heads; this EU-Net has one")
+        if not stages:
+            raise NotApplicable("mhex-uncertainty needs two adjacent trained decoder heads to compare; "
+                                f"{model.card.name!r} has none")
 
     def explain(self, context: ExplainContext) -> Explanation:
         self.check_applicable(context.model)
         options: CollaborationOptions = context.options_for(self)
         route, k = options.route, options.k
-        network: EUNet = context.model.network
+        network = context.model.network
+        stages = pair_stages(network)
         array, zero = collaboration_volume(context.model, context.image, context.probabilities.argmax(0), options,
                                            context.device, context.progress)
 
@@ -308,8 +413,13 @@ class CollaborationUncertainty(Explainer):
         directions = "exact (every direction)" if route == "exact" else f"{k} random directions"
         return Explanation(self.name, [ExplanationMap(
             self.name, array, None,
-            "Collaboration-gradient uncertainty: 1 - mean cosine between adjacent MHEX+ heads' gradients for the "
-            "predicted class; 0 = the heads agree, 1 = unrelated, 2 = opposed or no gradient",
+            "Collaboration-gradient uncertainty: 1 - mean cosine between adjacent decoder heads' gradients for the "
+            "predicted class (how each head would pull the weights they share); 0 = the heads agree, "
+            "1 = unrelated, 2 = opposed or no gradient",
             colormap="viridis", normalise=False)], scalars,
-            metadata={"route": route, "directions": directions, "pairs": len(network.heads) - 1,
+            metadata={"route": route, "directions": directions, "pairs": len(stages),
+                      "shared_parameters": [shared_parameter(network, s)[0] for s in stages],
+                      "shared_parameter_is": "the first 1x1x1 convolution of head s (Conv1)"
+                      if isinstance(network, EUNet) else "the last convolution of decoder stage s, producing the "
+                      "features head s reads (before its normalisation); head s+1 reads it through stage s+1",
                       "pseudo_label": "argmax of the model's output", "zero_gradient_value": 2.0})
