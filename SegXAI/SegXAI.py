@@ -31,6 +31,7 @@ from SegXAILogic import (
     availableModels,
     modelDescription,
     modelSequences,
+    modelsInFolder,
     modelTargets,
     modelTrustQuestion,
     updateNodeFromVolume,
@@ -235,13 +236,29 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._catalogueLoaded = True
         self.selectModel(self._parameterNode.model if self._parameterNode else DEFAULT_MODEL)
 
+    def addModelItem(self, model: str, label: str = "") -> None:
+        """List ``model`` (a path) in the combo box, above the "Add..." items, unless it is there already."""
+        if self.ui.modelComboBox.findData(model) < 0:
+            self.ui.modelComboBox.insertItem(self.ui.modelComboBox.count - 2, label or os.path.basename(model), model)
+
+    def addModelFolder(self, folder: str) -> str:
+        """List every model ``folder`` is or holds (``modelsInFolder``); the first one's path, "" when none."""
+        models = modelsInFolder(folder)
+        if not models:
+            slicer.util.warningDisplay(f"No model found in {folder}. Choose a MONAI bundle folder, an nnU-Net "
+                                       "trained-model folder, or a folder holding nnU-Net models (such as a "
+                                       "TotalSegmentator or nnU-Net results folder).")
+            return ""
+        for name, path in models.items():
+            self.addModelItem(path, name)
+        if len(models) > 1:
+            self.log(f"Added {len(models)} models from {folder}: {', '.join(models)}")
+        return next(iter(models.values()))
+
     def selectModel(self, model: str) -> None:
         """Show ``model`` in the combo box and its classes in the target combo box."""
-        index = self.ui.modelComboBox.findData(model)
-        if index < 0:
-            self.ui.modelComboBox.insertItem(self.ui.modelComboBox.count - 2, os.path.basename(model), model)
-            index = self.ui.modelComboBox.findData(model)
-        self.ui.modelComboBox.currentIndex = index
+        self.addModelItem(model)
+        self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.findData(model)
         self._parameterNode.model = model
         wasBlocked = self.ui.targetComboBox.blockSignals(True)
         self.ui.targetComboBox.clear()
@@ -290,7 +307,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if text == ADD_CARD:
             path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Model card", "", "Model card (*.json)")
         elif text == ADD_BUNDLE:
-            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "MONAI bundle or nnU-Net model folder")
+            folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(),
+                                                         "MONAI bundle, nnU-Net model or nnU-Net results folder")
+            path = self.addModelFolder(folder) if folder else ""
         else:
             path = self.ui.modelComboBox.itemData(index)
         if path:

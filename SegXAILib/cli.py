@@ -27,7 +27,7 @@ from .errors import Cancelled, SegXAIError
 from .progress import Progress, TqdmProgress, json_progress_line
 
 DEFAULT_MODEL = "brain-lesion-unet"
-MODEL_HELP = "name from 'segxai models', card .json or MONAI bundle folder"
+MODEL_HELP = "name from 'segxai models', card .json, MONAI bundle folder, nnU-Net model or results folder"
 TRUST_HELP = ("open a model whose loading runs code stored in it (a TorchScript file: torch.jit.load runs the "
               "archive's code; a MONAI bundle whose config holds Python expressions or calls other than MONAI "
               "and torch.nn classes); only for a model from a source you trust")
@@ -75,11 +75,14 @@ def _check_methods(args: argparse.Namespace) -> None:
 
 
 def _check_model(args: argparse.Namespace, target: str | None = None, check_target: bool = False) -> None:
-    """The model named by ``--model`` exists (a bundle folder's card is read when it is loaded), takes as many scans
-    as given and, with ``check_target``, has the class or group ``target`` (``None``: its default)."""
+    """The model named by ``--model`` exists (a bundle folder's card is read when it is loaded; a folder holding
+    several nnU-Net models is refused), takes as many scans as given and, with ``check_target``, has the class or
+    group ``target`` (``None``: its default)."""
+    from .models.registry import model_folder, resolve_card
+
     if Path(args.model).is_dir():
+        model_folder(Path(args.model))
         return
-    from .models.registry import resolve_card
     from .preprocessing import check_scan_count
 
     card = resolve_card(args.model)

@@ -19,6 +19,7 @@ from .logic import (
     availableModels,
     modelDescription,
     modelSequences,
+    modelsInFolder,
     modelTargets,
     modelTrustQuestion,
 )
@@ -26,5 +27,5 @@ from .results import ExplainResults, findResults, resultNodes, showMap, shownMap
 
 __all__ = ["volumeFromNode", "updateNodeFromVolume", "ExplainLogic", "ExplainJob", "ExplainResults",
            "availableModels", "availableMethods", "modelTargets", "modelSequences", "modelDescription",
-           "modelTrustQuestion",
+           "modelTrustQuestion", "modelsInFolder",
            "findResults", "resultNodes", "showMap", "shownMap"]

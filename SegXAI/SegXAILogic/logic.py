@@ -236,6 +236,24 @@ def availableModels() -> dict[str, Path]:
     return available_cards()
 
 
+def modelsInFolder(folder: str | Path) -> dict[str, str]:
+    """Model name -> folder for each model a folder chosen in the panel is or holds: a MONAI bundle, an nnU-Net
+    trained-model folder, or the nnU-Net trained-model folders inside it up to two levels deep (an nnU-Net or
+    TotalSegmentator results folder: ``DatasetXXX_Name/Trainer__Plans__Configuration``); empty when none. Names are
+    the cards' (``segxai models`` lists the same), or the folder's name where its card does not load (selecting it
+    then says why)."""
+    from SegXAILib.models.registry import card_at, models_in_folder
+
+    found = {}
+    for path in models_in_folder(Path(folder)):
+        try:
+            name = card_at(path).name
+        except SegXAIError:
+            name = path.name
+        found.setdefault(name, str(path))
+    return found
+
+
 def modelTargets(model: str) -> tuple[str | None, list[str]]:
     """The default target and every class and group name a model can explain (background excluded)."""
     from SegXAILib.models.registry import resolve_card

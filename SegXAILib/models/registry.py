@@ -7,7 +7,10 @@ A model is named on the command line (or in the Slicer panel) by one of:
 - a path to a model card (``.json``);
 - a path to a MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``);
 - a path to an nnU-Net v2 trained-model folder (``dataset.json``, ``plans.json``, ``fold_N/checkpoint_final.pth``:
-  :mod:`SegXAILib.models.nnunet`).
+  :mod:`SegXAILib.models.nnunet`), or to a folder holding exactly one, up to two levels deep (an nnU-Net results
+  folder: ``DatasetXXX_Name/Trainer__Plans__Configuration``); a folder holding several is refused with one line
+  listing them (:func:`model_folder`). The trained-model folders in a ``SEGXAI_MODEL_PATH`` folder, up to two levels
+  deep (a TotalSegmentator or nnU-Net results folder), are listed by name.
 
 A TorchScript model is loaded through a card whose architecture is ``{"name": "torchscript"}``; that runs the
 archive's code, so only with ``trust_model_code`` (:mod:`SegXAILib.models.trust`); so does a MONAI bundle whose
@@ -55,6 +58,30 @@ def _is_model_folder(path: Path) -> bool:
     return _is_bundle(path) or is_nnunet_folder(path)
 
 
+def models_in_folder(path: Path) -> list[Path]:
+    """The model folders ``path`` is or holds: itself when it is a MONAI bundle or an nnU-Net trained-model folder,
+    else the nnU-Net trained-model folders inside it, up to two levels deep (an nnU-Net results folder's
+    ``DatasetXXX_Name/Trainer__Plans__Configuration``), in path order. Nothing is opened."""
+    from .nnunet import nnunet_folders_in
+
+    return [path] if _is_model_folder(path) else nnunet_folders_in(path)
+
+
+def model_folder(path: Path) -> Path:
+    """The model folder that a folder named as a model stands for: itself, or the one nnU-Net trained-model folder it
+    holds (:func:`models_in_folder`); ``path`` itself when it holds none (reading it then says what is missing).
+
+    Raises:
+        SegXAIError: the folder holds several models (one line listing them and how to choose one).
+    """
+    found = models_in_folder(path)
+    if len(found) > 1:
+        held = ", ".join(str(p.relative_to(path)) for p in found)
+        raise SegXAIError(f"{path} holds {len(found)} nnU-Net models ({held}); choose one by giving its folder, "
+                          f"e.g. {found[0]}")
+    return found[0] if found else path
+
+
 def card_at(path: Path) -> ModelCard:
     """The card of a card file, of a MONAI bundle folder (derived from its configs as data) or of an nnU-Net
     trained-model folder (from its dataset.json and plans.json)."""
@@ -72,8 +99,11 @@ def card_at(path: Path) -> ModelCard:
 def _cards() -> dict[str, tuple[Path, list[str]]]:
     """Name -> (card path or bundle folder, the packages it needs that are not installed), first one found wins."""
     found: dict[str, tuple[Path, list[str]]] = {}
+    from .nnunet import nnunet_folders_in
+
     for folder in model_search_dirs():
-        for path in sorted(p for p in folder.glob("*") if p.suffix == ".json" or _is_model_folder(p)):
+        top = {p for p in folder.glob("*") if p.suffix == ".json" or _is_model_folder(p)}
+        for path in sorted(top.union(nnunet_folders_in(folder))):
             try:
                 card = card_at(path)
                 missing = [p for p in card.packages if installed_version(p) is None]
@@ -90,10 +120,11 @@ def available_cards() -> dict[str, Path]:
 
 
 def resolve_card(spec: str | os.PathLike) -> ModelCard:
-    """The model card for a name, a card path or a MONAI bundle folder."""
+    """The model card for a name, a card path, a MONAI bundle folder, an nnU-Net trained-model folder or a folder
+    holding one (:func:`model_folder`)."""
     path = Path(spec)
     if path.is_dir():
-        return card_at(path)
+        return card_at(model_folder(path))
     if path.suffix == ".json" and path.exists():
         return ModelCard.load(path)
     every = _cards()
