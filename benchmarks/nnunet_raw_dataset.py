@@ -10,8 +10,9 @@ minutes. Writes ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz`` and 
 ``--tiny-plans PLANS_JSON`` instead writes, beside nnU-Net's own plans (``nnUNetPlans.json``), a copy
 ``nnUNetPlans_tiny.json`` whose 3d_fullres U-Net has 8 to 64 features per stage (nnU-Net plans 32 to 320)
 and a patch of 48 voxels per axis, so that the checkpoint is a few MB and a scan takes several
-sliding-window tiles; preprocessing is unchanged (same data identifier), as nnU-Net's documentation on
-editing plans files describes.
+sliding-window tiles, and whose 2d U-Net has 8 to 64 features per stage too (nnU-Net plans 32 to 512; its
+patch and batch are nnU-Net's); preprocessing is unchanged (same data identifiers), as nnU-Net's
+documentation on editing plans files describes.
 """
 from __future__ import annotations
 
@@ -49,18 +50,26 @@ def write_raw_dataset(cases: Path, out: Path, spacing_mm: float) -> int:
     return len(folders)
 
 
-def write_tiny_plans(plans_json: Path, features: tuple[int, ...] = (8, 16, 32, 64, 64),
-                     patch_size: int = 48) -> Path:
-    """Write ``nnUNetPlans_tiny.json`` beside ``plans_json``: its 3d_fullres U-Net narrowed to ``features``
-    per stage (one per stage nnU-Net planned) and its patch to ``patch_size`` voxels per axis."""
-    plans = json.loads(plans_json.read_text())
-    plans["plans_name"] = "nnUNetPlans_tiny"
-    config = plans["configurations"]["3d_fullres"]
+def narrow_unet(config: dict, features: tuple[int, ...]) -> None:
+    """Set the U-Net of a plans configuration to ``features`` per stage (one per stage nnU-Net planned)."""
     arch = config["architecture"]["arch_kwargs"]
     if len(features) != arch["n_stages"]:
         raise SystemExit(f"nnU-Net planned {arch['n_stages']} stages; give as many feature counts")
     arch["features_per_stage"] = list(features)
+
+
+def write_tiny_plans(plans_json: Path, features: tuple[int, ...] = (8, 16, 32, 64, 64),
+                     patch_size: int = 48, features_2d: tuple[int, ...] = (8, 16, 32, 64, 64)) -> Path:
+    """Write ``nnUNetPlans_tiny.json`` beside ``plans_json``: its 3d_fullres U-Net narrowed to ``features``
+    per stage and its patch to ``patch_size`` voxels per axis; its 2d U-Net (where planned) narrowed to
+    ``features_2d``, patch and batch left as nnU-Net planned them."""
+    plans = json.loads(plans_json.read_text())
+    plans["plans_name"] = "nnUNetPlans_tiny"
+    config = plans["configurations"]["3d_fullres"]
+    narrow_unet(config, features)
     config["patch_size"] = [patch_size] * 3
+    if "2d" in plans["configurations"]:
+        narrow_unet(plans["configurations"]["2d"], features_2d)
     out = plans_json.with_name("nnUNetPlans_tiny.json")
     out.write_text(json.dumps(plans, indent=2) + "\n")
     return out

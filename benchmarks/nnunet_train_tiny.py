@@ -26,10 +26,15 @@ def main() -> None:
     parser.add_argument("--configuration", default="3d_fullres")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=1, help="epochs of 250 iterations each (default 1)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="training iterations per epoch (nnU-Net's num_iterations_per_epoch; default its 250): "
+                             "fewer where an epoch would take too long on a CPU")
     args = parser.parse_args()
     trainer = get_trainer_from_args(args.dataset, args.configuration, args.fold, "nnUNetTrainer", args.plans,
                                     device=torch.device("cpu"))
     trainer.num_epochs = args.epochs
+    if args.iterations is not None:
+        trainer.num_iterations_per_epoch = args.iterations
     trainer.run_training()
     trainer.perform_actual_validation(False)
 
