@@ -73,14 +73,19 @@ def sliding_window_predict(
     stage: str = "inference",
     with_coord: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Run ``network`` over (1, C, D, H, W) ``image`` in ``windows`` (MONAI's sliding windows, a card's
-    :attr:`~SegXAILib.models.card.ModelCard.windows`); the stitched results on the CPU.
+    """Run ``network`` over (1, C, D, H, W) ``image`` in ``windows`` (a card's
+    :attr:`~SegXAILib.models.card.ModelCard.windows`: MONAI's sliding windows, or nnU-Net's where the card places
+    them so, :mod:`SegXAILib.nnunet_windows`); the stitched results on the CPU.
 
     ``network`` may return several tensors (e.g. logits plus an activation); each is stitched.
     With ``with_coord`` it is called as ``network(window, coordinates)``, as MONAI does.
     """
     progress = progress or Progress()
-    total = window_count(image.shape[2:], windows.size, windows.overlap)
+    nnunet = windows.placement == "nnunet"
+    if nnunet:
+        from .nnunet_windows import stitch_nnunet_windows, window_total
+    total = window_total(image.shape[2:], windows) if nnunet else window_count(image.shape[2:], windows.size,
+                                                                                windows.overlap)
     done = 0
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
@@ -93,6 +98,9 @@ def sliding_window_predict(
         progress.update(stage, done / total, f"window {min(done, total)}/{total}")
         return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
+    if nnunet:
+        return stitch_nnunet_windows(predictor, image, windows, lambda x, pad: pad_as_windows(x, pad, windows),
+                                     with_coord)
     return sliding_window_inference(
         image, roi_size=tuple(windows.size), sw_batch_size=1, predictor=predictor, overlap=windows.overlap,
         mode=windows.blend, sigma_scale=windows.sigma_scale, padding_mode=windows.padding_mode,

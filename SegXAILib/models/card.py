@@ -38,8 +38,10 @@ optional ``inference`` object, e.g. ``{"mirror_axes": [0, 1, 2]}``, averages the
 probabilities over the scan mirrored along every combination of those model-grid axes (test-time
 mirroring, as nnU-Net; 2^n forward passes; see :func:`SegXAILib.inference.predict_probabilities`). The same
 object sets the sliding windows (:class:`Windows`): ``overlap`` (0.25), ``blend`` (``gaussian`` or ``constant``),
-``sigma_scale`` (0.125), ``padding_mode`` (``constant``, ``reflect``, ``replicate``, ``circular``) and ``cval`` (the
-constant padding; absent: the scan's minimum). A MONAI bundle's card takes them from its ``inferer``.
+``sigma_scale`` (0.125), ``padding_mode`` (``constant``, ``reflect``, ``replicate``, ``circular``), ``cval`` (the
+constant padding; absent: the scan's minimum) and ``placement`` (``monai``, the default, or ``nnunet``: where the
+windows fall, :class:`Windows`). A MONAI bundle's card takes them from its ``inferer``, an nnU-Net model's from
+nnU-Net's predictor.
 
 What a model is for: ``"intended_use"`` and ``"limitations"`` (text) say for which scans and questions it was
 made and where it is known to fail; ``segxai models``, ``summary.json``, the report and the Slicer panel show
@@ -97,14 +99,15 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 ``PALETTE[(n - 1) % len(PALETTE)]`` (0, the background, is black)."""
 BLENDS = ("gaussian", "constant")
 PADDING_MODES = ("constant", "reflect", "replicate", "circular")
-WINDOW_SETTINGS = ("overlap", "blend", "sigma_scale", "padding_mode", "cval")
+PLACEMENTS = ("monai", "nnunet")
+WINDOW_SETTINGS = ("overlap", "blend", "sigma_scale", "padding_mode", "cval", "placement")
 """The card's ``inference`` keys that set :class:`Windows` (besides ``mirror_axes``)."""
 
 
 @dataclass(frozen=True)
 class Windows:
-    """How a network runs over a grid larger than its patch: MONAI's sliding windows, as every windowed pass
-    (segmentation and explanations alike) runs them (:func:`SegXAILib.inference.sliding_window_predict`).
+    """How a network runs over a grid larger than its patch, as every windowed pass (segmentation and explanations
+    alike) runs it (:func:`SegXAILib.inference.sliding_window_predict`).
 
     Attributes:
         size: the window, voxels along K, J, I (the card's ``patch_size``).
@@ -114,6 +117,9 @@ class Windows:
         padding_mode: how a grid smaller than a window is padded (``torch.nn.functional.pad``'s modes).
         cval: the value of ``constant`` padding; None: the image's minimum (its background: 0 after intensity
             normalisation is mid-grey tissue, and would put a wall of false tissue around a small scan).
+        placement: where the windows fall: ``monai`` (MONAI's ``sliding_window_inference``: every
+            ``size * (1 - overlap)`` voxels, the last one flush with the end) or ``nnunet`` (nnU-Net's predictor: the
+            fewest windows at most that far apart, spread evenly; :mod:`SegXAILib.nnunet_windows`).
     """
 
     size: tuple[int, ...]
@@ -122,6 +128,7 @@ class Windows:
     sigma_scale: float = 0.125
     padding_mode: str = "constant"
     cval: float | None = None
+    placement: str = "monai"
 
     def constant(self, image: Any) -> float:
         """The value of constant padding around ``image`` (a tensor or array): ``cval``, else its minimum."""
@@ -141,7 +148,7 @@ def validate_windows(settings: dict[str, Any]) -> None:
     sigma = _number(settings.get("sigma_scale", 0.125))
     if sigma is None or sigma <= 0:
         raise SegXAIError(f"inference sigma_scale must be a positive number, got {settings.get('sigma_scale')!r}")
-    for key, allowed in (("blend", BLENDS), ("padding_mode", PADDING_MODES)):
+    for key, allowed in (("blend", BLENDS), ("padding_mode", PADDING_MODES), ("placement", PLACEMENTS)):
         if key in settings and settings[key] not in allowed:
             raise SegXAIError(f"inference {key} must be one of {', '.join(allowed)}, got {settings[key]!r}")
     if settings.get("cval") is not None and _number(settings["cval"]) is None:
@@ -314,9 +321,13 @@ class ModelCard:
     def _validate_shape(self) -> None:
         """Patch size, input channels and class labels."""
         low, high = PATCH_LIMITS
-        if len(self.patch_size) != 3 or not all(low <= p <= high for p in self.patch_size):
-            raise SegXAIError(f"patch_size must be three integers from {low} to {high} (voxels along K, J, I), "
-                              f"got {list(self.patch_size)}; use the window size the model was trained with")
+        sizes = list(self.patch_size)
+        if sizes.count(1) == 1:  # a 2D network's window (an nnU-Net 2d model's): one slice
+            sizes.remove(1)
+        if len(self.patch_size) != 3 or not all(low <= p <= high for p in sizes):
+            raise SegXAIError(f"patch_size must be three integers from {low} to {high} (voxels along K, J, I; one "
+                              f"may be 1, the slice of a 2D network), got {list(self.patch_size)}; use the window "
+                              "size the model was trained with")
         multiple = stride_multiple(self.architecture)
         if multiple is not None and any(p % m for p, m in zip(self.patch_size, multiple)):
             raise SegXAIError(f"patch_size {list(self.patch_size)} is not divisible by {list(multiple)}, the product "

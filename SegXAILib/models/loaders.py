@@ -11,6 +11,7 @@ network: equal output, and the layer methods apply). A card whose architecture i
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,19 @@ class LoadedModel:
         pipeline: the model's own framework pipeline when it has one (a MONAI bundle's transforms:
             :class:`~SegXAILib.models.bundle_pipeline.BundlePipeline`), which then segments instead of SegXAI's
             preprocessing (:func:`SegXAILib.inference.segment`).
+        members: the network of ensemble member t (its weights already read: an nnU-Net model's folds), or None:
+            members are built from the card's weights files (:meth:`member`).
     """
 
     card: ModelCard
     network: nn.Module
     route: str
     pipeline: Any = None
+    members: Callable[[int], nn.Module] | None = None
+
+    def member(self, t: int) -> nn.Module:
+        """Ensemble member ``t``'s network (the t-th of the card's weights), in eval mode on the CPU."""
+        return (self.members(t) if self.members else load_from_card(self.card, t).network).eval()
 
     @property
     def supports_hooks(self) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import pickle
@@ -119,6 +120,23 @@ def is_nnunet_folder(path: Path) -> bool:
             and bool(fold_checkpoints(path)))
 
 
+def nnunet_folders_in(folder: Path, depth: int = 2) -> list[Path]:
+    """The nnU-Net trained-model folders inside ``folder``, down to ``depth`` levels below it (an nnU-Net results
+    folder's ``DatasetXXX_Name/Trainer__Plans__Configuration`` is two), in path order; a trained-model folder and
+    hidden folders are not searched further. Nothing is opened."""
+    try:
+        children = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:  # not a folder, or not readable: nothing found there
+        return []
+    found: list[Path] = []
+    for child in children:
+        if is_nnunet_folder(child):
+            found.append(child)
+        elif depth > 1:
+            found += nnunet_folders_in(child, depth - 1)
+    return found
+
+
 def _configuration(folder: Path, plans: dict[str, Any], checkpoints: list[Path]) -> str:
     """The configuration the folder was trained in: the last part of nnU-Net's folder name
     (``Trainer__Plans__3d_fullres``), else the one recorded in the first checkpoint (read as data, its tensors
@@ -137,8 +155,9 @@ def _configuration(folder: Path, plans: dict[str, Any], checkpoints: list[Path])
 
 OVERRIDES = "segxai.json"
 """An optional file beside ``plans.json``: ``configuration`` (which one the folder holds, when its name does not
-say: then no checkpoint is opened to find out) and card keys that replace the derived ones (``name``,
-``description``, ``intended_use``, ``limitations``, ``validation``)."""
+say: then no checkpoint is opened to find out), ``folds`` (the folds to use, e.g. ``[0]``, as ``nnUNetv2_predict
+-f``; default: all), ``mirroring`` (false: no test-time mirroring, as ``nnUNetv2_predict --disable_tta``) and card
+keys that replace the derived ones (``name``, ``description``, ``intended_use``, ``limitations``, ``validation``)."""
 CARD_OVERRIDES = ("name", "description", "intended_use", "limitations", "validation")
 
 
@@ -167,9 +186,11 @@ def card_from_nnunet(folder: Path) -> ModelCard:
     weights the folds' checkpoints; :data:`OVERRIDES` where present. Reads JSON only, and the first checkpoint's
     recorded configuration where neither the folder's name nor its ``segxai.json`` gives it (:func:`_configuration`)."""
     folder = Path(folder).resolve()
-    checkpoints = fold_checkpoints(folder)
-    if not checkpoints:
-        raise SegXAIError(f"nnU-Net model {folder}: no fold_N/checkpoint_final.pth or checkpoint_best.pth")
+    overrides = _overrides(folder)
+    checkpoints = _chosen_folds(folder, fold_checkpoints(folder), overrides.get("folds"))
+    mirroring = overrides.get("mirroring", True)
+    if not isinstance(mirroring, bool):
+        raise SegXAIError(f"nnU-Net model {folder}: {OVERRIDES}'s mirroring must be true or false, got {mirroring!r}")
     dataset = read_json_object(folder / "dataset.json", "nnU-Net dataset.json", "use the one nnU-Net wrote")
     plans = read_json_object(folder / "plans.json", "nnU-Net plans.json", "use the one nnU-Net wrote")
     name = _configuration(folder, plans, checkpoints)
@@ -186,7 +207,7 @@ def card_from_nnunet(folder: Path) -> ModelCard:
         original_spacing[axis] = spacing[t]
     ct = "CTNormalization" in config.get("normalization_schemes", [])
     data = {
-        "name": folder.name if "__" not in folder.name else f"{plans.get('dataset_name', 'nnunet')}-{name}",
+        "name": _model_name(folder, plans, name),
         "description": str(dataset.get("description") or f"nnU-Net v2 model ({plans.get('dataset_name')}, {name})"),
         "architecture": {"name": "nnunet", "args": {}},
         "input": {"channels": len(channels), "modality": "CT" if ct else "MRI",
@@ -196,13 +217,43 @@ def card_from_nnunet(folder: Path) -> ModelCard:
                           "spacing": None if 0.0 in original_spacing else original_spacing[::-1],
                           "intensity": {"kind": "zscore_foreground"}},
         "patch_size": patch,
-        "inference": {"overlap": TILE_STEP, "blend": "gaussian", "sigma_scale": GAUSSIAN_SIGMA_SCALE,
-                      "padding_mode": "constant", "cval": 0.0},
+        "inference": {"overlap": 1.0 - TILE_STEP, "blend": "gaussian", "sigma_scale": GAUSSIAN_SIGMA_SCALE,
+                      "padding_mode": "constant", "cval": 0.0, "placement": "nnunet"},
         "weights": [str(p.relative_to(folder)) for p in checkpoints],
-        "extra": {"nnunet_root": str(folder), "nnunet_configuration": name, "install": INSTALL},
+        "extra": {"nnunet_root": str(folder), "nnunet_configuration": name, "nnunet_mirroring": mirroring,
+                  "install": INSTALL},
     }
-    data.update({key: value for key, value in _overrides(folder).items() if key in CARD_OVERRIDES})
+    data.update({key: value for key, value in overrides.items() if key in CARD_OVERRIDES})
     return ModelCard.from_dict(data, root=folder, source=f"nnU-Net model {folder}")
+
+
+DEFAULT_TRAINER_AND_PLANS = ("nnUNetTrainer", "nnUNetPlans")
+
+
+def _model_name(folder: Path, plans: dict[str, Any], configuration: str) -> str:
+    """A folder named as nnU-Net names it (``Trainer__Plans__Configuration``): the dataset and configuration, with the
+    trainer and plans where they are not nnU-Net's defaults (``Dataset291_Organs-nnUNetTrainerNoMirroring-3d_fullres``),
+    so that the trained models of one results folder have distinct names; any other folder: its own name."""
+    if "__" not in folder.name:
+        return folder.name
+    parts = folder.name.split("__")[:-1]
+    named = [part for part, default in zip(parts, DEFAULT_TRAINER_AND_PLANS) if part != default]
+    return "-".join([str(plans.get("dataset_name", "nnunet")), *named, configuration])
+
+
+def _chosen_folds(folder: Path, checkpoints: list[Path], folds: Any) -> list[Path]:
+    """``checkpoints`` of the ``folds`` named in :data:`OVERRIDES` (a list of fold numbers), in that order; all of
+    them when none are named."""
+    if not checkpoints:
+        raise SegXAIError(f"nnU-Net model {folder}: no fold_N/checkpoint_final.pth or checkpoint_best.pth")
+    if folds is None:
+        return checkpoints
+    by_fold = {p.parent.name[len("fold_"):]: p for p in checkpoints}
+    wanted = [str(f) for f in folds] if isinstance(folds, list) else None
+    if not wanted or any(f not in by_fold for f in wanted):
+        raise SegXAIError(f"nnU-Net model {folder}: {OVERRIDES}'s folds must be a list of trained folds "
+                          f"({', '.join(sorted(by_fold))}), got {folds!r}")
+    return [by_fold[f] for f in wanted]
 
 
 def _configuration_dict(plans: dict[str, Any], name: str) -> dict[str, Any]:
@@ -323,13 +374,16 @@ class NnunetPipeline:
 
 def load_nnunet(card: ModelCard) -> Any:
     """The nnU-Net model of ``card`` (:func:`card_from_nnunet`): the network built from the plans with the first
-    fold's weights, and the :class:`NnunetPipeline` that segments with every fold.
+    fold's weights, the :class:`NnunetPipeline` that segments with every fold, each fold as an ensemble member, and
+    the card's ``mirror_axes`` set to the axes the checkpoint lets nnU-Net mirror. A 2d configuration's network and
+    members are lifted to act on one slice, (N, C, 1, H, W) (:func:`~SegXAILib.models.lift2d.lift_2d_network`).
 
     Raises:
         SegXAIError: nnunetv2 not installed, a refused checkpoint or plans file, weights that do not fit.
     """
     import torch
 
+    from .lift2d import lift_2d_network
     from .loaders import LoadedModel
 
     _nnunet()
@@ -354,12 +408,28 @@ def load_nnunet(card: ModelCard) -> Any:
         raise SegXAIError(f"nnU-Net model {folder}: the checkpoint's weights do not fit the network plans.json "
                           f"describes ({str(exc).splitlines()[0][:160]})") from None
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a note for every device but CUDA
-        predictor = nnUNetPredictor(tile_step_size=TILE_STEP, use_gaussian=True, use_mirroring=True,
+        predictor = nnUNetPredictor(tile_step_size=TILE_STEP, use_gaussian=True,
+                                    use_mirroring=bool(card.extra.get("nnunet_mirroring", True)),
                                     perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                                     verbose_preprocessing=False, allow_tqdm=False)
     first = checkpoints[0]
-    predictor.manual_initialization(copy.deepcopy(network), plans_manager, config,
-                                    [c["network_weights"] for c in checkpoints], dataset,
-                                    str(first.get("trainer_name", "nnUNetTrainer")),
-                                    first.get("inference_allowed_mirroring_axes"))
-    return LoadedModel(card, network.eval(), "nnunet", NnunetPipeline(predictor))
+    folds = [c["network_weights"] for c in checkpoints]
+    mirror_axes = first.get("inference_allowed_mirroring_axes")
+    # a 2d network explains on one slice of the model grid at a time: lifted to (N, C, 1, H, W), its mirror axes
+    # (of H, W) shifted past the depth axis; nnU-Net's predictor keeps the 2D network
+    flat = len(config.patch_size) == 2
+    lift = lift_2d_network if flat else (lambda net: net)
+    predictor.manual_initialization(copy.deepcopy(network), plans_manager, config, folds, dataset,
+                                    str(first.get("trainer_name", "nnUNetTrainer")), mirror_axes)
+
+    def fold(t: int) -> torch.nn.Module:
+        member = copy.deepcopy(network)
+        member.load_state_dict(folds[t])
+        return lift(member)
+
+    # the checkpoint's mirroring axes are nnU-Net's test-time augmentation: the card says so for the 'tta' method
+    # (the segmentation itself is mirrored by nnU-Net's predictor, never by SegXAI again)
+    mirrored = mirror_axes if predictor.use_mirroring else None
+    card = dataclasses.replace(card, inference={**card.inference,
+                                                "mirror_axes": sorted(int(a) + int(flat) for a in mirrored or ())})
+    return LoadedModel(card, lift(network).eval(), "nnunet", NnunetPipeline(predictor), members=fold)

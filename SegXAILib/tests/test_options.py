@@ -120,7 +120,7 @@ def test_defaults_are_the_previous_hard_coded_values(tiny_card):
         "sequences": {"margin": 16, "overlap": None, "steps": 16, "batch": 4},
         "mhex-uncertainty": {"route": "sketch", "k": 64, "chunk": 2, "seed": 0},
         "mcdropout": {"margin": 3, "samples": 8, "seed": 0},
-        "tta": {"margin": 3, "transforms": 8, "plane": (1, 2)},
+        "tta": {"margin": 3, "transforms": None, "plane": (1, 2)},  # None: nnU-Net's own mirroring, else 8
         "ensemble": {"margin": 3}}
 
 

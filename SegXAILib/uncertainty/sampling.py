@@ -8,9 +8,10 @@ and how the t-th one is produced:
 
 - :class:`MCDropoutUncertainty`: the model's dropout layers stay on (and nothing else changes),
   one seeded draw of dropout masks per sample;
-- :class:`TTAUncertainty`: the scan flipped and rotated by 90 degrees (:func:`augment`), predicted,
-  and mapped back exactly (:func:`invert`);
-- :class:`EnsembleUncertainty`: one sample per weights file listed in the model card.
+- :class:`TTAUncertainty`: the scan flipped and rotated by 90 degrees (:func:`augment`), predicted, and mapped
+  back exactly (:func:`invert`); by default a model's own test-time mirroring where it has one (nnU-Net's, then
+  inside each of its windows);
+- :class:`EnsembleUncertainty`: one sample per weights file listed in the model card (an nnU-Net model's folds).
 
 Every sample is a full sliding-window prediction over the scan with the card's patch size,
 exactly as the segmentation itself is computed.
@@ -33,9 +34,9 @@ from ..explain.base import ExplainContext, Explainer, Explanation, ExplanationMa
 from ..explain.options import MethodOptions, option
 from ..inference import network_probabilities, sliding_window_predict
 from ..models.card import Windows
-from ..models.loaders import LoadedModel, load_from_card
+from ..models.loaders import LoadedModel
 from ..progress import Progress
-from ..symmetries import AXIAL, FlipRotate, augment, flip_rotate_transforms, invert
+from ..symmetries import AXIAL, FlipRotate, augment, flip_rotate_transforms, invert, mirrorings
 from .measures import UncertaintyAccumulator
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -206,24 +207,44 @@ class MCDropoutUncertainty(SampledUncertainty):
 
 
 # --------------------------------------------------------------------------- test-time augmentation
+def mirrored_logits(network: nn.Module, image: torch.Tensor, flips: tuple[int, ...], windows: Windows,
+                    device: torch.device, progress: Progress, stage: str) -> torch.Tensor:
+    """The network's output for (1, C, D, H, W) ``image`` mirrored along the spatial axes ``flips`` and mirrored
+    back, window by window as nnU-Net's predictor mirrors (each window flipped, predicted, flipped back: the windows
+    stay where they are): (1, n_classes, D, H, W) on the CPU."""
+    dims = [axis + 2 for axis in flips]
+
+    def flipped(window: torch.Tensor) -> torch.Tensor:
+        return torch.flip(network(torch.flip(window, dims)), dims)
+
+    with torch.inference_mode():
+        return sliding_window_predict(flipped, image, windows, device, progress=progress, stage=stage)
+
+
 @dataclass(frozen=True)
 class TTAOptions(SampledOptions):
-    """transforms: T, the first T of :func:`~SegXAILib.symmetries.flip_rotate_transforms`; plane: the rotation
-    plane as two spatial axes."""
+    """transforms: T, the first T of :func:`~SegXAILib.symmetries.flip_rotate_transforms`, or null: an nnU-Net
+    model's own test-time mirroring (the axes its checkpoint allows), else 8; plane: the rotation plane as two
+    spatial axes."""
 
-    transforms: int = option(8, check=lambda v: 2 <= v <= 16, must="an integer from 2 to 16")
+    transforms: int | None = option(None, check=lambda v: 2 <= v <= 16, must="an integer from 2 to 16")
     plane: tuple[int, int] = option(AXIAL, check=lambda v: len(set(v)) == 2 and set(v) <= {0, 1, 2},
                                     must="two different spatial axes among 0, 1, 2, e.g. 1,2")
+
+
+DEFAULT_TTA_TRANSFORMS = 8
 
 
 class TTAUncertainty(SampledUncertainty):
     """Test-time augmentation: predictions on flipped and rotated copies, mapped back exactly.
 
-    Options: ``transforms`` (T, 2..16, default 8; see :func:`flip_rotate_transforms`), ``plane``
+    Options: ``transforms`` (T, 2..16; see :func:`flip_rotate_transforms`; by default an nnU-Net model's own
+    test-time mirroring, else 8), ``plane``
     (the rotation plane as two spatial axes, default ``(1, 2)``, the axial plane of a RAS grid) and ``margin``.
-    The patch size turns with the scan, so windows keep their extent along each anatomical axis.
-    Only exact symmetries (no interpolation): a network that is equivariant to them gives zero
-    uncertainty.
+    Each transform is applied to the whole grid, and the patch size turns with it, so windows keep their extent
+    along each anatomical axis; in nnU-Net's windows a flip is applied inside each window instead
+    (:func:`mirrored_logits`), as nnU-Net mirrors.
+    Only exact symmetries (no interpolation): a network that is equivariant to them gives zero uncertainty.
     """
 
     name = "tta"
@@ -231,36 +252,45 @@ class TTAUncertainty(SampledUncertainty):
     summary = "Test-time augmentation (flips, 90-degree rotations): entropy, variance, mutual information"
     source = "augmented predictions"
 
-    def transforms(self, options: TTAOptions) -> list[FlipRotate]:
-        return flip_rotate_transforms(options.transforms, options.plane)
+    def transforms(self, options: TTAOptions, model: LoadedModel) -> list[FlipRotate]:
+        own = model.card.inference.get("mirror_axes") if model.route == "nnunet" else None
+        if options.transforms is None and own:
+            return mirrorings(own)
+        return flip_rotate_transforms(options.transforms or DEFAULT_TTA_TRANSFORMS, options.plane)
 
     def sample_count(self, context: ExplainContext, options: TTAOptions) -> int:
-        return len(self.transforms(options))
+        return len(self.transforms(options, context.model))
 
     def sample(self, t: int, context: ExplainContext, options: TTAOptions, progress: Progress) -> torch.Tensor:
-        transform = self.transforms(options)[t]
-        if not transform.flips and not transform.k:
-            # the identity's prediction is the model's own, which the segmentation already computed
-            # (same network, image, windows and blending): one sliding-window pass less
+        model = context.model
+        transform = self.transforms(options, model)[t]
+        windows, output = model.card.windows, model.card.output
+        if not transform.flips and not transform.k and model.route != "nnunet":
+            # the identity's prediction is the segmentation's own (same network, image, windows and blending; not
+            # so for nnU-Net's, which averages its mirror images and folds): one sliding-window pass less
             return torch.from_numpy(np.asarray(context.probabilities, dtype=np.float32))
-        patch = list(context.model.card.patch_size)
+        if not transform.k and windows.placement == "nnunet":  # nnU-Net mirrors inside each of its windows
+            logits = mirrored_logits(model.network, context.image, transform.flips, windows, context.device,
+                                     progress, self.name)
+            return network_probabilities(logits, output)[0]
+        patch = list(model.card.patch_size)
         if transform.k % 2:
             a, b = transform.plane
             patch[a], patch[b] = patch[b], patch[a]
-        probs = predict_softmax(context.model.network, augment(context.image, transform),
-                                context.model.card.windows.adjusted(size=patch),
-                                context.device, progress, self.name, context.model.card.output)
+        probs = predict_softmax(model.network, augment(context.image, transform), windows.adjusted(size=patch),
+                                context.device, progress, self.name, output)
         return invert(probs, transform)
 
     def metadata(self, context: ExplainContext, options: TTAOptions) -> dict[str, Any]:
-        return {"transforms": [t.name for t in self.transforms(options)]}
+        return {"transforms": [t.name for t in self.transforms(options, context.model)]}
 
 
 # --------------------------------------------------------------------------- deep ensemble
 class EnsembleUncertainty(SampledUncertainty):
     """Deep ensemble: one prediction per weights file listed in the model card (same architecture).
 
-    Members are loaded one at a time (:func:`~SegXAILib.models.loaders.load_from_card`) and freed
+    Members are loaded one at a time (:meth:`~SegXAILib.models.loaders.LoadedModel.member`: an nnU-Net model's
+    members are its folds) and freed
     after their prediction, so memory holds one network besides the model itself.
     """
 
@@ -274,6 +304,10 @@ class EnsembleUncertainty(SampledUncertainty):
         if model.route == "bundle":
             raise NotApplicable("deep ensembles are loaded from a model card; write a card for the bundle's "
                                 "architecture whose 'weights' entry lists every member's weights file")
+        if len(model.card.weight_paths) < 2 and model.route == "nnunet":
+            raise NotApplicable(f"nnU-Net model {model.card.name!r} has one trained fold, and its fold ensemble needs "
+                                "several: train the other folds (nnUNetv2_train DATASET CONFIGURATION 1, 2 ...) into "
+                                "the same folder")
         if len(model.card.weight_paths) < 2:
             raise NotApplicable(f"model card {model.card.name!r} lists a single weights file, and a deep ensemble "
                                 "needs several trained copies of the same architecture: list them all in the "
@@ -284,9 +318,11 @@ class EnsembleUncertainty(SampledUncertainty):
         return len(context.model.card.weight_paths)
 
     def sample(self, t: int, context: ExplainContext, options: SampledOptions, progress: Progress) -> torch.Tensor:
-        member = load_from_card(context.model.card, t).network.to(context.device).eval()
+        member = context.model.member(t).to(context.device)
         return predict_softmax(member, context.image, context.model.card.windows, context.device,
                                progress, self.name, context.model.card.output)
 
     def metadata(self, context: ExplainContext, options: SampledOptions) -> dict[str, Any]:
-        return {"members": [p.name for p in context.model.card.weight_paths]}
+        root = context.model.card.root
+        return {"members": [str(p.relative_to(root)) if root and p.is_relative_to(root) else p.name
+                            for p in context.model.card.weight_paths]}
