@@ -7,3 +7,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 pytest -q -m cuda SegXAILib/tests/test_cuda.py
 SEGXAI_BENCH_DEVICE=cuda python benchmarks/explainers.py --sizes 128,ct \
     --methods gradcam,gradcampp,protoseg,tta,mcdropout,occlusion,integrated-gradients
+# nnU-Net: SegXAI's Grad-CAM beside nnunetv2-cam's (docs/peers.md). nnunetv2-cam needs grad-cam, which imports
+# torchvision: it imports beside the CUDA torch (install first: pip install grad-cam nnunetv2-cam); elsewhere its
+# row says why it fails
+python benchmarks/peers_nnunet.py --repeat 3

@@ -11,6 +11,9 @@ it allows:
 - medcam back-propagates a gradient mask given by its ``label`` callable: dS/dz, the score's gradient with
   respect to the network's output, which by the chain rule gives the layer the gradient dS/dA.
 
+nnunetv2-cam explains an nnU-Net predictor in its own windows with its own target (:func:`nnunetv2_cam_gradcam`,
+for ``peers_nnunet.py``).
+
 The tools keep their own conventions (MONAI's and medcam's Grad-CAM maps are min-max normalised, MONAI's
 occlusion map is the score of the occluded scan, which :func:`monai_occlusion` turns into SegXAI's drop); the
 benchmark compares maps by Pearson correlation, which ignores scale and offset.
@@ -127,6 +130,28 @@ def medcam_gradcam(problem: Problem, plusplus: bool = False) -> np.ndarray:
     return _grid(torch.as_tensor(injected(problem.image)))
 
 
+def nnunetv2_cam_gradcam(predictor, image: torch.Tensor, layer: str, target_class: int = 1) -> np.ndarray:
+    """nnunetv2-cam's Grad-CAM (``compute_cam_with_sliding_window``, ``cam_type="3d"``) of an nnU-Net predictor's
+    network on its preprocessed (C, D, H, W) ``image``, in its own windows over the predictor's folds with the
+    predictor's tile step and mirroring; (D, H, W) float32 on the same grid.
+
+    Its target is its own, not SegXAI's score, and its API takes no region: in each window it segments (mirrored
+    when the predictor mirrors), takes the mask of ``target_class`` there and back-propagates the network's output
+    summed over that mask (its ``SemanticSegmentationTarget`` sums every output channel there, not only the
+    class's); each window's CAM is min-max normalised by pytorch-grad-cam, resized by ``scipy.ndimage.zoom``, and the
+    windows averaged with equal weights. Its target puts the mask on the GPU whenever CUDA is available, so there
+    the predictor's device must be CUDA."""
+    from nnunetv2_cam.cam_core import compute_cam_with_sliding_window
+
+    cam = compute_cam_with_sliding_window(
+        model=predictor.network, data=image, target_layer_name=layer, target_class=target_class, method="gradcam",
+        device=predictor.device, configuration_manager=predictor.configuration_manager,
+        label_manager=predictor.label_manager, list_of_parameters=predictor.list_of_parameters,
+        tile_step_size=predictor.tile_step_size, use_mirroring=predictor.use_mirroring,
+        allowed_mirroring_axes=predictor.allowed_mirroring_axes, cam_type="3d")
+    return _grid(cam)
+
+
 def monai_occlusion(problem: Problem, cube: int, stride: int, box: tuple[tuple[int, ...], tuple[int, ...]],
                     batch: int = 4) -> np.ndarray:
     """MONAI ``OcclusionSensitivity`` of S over ``box`` ((start, stop) per axis, half-open: MONAI's ``b_box``),
@@ -205,7 +230,8 @@ GRADCAMPP_PEERS: dict[str, Callable[[Problem], np.ndarray]] = {
     "medcam": lambda p: medcam_gradcam(p, plusplus=True)}
 """Each tool's Grad-CAM (Grad-CAM++) adapter by tool name (captum has no Grad-CAM++)."""
 
-IMPORTS = {"monai": "monai", "captum": "captum", "pytorch-grad-cam": "pytorch_grad_cam", "medcam": "medcam"}
+IMPORTS = {"monai": "monai", "captum": "captum", "pytorch-grad-cam": "pytorch_grad_cam", "medcam": "medcam",
+           "nnunetv2-cam": "nnunetv2_cam.cam_core"}
 """The module each tool is imported as."""
 
 

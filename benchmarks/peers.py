@@ -133,10 +133,30 @@ def run_one(size: str, tool: str, method: str, out: Path) -> dict:
     return {"forward": forward, "seconds": seconds, "peak_gb": peak_rss_gb()}
 
 
-def row(size: str, tool: str, method: str, folder: Path, repeat: int = 1) -> dict:
-    """One row from ``repeat`` child processes (median seconds, largest peak); ``note`` says why it failed."""
+def child_runs(arguments: list[str], repeat: int, script: str = __file__) -> list[dict] | str:
+    """``repeat`` runs of ``script --one *arguments``, each in a fresh child process: the JSON object each printed
+    last, or why the first failing run failed (the last line of its error output)."""
+    runs = []
+    for _ in range(repeat):
+        child = subprocess.run([sys.executable, script, "--one", *arguments], capture_output=True, text=True)
+        if child.returncode != 0:
+            lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode} (out of memory?)"]
+            return lines[-1][:160]
+        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def summary(runs: list[dict]) -> dict:
+    """Median seconds and forward pass, largest peak memory of a row's child processes."""
     import statistics
 
+    return {"seconds": round(statistics.median(r["seconds"] for r in runs), 2),
+            "peak_gb": round(max(r["peak_gb"] for r in runs), 2),
+            "forward": statistics.median(r["forward"] for r in runs)}
+
+
+def row(size: str, tool: str, method: str, folder: Path, repeat: int = 1) -> dict:
+    """One row from ``repeat`` child processes (median seconds, largest peak); ``note`` says why it failed."""
     import peer_adapters
 
     result = {"tool": tool, "method": method, "size": "x".join(map(str, SIZES[size][::-1])), "seconds": None,
@@ -145,24 +165,38 @@ def row(size: str, tool: str, method: str, folder: Path, repeat: int = 1) -> dic
                                                   peer_adapters.import_failure(tool))
     if failure:
         return {**result, "note": f"fails: {failure}"}
-    out = folder / f"{tool}-{method}.npy"
-    runs = []
-    for _ in range(repeat):
-        child = subprocess.run([sys.executable, __file__, "--one", size, tool, method, str(out)], capture_output=True,
-                               text=True)
-        if child.returncode != 0:
-            lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode} (out of memory?)"]
-            return {**result, "note": f"fails: {lines[-1][:160]}"}
-        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    return {**result, "seconds": round(statistics.median(r["seconds"] for r in runs), 2),
-            "peak_gb": round(max(r["peak_gb"] for r in runs), 2),
-            "forward": statistics.median(r["forward"] for r in runs)}
+    runs = child_runs([size, tool, method, str(folder / f"{tool}-{method}.npy")], repeat)
+    return {**result, "note": f"fails: {runs}"} if isinstance(runs, str) else {**result, **summary(runs)}
 
 
-def main() -> None:
+def agreement(result: dict, mine: Path, reference: Path) -> None:
+    """Sets ``result``'s Pearson correlation of the saved maps ``mine`` and ``reference`` (when both were saved), and
+    its note when the correlation is undefined (a constant or non-finite map)."""
     import numpy as np
     from peer_adapters import pearson
 
+    if not (mine.exists() and reference.exists()):
+        return
+    r = pearson(np.load(mine), np.load(reference))
+    result["pearson_vs_reference"] = None if math.isnan(r) else round(r, 4)
+    if math.isnan(r):
+        finite = bool(np.isfinite(np.load(mine)).any())
+        result["note"] = "fails: the map is constant" if finite else "fails: the map is NaN or infinite"
+
+
+HEADER = ("| scan | method | tool | seconds | x forward pass | peak RSS (GB) | Pearson vs reference | note |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def table_line(result: dict) -> str:
+    """One row of the markdown table (:data:`HEADER`); blank where a figure is missing."""
+    ratio = f"{result['seconds'] / result['forward']:.2f}x" if result["seconds"] is not None else ""
+    r = result["pearson_vs_reference"]
+    return (f"| {result['size']} | {result['method']} | {result['tool']} | {result['seconds'] or ''} | {ratio} | "
+            f"{result['peak_gb'] or ''} | {'' if r is None else r} | {result['note']} |")
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="96", choices=sorted(SIZES))
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
@@ -175,8 +209,7 @@ def main() -> None:
         print(json.dumps(run_one(size, tool, method, Path(out))))
         return
     if not args.json:
-        print("| scan | method | tool | seconds | x forward pass | peak RSS (GB) | Pearson vs reference | note |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print(HEADER)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         rows = []
@@ -187,19 +220,10 @@ def main() -> None:
             for tool in [t for t, m in ROWS if m == method]:
                 result = reference if (tool, method) == REFERENCES[method] else row(args.size, tool, method, folder,
                                                                                              args.repeat)
-                mine = folder / f"{tool}-{method}.npy"
-                if mine.exists() and reference_map.exists():
-                    r = pearson(np.load(mine), np.load(reference_map))
-                    result["pearson_vs_reference"] = None if math.isnan(r) else round(r, 4)
-                    if math.isnan(r):
-                        finite = bool(np.isfinite(np.load(mine)).any())
-                        result["note"] = "fails: the map is constant" if finite else "fails: the map is NaN or infinite"
+                agreement(result, folder / f"{tool}-{method}.npy", reference_map)
                 rows.append(result)
                 if not args.json:
-                    ratio = f"{result['seconds'] / result['forward']:.2f}x" if result["seconds"] is not None else ""
-                    print(f"| {result['size']} | {method} | {tool} | {result['seconds'] or ''} | {ratio} | "
-                          f"{result['peak_gb'] or ''} | {result['pearson_vs_reference']} | {result['note']} |",
-                          flush=True)
+                    print(table_line(result), flush=True)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "forward"} for r in rows], indent=1))
 
