@@ -112,21 +112,25 @@ def lift_2d_network(network: nn.Module) -> nn.Module:
         SegXAIError: a module neither lifted nor known to work on 5-D tensors (:data:`KEPT`), named by its path.
     """
     lifted = copy.deepcopy(network)
-    _lift_children(lifted, "network", set())
+    _lift_children(lifted, "network", {})
     return lifted
 
 
-def _lift_children(module: nn.Module, path: str, seen: set[int]) -> None:
-    """Replace ``module``'s 2D descendants in place; ``seen``: modules already lifted (a UNetDecoder holds its
-    encoder a second time, as ``decoder.encoder``)."""
-    if id(module) in seen:
+def _lift_children(module: nn.Module, path: str, done: dict[int, tuple[nn.Module, nn.Module]]) -> None:
+    """Replace ``module``'s 2D descendants in place. A module reached under several names (a UNetDecoder holds its
+    encoder again as ``decoder.encoder``; a ConvDropoutNormReLU its convolution as ``conv`` and ``all_modules.0``)
+    is lifted once and every name gets that one twin, so a layer hooked by its name is the one ``forward`` runs.
+    ``done``: id of each module visited -> (the module, kept alive so its id stays its own, its twin)."""
+    if id(module) in done:
         return
-    seen.add(id(module))
+    done[id(module)] = (module, module)
     if _type_name(module) not in KEPT:
         raise SegXAIError(f"SegXAI cannot explain this 2D network slice by slice: its part {path} is a "
                           f"{_type_name(module)}, which it does not know how to apply to a slice of a volume")
     for name, child in module.named_children():
         if type(child) in LIFTS:
-            setattr(module, name, _lift_layer(child))
+            if id(child) not in done:
+                done[id(child)] = (child, _lift_layer(child))
+            setattr(module, name, done[id(child)][1])
         else:
-            _lift_children(child, f"{path}.{name}", seen)
+            _lift_children(child, f"{path}.{name}", done)

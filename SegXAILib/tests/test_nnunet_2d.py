@@ -69,6 +69,22 @@ def test_lifted_network_computes_the_2d_networks_numbers(model: LoadedModel) -> 
     assert model.card.inference["mirror_axes"] == [1, 2]
 
 
+def test_every_lifted_layer_hooked_by_its_name_is_the_one_forward_runs(model: LoadedModel) -> None:
+    """nnU-Net's blocks reach a layer under two names (``conv`` and ``all_modules.0``); both must be the one twin,
+    or a hook or a parameter swapped by its name (Grad-CAM's layers, the collaboration gradient's theta) would miss
+    the layer forward runs."""
+    called: set[str] = set()
+    # the deep-supervision heads but the last do not run in forward (deep_supervision=False): left out here
+    layers = [(name, m) for name, m in model.network.named_modules() if isinstance(m, (nn.Conv3d, nn.InstanceNorm3d))
+              and not name.startswith("decoder.seg_layers.")]
+    hooks = [m.register_forward_hook(lambda _m, _i, _o, name=name: called.add(name)) for name, m in layers]
+    with torch.inference_mode():
+        model.network(torch.zeros(1, 1, 1, *model.card.patch_size[1:]))
+    for hook in hooks:
+        hook.remove()
+    assert len(layers) > 20 and called == {name for name, _ in layers}
+
+
 def test_an_unknown_layer_is_refused_by_name() -> None:
     network = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Upsample(scale_factor=2))
     with pytest.raises(SegXAIError, match=r"network\.1 is a torch\.nn\.modules\.upsampling\.Upsample"):
