@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from explainers import SIZES
@@ -196,6 +197,20 @@ def table_line(result: dict) -> str:
             f"{result['peak_gb'] or ''} | {'' if r is None else r} | {result['note']} |")
 
 
+def print_rows(rows: Iterable[dict], as_json: bool) -> None:
+    """Each row as a line of the markdown table as soon as it is measured, or all of them at the end as a JSON
+    list (the parent's ``forward`` seconds left out)."""
+    if not as_json:
+        print(HEADER)
+    done = []
+    for result in rows:
+        done.append(result)
+        if not as_json:
+            print(table_line(result), flush=True)
+    if as_json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "forward"} for r in done], indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="96", choices=sorted(SIZES))
@@ -208,11 +223,8 @@ def main() -> None:
         size, tool, method, out = args.one
         print(json.dumps(run_one(size, tool, method, Path(out))))
         return
-    if not args.json:
-        print(HEADER)
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        rows = []
+
+    def rows(folder: Path) -> Iterator[dict]:
         for method in args.methods.split(","):
             tool = REFERENCES[method][0]
             reference = row(args.size, tool, method, folder, args.repeat if tool == "segxai" else 1)
@@ -221,11 +233,10 @@ def main() -> None:
                 result = reference if (tool, method) == REFERENCES[method] else row(args.size, tool, method, folder,
                                                                                              args.repeat)
                 agreement(result, folder / f"{tool}-{method}.npy", reference_map)
-                rows.append(result)
-                if not args.json:
-                    print(table_line(result), flush=True)
-    if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "forward"} for r in rows], indent=1))
+                yield result
+
+    with tempfile.TemporaryDirectory() as folder:
+        print_rows(rows(Path(folder)), args.json)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from peers import HEADER, agreement, child_runs, summary, table_line
+from peers import agreement, child_runs, print_rows, summary
 
 TOOLS = ("segxai", "nnunetv2-cam")
 FOLD = 0
@@ -135,19 +136,15 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], Path(args.one[1]))))
         return
-    if not args.json:
-        print(HEADER)
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
+
+    def rows(folder: Path) -> Iterator[dict]:
         for tool in TOOLS:
             result = row(tool, folder, args.repeat)
             agreement(result, folder / f"{tool}.npy", folder / "segxai.npy")
-            rows.append(result)
-            if not args.json:
-                print(table_line(result), flush=True)
-    if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "forward"} for r in rows], indent=1))
+            yield result
+
+    with tempfile.TemporaryDirectory() as folder:
+        print_rows(rows(Path(folder)), args.json)
 
 
 if __name__ == "__main__":
