@@ -261,14 +261,28 @@ def test_card_from_the_folder() -> None:
     assert "nnunet-lesion-tiny" in registry.available_cards()  # segxai models lists it
 
 
-def test_checkpoint_with_an_unexpected_global_is_refused(tmp_path: Path) -> None:
+def refused_checkpoint(folder: Path) -> Path:
+    """The tiny model's fold 0 in ``folder`` with a checkpoint that also pickles a reference to ``os.system``."""
     checkpoint = read_checkpoint(MODEL / "fold_0" / "checkpoint_final.pth")
     checkpoint["init_args"]["hook"] = os.system  # pickled as a reference to os.system: unpickling would fetch it
-    folder = tmp_path / "nnunet-model"
     (folder / "fold_0").mkdir(parents=True)
     for name in ("dataset.json", "plans.json"):
         shutil.copy(MODEL / name, folder / name)
     torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    return folder
+
+
+def refused_plans(folder: Path) -> Path:
+    """The tiny model in ``folder`` with plans naming ``os.system`` as its network class."""
+    shutil.copytree(MODEL, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
+def test_checkpoint_with_an_unexpected_global_is_refused(tmp_path: Path) -> None:
+    folder = refused_checkpoint(tmp_path / "nnunet-model")
     with pytest.raises(SegXAIError) as refused:
         registry.load_model(folder)
     message = str(refused.value)
@@ -276,13 +290,25 @@ def test_checkpoint_with_an_unexpected_global_is_refused(tmp_path: Path) -> None
 
 
 def test_plans_naming_other_code_are_refused(tmp_path: Path) -> None:
-    folder = tmp_path / "nnunet-model"
-    shutil.copytree(MODEL, folder)
-    plans = json.loads((folder / "plans.json").read_text())
-    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
-    (folder / "plans.json").write_text(json.dumps(plans))
+    folder = refused_plans(tmp_path / "nnunet-model")
     with pytest.raises(SegXAIError, match="refusing nnU-Net model .* names 'os.system' as its network"):
         registry.load_model(folder)
+
+
+@pytest.mark.parametrize("make, says", [(refused_checkpoint, f"({os.system.__module__}.system)"),
+                                        (refused_plans, "names 'os.system' as its network")])
+def test_segment_refuses_the_model_with_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             make: Any, says: str) -> None:
+    from SegXAILib.cli import main
+    from SegXAILib.tests.conftest import oblique_scan
+    from SegXAILib.volume import write_volume
+
+    folder = make(tmp_path / "nnunet-model")
+    scan = write_volume(oblique_scan((16, 16, 16)), tmp_path / "scan.nii.gz")
+    code = main(["segment", str(scan), "--model", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: refusing") and says in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_gradcam_in_nnunets_windows_equals_whole_volume_gradcam_on_one_window(
