@@ -206,9 +206,9 @@ def cam_on_grid(alpha: torch.Tensor, activation: torch.Tensor, shape: tuple[int,
     return _grid(F.interpolate(cam, size=shape, mode="trilinear", align_corners=False))
 
 
-def brute_force_gradcam(problem: Problem, plusplus: bool = False) -> np.ndarray:
-    """Grad-CAM (Grad-CAM++) written out from its definition (METHODS.md section 1) on
-    :func:`activation_and_gradient`:
+def gradcam_weights(problem: Problem, plusplus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM's (Grad-CAM++'s) channel weights alpha, (1, C_l, 1, 1, 1), and the layer's output A, written out
+    from their definition (METHODS.md section 1) on :func:`activation_and_gradient`:
 
         alpha_k = mean_p G_k(p)                                   (Grad-CAM)
         alpha_k = sum_p ReLU(G_k(p)) G^2 / (2 G^2 + sum_q A_k(q) G^3)   (Grad-CAM++, 0 where the denominator is)
@@ -217,10 +217,13 @@ def brute_force_gradcam(problem: Problem, plusplus: bool = False) -> np.ndarray:
     if plusplus:
         denominator = 2 * g**2 + a.sum(dim=(2, 3, 4), keepdim=True) * g**3
         ratio = torch.where(denominator != 0, g**2 / torch.where(denominator != 0, denominator, 1), 0)
-        alpha = (ratio * F.relu(g)).sum(dim=(2, 3, 4), keepdim=True)
-    else:
-        alpha = g.mean(dim=(2, 3, 4), keepdim=True)
-    return cam_on_grid(alpha, a, tuple(problem.image.shape[2:]))
+        return (ratio * F.relu(g)).sum(dim=(2, 3, 4), keepdim=True), a
+    return g.mean(dim=(2, 3, 4), keepdim=True), a
+
+
+def brute_force_gradcam(problem: Problem, plusplus: bool = False) -> np.ndarray:
+    """Grad-CAM (Grad-CAM++) from :func:`gradcam_weights`, on the scan's grid (:func:`cam_on_grid`)."""
+    return cam_on_grid(*gradcam_weights(problem, plusplus), tuple(problem.image.shape[2:]))
 
 
 GRADCAM_PEERS: dict[str, Callable[[Problem], np.ndarray]] = {
