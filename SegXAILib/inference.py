@@ -64,6 +64,11 @@ def window_count(image_shape: Sequence[int], patch_size: Sequence[int], overlap:
     return count
 
 
+def mixed_precision(device: torch.device):
+    """The context every network pass runs in: float16 autocast on CUDA (mixed precision), nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+
+
 def sliding_window_predict(
     network: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]],
     image: torch.Tensor,
@@ -87,12 +92,11 @@ def sliding_window_predict(
     total = window_total(image.shape[2:], windows) if nnunet else window_count(image.shape[2:], windows.size,
                                                                                 windows.overlap)
     done = 0
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
     def predictor(window: torch.Tensor, *coords):
         nonlocal done
         progress.update(stage, done / total, f"window {done + 1}/{total}")
-        with autocast:
+        with mixed_precision(device):
             out = network(window.to(device), *coords)
         done += window.shape[0]
         progress.update(stage, done / total, f"window {min(done, total)}/{total}")

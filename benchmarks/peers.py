@@ -5,8 +5,8 @@ the tool's method, timed; the child's map is saved and compared by the parent. T
 brain-lesion U-Net, the scan ``explainers.synthetic_scan``, the target "whole tumour", the score SegXAI's (the
 target's log-odds summed over R, the predicted tumour), the layer the last decoder stage. Every tool gets that
 score and layer (``peer_adapters.py`` says how); the peers run the whole scan in one pass (none of them has
-sliding windows), and so does SegXAI's Grad-CAM (``window: scan``) except on the CT grid; SegXAI's occlusion
-and integrated gradients run the whole grid in the card's 96^3 windows when it is larger than one.
+sliding windows), and so does SegXAI (option ``window: scan``) except on the CT grid, where it runs the card's
+96^3 windows.
 
 Columns: seconds of the method; its ratio to the forward pass of the same child; the child's peak resident
 memory (``VmHWM``, model and forward pass included); Pearson correlation of the map with a reference (Grad-CAM
@@ -58,21 +58,21 @@ def occlusion_cubes(region) -> tuple[list[list[int]], int]:
 
 
 def _segxai(context, method: str, size: str, crop: bool = False):
-    """SegXAI's map of ``method`` at the benchmark's settings, (D, H, W) float32: Grad-CAM in one pass over the
-    scan (``window: scan``), as the peers, except on the CT grid (the model's windows: no peer runs there);
-    occlusion and integrated gradients on the whole grid (``margin: null``), as the peers, or with ``crop`` on R's
-    crop (SegXAI's default margin)."""
+    """SegXAI's map of ``method`` at the benchmark's settings, (D, H, W) float32: every method in one pass over
+    the scan (``window: scan``), as the peers, except on the CT grid (the model's windows: no peer runs there);
+    occlusion and integrated gradients on the whole grid (``margin: null``), as the peers, or with ``crop`` as
+    SegXAI runs them by default (R's crop, the model's windows where it is larger than one)."""
     from SegXAILib.methods import get_explainer
 
-    if method in ("gradcam", "gradcampp") and size != "ct":
-        context.options = {method: {"window": "scan"}}
     if method == "occlusion":
         context.options = {"occlusion": {"cube": CUBE, "stride": STRIDE, "batch": BATCH,
                                          "max_cubes": occlusion_cubes(context.predicted_mask)[1]}}
     if method == "integrated-gradients":
         context.options = {"integrated-gradients": {"steps": STEPS, "method": "trapezoid", "batch": BATCH}}
-    if not crop and method in ("occlusion", "integrated-gradients"):
-        context.options[method]["margin"] = None
+    if not crop:
+        context.options.setdefault(method, {})["window"] = "model" if size == "ct" else "scan"
+        if method in ("occlusion", "integrated-gradients"):
+            context.options[method]["margin"] = None
     maps = get_explainer(method).explain(context).maps
     return next(m.array for m in maps if m.variant == ("signed" if method == "integrated-gradients" else None))
 

@@ -14,8 +14,11 @@ voxels on, see :mod:`.misure`), rounded up to the network's input multiple and k
 whole grid (``margin: null``). Maps are 0 outside the crop (the metadata gives the crop). A crop within the
 card's patch size is one window of its own size (on the demo: a 72^3 crop, about a third of a 96^3 window's
 work); a larger one runs in the card's sliding windows (:func:`SegXAILib.inference.sliding_window_predict`,
-Gaussian blending, as the segmentation). A grid smaller than that window is padded with the scan's minimum,
-as inference pads it, the same for every copy.
+Gaussian blending, as the segmentation), unless option ``window`` is ``scan``: then the crop, however large,
+is one window of its own size (rounded up to the input multiple), as tools without sliding windows run a scan
+(captum, MONAI's ``OcclusionSensitivity``): less work than overlapping windows, memory that grows with the crop,
+and the network's score on the whole crop rather than the windowed segmentation's. A grid smaller than that
+window is padded with the scan's minimum, as inference pads it, the same for every copy.
 
 Gradients through windows. Each window returns its output and the gradient, with respect to the window's
 input, of its own part of S (t summed over R inside the window); MONAI blends the gradients with the same
@@ -32,6 +35,7 @@ gradient methods (a backward costs about one to two forward passes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..inference import sliding_window_predict, window_count
+from ..inference import mixed_precision, sliding_window_predict, window_count
 from ..models.networks import input_multiple
 from ..progress import Progress
 from .base import ExplainContext, ExplanationMap, NotApplicable
 from .layers import frozen_parameters
-from .options import MethodOptions, option
+from .options import WINDOWS, MethodOptions, option
 from .targets import SCORE_WORDS, log_odds, target_scores
 
 DEFAULT_MARGIN = 16
@@ -87,9 +91,11 @@ def bounding_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(int(p.min()) for p in points), tuple(int(p.max()) + 1 for p in points)
 
 
-def region_crop(region: np.ndarray, margin: int | None, multiple: tuple[int, ...], patch: tuple[int, ...]) -> Crop:
+def region_crop(region: np.ndarray, margin: int | None, multiple: tuple[int, ...], patch: tuple[int, ...] | None
+                ) -> Crop:
     """The crop (module docstring): R's bounding box grown by ``margin`` (``None``: the whole grid), rounded up
-    to ``multiple`` where it fits in ``patch``, centred and kept inside the grid; padded where the grid is smaller."""
+    to ``multiple`` where it fits in ``patch`` (``None``: one window whatever its size), centred and kept inside
+    the grid; padded where the grid is smaller."""
     shape = region.shape
     if margin is None:
         starts, stops = (0,) * len(shape), shape
@@ -98,7 +104,7 @@ def region_crop(region: np.ndarray, margin: int | None, multiple: tuple[int, ...
         starts = tuple(max(a - margin, 0) for a in low)
         stops = tuple(min(b + margin, n) for b, n in zip(high, shape))
     slices, window, pad = [], [], []
-    for start, stop, n, m, p in zip(starts, stops, shape, multiple, patch):
+    for start, stop, n, m, p in zip(starts, stops, shape, multiple, patch or (math.inf,) * len(shape)):
         length = stop - start
         if length > p:  # sliding windows of the patch: any length
             slices.append(slice(start, stop))
@@ -135,17 +141,20 @@ class CropScorer:
         margin: voxels of context around R's bounding box, or ``None`` for the whole grid.
         overlap: the sliding windows' overlap (when the crop is larger than the patch); None: the model's.
         batch: copies per pass.
+        window: ``model`` (the card's sliding windows where the crop is larger than its patch) or ``scan`` (the
+            crop in one window).
     """
 
     def __init__(self, context: ExplainContext, region: np.ndarray, margin: int | None, overlap: float | None = None,
-                 batch: int = 4) -> None:
+                 batch: int = 4, window: str = "model") -> None:
         card = context.model.card
         self.network = context.model.network.to(context.device).eval()
         self.channels = list(context.channels)
         self.kind = card.output
         self.device = context.device
         self.batch = batch
-        self.crop = region_crop(region, margin, input_multiple(card), tuple(card.patch_size))
+        self.crop = region_crop(region, margin, input_multiple(card),
+                                tuple(card.patch_size) if window == "model" else None)
         self.windows = card.windows.adjusted(size=self.crop.window, overlap=overlap)
         self.fill = float(context.image.min())
         self.image = context.image[(..., *self.crop.slices)].float()
@@ -172,12 +181,32 @@ class CropScorer:
         """S of each example of a stitched output, summed in float64 (occlusion takes differences of large sums)."""
         return (log_odds(output, self.channels, self.kind).double() * weight.double()).flatten(1).sum(1)
 
+    @property
+    def one_window(self) -> bool:
+        """Whether the (padded) crop is exactly one window: then each input is one network call, without the
+        sliding windows' stitching (their Gaussian weights would divide out), as tools without windows run it."""
+        return tuple(n + p for n, p in zip(self.crop.shape, self.crop.pad)) == tuple(self.crop.window)
+
+    def _one_call_each(self, predictor, images: torch.Tensor, **coordinates) -> tuple[torch.Tensor, ...]:
+        """``predictor`` on each (1, C, *window) input of the batch on the device, as the sliding windows call it
+        (one input at a time: a score then does not depend on the batch it came in, so occlusion's differences
+        are exactly 0 where a cube changes nothing); its outputs, concatenated, on the CPU."""
+        outputs = []
+        for image in images.split(1):
+            with mixed_precision(self.device):
+                out = predictor(image.to(self.device), **coordinates)
+            outputs.append(out if isinstance(out, tuple) else (out,))
+        return tuple(torch.cat([o[k].float().cpu() for o in outputs]) for k in range(len(outputs[0])))
+
     def outputs(self, images: torch.Tensor) -> torch.Tensor:
         """The network's stitched output for each of (B, C, *crop) inputs: (B, n_classes, *crop) on the CPU
         (inference mode)."""
         with torch.inference_mode():
-            output = sliding_window_predict(self.network, self._padded(images.float(), self.fill), self.windows,
-                                            self.device, Progress())
+            padded = self._padded(images.float(), self.fill)
+            if self.one_window:
+                (output,) = self._one_call_each(self.network, padded)
+            else:
+                output = sliding_window_predict(self.network, padded, self.windows, self.device, Progress())
             output = self._unpadded(output)
         self.forward_passes += images.shape[0]
         return output
@@ -203,9 +232,12 @@ class CropScorer:
                 (gradient,) = torch.autograd.grad(score, x) if score.requires_grad else (torch.zeros_like(x),)
             return output.detach(), gradient.detach()
 
-        output, gradient = sliding_window_predict(predictor, self._padded(images.float(), self.fill),
-                                                  self.windows, self.device, Progress(),
-                                                  with_coord=True)
+        padded = self._padded(images.float(), self.fill)
+        if self.one_window:
+            output, gradient = self._one_call_each(predictor, padded, coords=[[slice(None)] * padded.ndim])
+        else:
+            output, gradient = sliding_window_predict(predictor, padded, self.windows, self.device, Progress(),
+                                                      with_coord=True)
         self.forward_passes += images.shape[0]
         self.backward_passes += images.shape[0]
         return self._unpadded(gradient).float(), self._summed(output, weight)
@@ -330,8 +362,10 @@ def path_integral(scorer: CropScorer, baseline: torch.Tensor, steps: int, rule: 
 @dataclass(frozen=True)
 class CropOptions(MethodOptions):
     """Options of every black-box method: ``margin`` (voxels of context around R's bounding box; ``null``: the
-    whole grid) and ``overlap`` (of the sliding windows, when the crop is larger than the card's patch)."""
+    whole grid), ``overlap`` (of the sliding windows, when the crop is larger than the card's patch) and
+    ``window`` (``scan``: the crop in one window, module docstring)."""
 
     margin: int | None = option(DEFAULT_MARGIN, minimum=0)
     overlap: float | None = option(None, check=lambda v: 0 <= v < 1,
                                   must="a number in [0, 1), or null: the model's own windows")
+    window: str = option("model", choices=WINDOWS)

@@ -85,12 +85,10 @@ from .layers import (
     parse_layer_specs,
     resolve_layers,
 )
-from .options import MethodOptions, option
+from .options import WINDOWS, MethodOptions, option
 from .targets import SCORE_WORDS, log_odds, target_scores
 
 REGIONS = ("predicted", "all", "box", "mask")
-WINDOWS = ("model", "scan")
-"""Option ``window``: the model's sliding windows, as its segmentation ran (default), or the whole scan in one pass."""
 _REGION_WORDS = {"predicted": "predicted target", "all": "whole volume", "box": "chosen box", "mask": "chosen mask"}
 UPSAMPLING = "trilinear, align_corners=False (voxel centres), of the layer's CAM (after the ReLU)"
 """How a coarse layer's CAM reaches the model grid."""

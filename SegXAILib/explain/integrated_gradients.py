@@ -75,7 +75,7 @@ class IntegratedGradients(Explainer):
         start = time.perf_counter()
         options: IntegratedGradientsOptions = context.options_for(self)
         region = predicted_region(context, self.name)
-        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch)
+        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch, options.window)
         b = no_signal_level(context.image.numpy()) if options.baseline is None else options.baseline
         path = path_integral(scorer, torch.full_like(scorer.image, b), options.steps, options.method, context.progress,
                              self.name)

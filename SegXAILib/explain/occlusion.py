@@ -93,7 +93,7 @@ class OcclusionSensitivity(Explainer):
         start = time.perf_counter()
         options: OcclusionOptions = context.options_for(self)
         region = predicted_region(context, self.name)
-        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch)
+        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch, options.window)
         b = no_signal_level(context.image.numpy()) if options.baseline is None else options.baseline
         x = scorer.image
         shape = tuple(x.shape[2:])

@@ -21,7 +21,11 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from ..errors import SegXAIError
 
-__all__ = ["MethodOptions", "option"]
+__all__ = ["MethodOptions", "WINDOWS", "option"]
+
+WINDOWS = ("model", "scan")
+"""Choices of the option ``window`` (Grad-CAM and the black-box methods): the model's sliding windows, as its
+segmentation ran (default), or the whole input in one pass, as tools without sliding windows run it."""
 
 
 def option(default: Any, *, minimum: float | None = None, choices: Sequence[Any] | None = None,

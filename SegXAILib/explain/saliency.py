@@ -40,7 +40,7 @@ class Saliency(Explainer):
         start = time.perf_counter()
         options: SaliencyOptions = context.options_for(self)
         region = predicted_region(context, self.name)
-        scorer = CropScorer(context, region, options.margin, options.overlap, batch=1)
+        scorer = CropScorer(context, region, options.margin, options.overlap, batch=1, window=options.window)
         context.progress.update(self.name, 0.0, "gradient")
         gradient, score = scorer.gradients(scorer.image)
         context.progress.update(self.name, 1.0, "done")

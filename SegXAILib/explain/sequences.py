@@ -120,7 +120,7 @@ class SequenceAttribution(Explainer):
             raise NotApplicable("sequences needs a model with several input sequences; this scan has one")
         names = sequence_names(context.model.card, count)
         region = predicted_region(context, self.name)
-        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch)
+        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch, options.window)
         image = context.image[0].numpy()
         heads, means = zip(*(head_and_mean(sequence) for sequence in image))
         crop_heads = np.stack(heads)[(slice(None), *scorer.crop.slices)]

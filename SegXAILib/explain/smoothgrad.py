@@ -59,7 +59,7 @@ class SmoothGrad(Explainer):
         start = time.perf_counter()
         options: SmoothGradOptions = context.options_for(self)
         region = predicted_region(context, self.name)
-        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch)
+        scorer = CropScorer(context, region, options.margin, options.overlap, options.batch, options.window)
         sigma = options.noise * float(context.image.max() - context.image.min())
         noise = self.draw_noise(tuple(scorer.image.shape[1:]), options.samples, sigma, options.seed)
         total = torch.zeros_like(scorer.image[0])

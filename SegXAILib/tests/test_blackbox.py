@@ -284,6 +284,38 @@ def test_crop_holds_the_region_and_its_margin_in_a_window_the_network_accepts():
     assert whole.slices[0] == slice(0, 40) and whole.window[0] == 16  # larger than the patch: sliding windows
 
 
+def test_window_scan_runs_a_crop_larger_than_the_patch_in_one_pass_as_captum():
+    """``window: scan`` on a 32^3 grid with a 16^3 patch: one window of the whole grid, and the attribution equals
+    captum's integrated gradients of the network's score on the whole scan in one pass (a U-Net with spatial
+    context: the model's overlapping windows give another map)."""
+    from captum.attr import IntegratedGradients as CaptumIG
+
+    region = np.zeros((40, 12, 6), bool)
+    region[10:15, 3:5, 2:4] = True
+    one = region_crop(region, 3, multiple=(4, 4, 4), patch=None)
+    assert one.slices[0] == slice(7, 19) and one.window == (12, 8, 8) and one.pad == (0, 0, 2)
+    assert region_crop(region, None, (4, 4, 4), None).window == (40, 12, 8)  # larger than any patch: one window
+
+    network = tiny_unet(seed=1)
+    image = blob_image((32, 32, 32), seed=1)
+    steps = 4
+    options = whole_grid("integrated-gradients", steps=steps, method="trapezoid", window="scan")
+    context = explain_context(network, image, (1, 2), patch=(16, 16, 16), options=options)
+    explanation = IntegratedGradients().explain(context)
+    assert explanation.metadata["crop"]["window"] == [32, 32, 32]
+    assert explanation.metadata["crop"]["windows_per_pass"] == 1
+    forward = score_of(network, [1, 2], context.predicted_mask)
+    expected = CaptumIG(forward).attribute(image, baselines=float(image.min()), n_steps=steps,
+                                           method="riemann_trapezoid") * steps / (steps - 1)
+    assert_close(maps_of(explanation)["signed"], expected[0, 0].detach().numpy())
+
+    options["integrated-gradients"]["window"] = "model"
+    windowed = IntegratedGradients().explain(explain_context(network, image, (1, 2), patch=(16, 16, 16),
+                                                             options=options))
+    assert windowed.metadata["crop"]["windows_per_pass"] > 1
+    assert np.abs(maps_of(windowed)["signed"] - expected[0, 0].detach().numpy()).max() > 1e-3 * expected.abs().max()
+
+
 class PointwiseNet(nn.Module):
     """1x1x1 convolutions only: every window sees what the whole volume sees, so windowed gradients are exact.
 

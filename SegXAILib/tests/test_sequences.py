@@ -215,7 +215,8 @@ def test_a_model_with_one_input_is_not_applicable():
 
 
 @pytest.mark.parametrize(("given", "error"), [
-    ({"nonsense": 1}, "unknown option sequences.nonsense; the options of sequences are: margin, overlap, steps, batch"),
+    ({"nonsense": 1},
+     "unknown option sequences.nonsense; the options of sequences are: margin, overlap, window, steps, batch"),
     ({"steps": 1}, "option sequences.steps must be an integer >= 2, got 1"),
     ({"overlap": 1.5},
      "option sequences.overlap must be a number in [0, 1), or null: the model's own windows, got 1.5"),
