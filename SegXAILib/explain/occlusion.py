@@ -60,11 +60,13 @@ class OcclusionOptions(CropOptions):
 
 def cube_starts(low: int, high: int, size: int, cube: int, stride: int) -> list[int]:
     """Starts of cubes of ``cube`` voxels every ``stride`` covering [low, high) on an axis of ``size`` voxels:
-    centred on the interval, the last reaching its end; clipped to the axis (a cube larger than it is the axis)."""
+    centred on the interval, the last reaching its end, and moved as a whole to lie inside the axis where the
+    interval meets its edge (the stride stays regular, as MONAI's cubes); clipped to the axis only where they span
+    more than it (a cube larger than the axis is the axis)."""
     length = high - low
     count = max(math.ceil((length - cube) / stride), 0) + 1
     span = (count - 1) * stride + cube
-    first = low - (span - length) // 2
+    first = min(max(low - (span - length) // 2, 0), max(size - span, 0))
     return sorted({min(max(first + n * stride, 0), max(size - cube, 0)) for n in range(count)})
 
 

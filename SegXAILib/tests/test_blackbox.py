@@ -17,7 +17,7 @@ from SegXAILib.errors import SegXAIError
 from SegXAILib.explain.base import ExplainContext, NotApplicable
 from SegXAILib.explain.blackbox import region_crop, riemann_rule
 from SegXAILib.explain.integrated_gradients import IntegratedGradients
-from SegXAILib.explain.occlusion import OcclusionSensitivity
+from SegXAILib.explain.occlusion import OcclusionSensitivity, cube_starts
 from SegXAILib.explain.saliency import Saliency
 from SegXAILib.explain.smoothgrad import SmoothGrad
 from SegXAILib.explain.targets import log_odds, target_scores
@@ -269,6 +269,15 @@ def test_occlusion_peaks_in_the_only_region_that_matters():
     touching = np.zeros(shape, bool)  # cubes of 4 every 4 from 0: a voxel's only cube touches the box or not
     touching[4:12, 12:20, 4:12] = True
     assert np.all(occlusion[~touching] == 0) and explanation.metadata["cubes"] == 6 * 5 * 7
+
+
+def test_cubes_keep_a_regular_stride_where_the_region_meets_the_grids_edge():
+    """Cubes of 16 every 8: centred on the interval inside the axis, moved as a whole at its edges (before, the first
+    start was clipped from -1 to 0 and the others stayed at 7, 15, ...: not MONAI's regular cubes)."""
+    assert cube_starts(0, 101, 128, 16, 8) == list(range(0, 89, 8))  # 12 cubes, the last ending at 104 >= 101
+    assert cube_starts(30, 50, 128, 16, 8) == [28, 36]  # 2 cubes spanning 24 around 20 voxels: 2 before
+    assert cube_starts(120, 128, 128, 16, 8) == [112]  # moved back inside the axis
+    assert cube_starts(0, 40, 24, 16, 8) == [0, 8]  # more than the axis: clipped to it
 
 
 # ------------------------------------------------------------------ crop and windows
