@@ -18,6 +18,7 @@ integrated gradients 16 trapezoid steps from that value, 4 copies per pass.
     python benchmarks/peers.py --size 96                              # the markdown table
     python benchmarks/peers.py --size 128 --json                      # rows as JSON
     python benchmarks/peers.py --size 96 --methods gradcam --repeat 3  # median of 3 child processes per row
+    python benchmarks/peers.py --size 128 --methods occlusion --tools segxai,monai   # those rows only
 """
 
 from __future__ import annotations
@@ -134,12 +135,30 @@ def run_one(size: str, tool: str, method: str, out: Path) -> dict:
     return {"forward": forward, "seconds": seconds, "peak_gb": peak_rss_gb()}
 
 
-def child_runs(arguments: list[str], repeat: int, script: str = __file__) -> list[dict] | str:
-    """``repeat`` runs of ``script --one *arguments``, each in a fresh child process: the JSON object each printed
-    last, or why the first failing run failed (the last line of its error output)."""
+MEMORY_CAP_GB = 16.0
+"""Address space each child may take (``RLIMIT_AS``), so that a tool needing more fails with its own out-of-memory
+error instead of swapping the machine (23 GB here) for hours: the same cap for every tool."""
+
+
+def _capped(gigabytes: float):
+    """A ``preexec_fn`` limiting the child's address space to ``gigabytes``."""
+    def limit() -> None:
+        import resource
+
+        cap = int(gigabytes * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    return limit
+
+
+def child_runs(arguments: list[str], repeat: int, script: str = __file__,
+               memory_gb: float = MEMORY_CAP_GB) -> list[dict] | str:
+    """``repeat`` runs of ``script --one *arguments``, each in a fresh child process limited to ``memory_gb`` of
+    address space: the JSON object each printed last, or why the first failing run failed (the last line of its
+    error output)."""
     runs = []
     for _ in range(repeat):
-        child = subprocess.run([sys.executable, script, "--one", *arguments], capture_output=True, text=True)
+        child = subprocess.run([sys.executable, script, "--one", *arguments], capture_output=True, text=True,
+                               preexec_fn=_capped(memory_gb))
         if child.returncode != 0:
             lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode} (out of memory?)"]
             return lines[-1][:160]
@@ -217,6 +236,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--repeat", type=int, default=1, help="child processes per row (median seconds)")
     parser.add_argument("--methods", default="gradcam,gradcampp,occlusion,integrated-gradients")
+    parser.add_argument("--tools", default=None, help="only these tools' rows, comma-separated (default: every tool; "
+                                                      "the method's reference row runs whenever another row does)")
     parser.add_argument("--one", nargs=4, metavar=("SIZE", "TOOL", "METHOD", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -229,7 +250,7 @@ def main() -> None:
             tool = REFERENCES[method][0]
             reference = row(args.size, tool, method, folder, args.repeat if tool == "segxai" else 1)
             reference_map = folder / f"{REFERENCES[method][0]}-{method}.npy"
-            for tool in [t for t, m in ROWS if m == method]:
+            for tool in [t for t, m in ROWS if m == method and (args.tools is None or t in args.tools.split(","))]:
                 result = reference if (tool, method) == REFERENCES[method] else row(args.size, tool, method, folder,
                                                                                              args.repeat)
                 agreement(result, folder / f"{tool}-{method}.npy", reference_map)
