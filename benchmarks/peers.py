@@ -5,8 +5,8 @@ the tool's method, timed; the child's map is saved and compared by the parent. T
 brain-lesion U-Net, the scan ``explainers.synthetic_scan``, the target "whole tumour", the score SegXAI's (the
 target's log-odds summed over R, the predicted tumour), the layer the last decoder stage. Every tool gets that
 score and layer (``peer_adapters.py`` says how); the peers run the whole scan in one pass (none of them has
-sliding windows), and so does SegXAI (option ``window: scan``) except on the CT grid, where it runs the card's
-96^3 windows.
+sliding windows), and so does SegXAI's row (option ``window: scan``); ``segxai-default`` is SegXAI as it runs by
+default (:data:`ROWS`).
 
 Columns: seconds of the method; its ratio to the forward pass of the same child; the child's peak resident
 memory (``VmHWM``, model and forward pass included); Pearson correlation of the map with a reference (Grad-CAM
@@ -35,14 +35,16 @@ from pathlib import Path
 
 from explainers import SIZES
 
-ROWS = [("segxai", "gradcam"), ("monai", "gradcam"), ("captum", "gradcam"), ("pytorch-grad-cam", "gradcam"),
-        ("medcam", "gradcam"), ("segxai", "gradcampp"), ("monai", "gradcampp"), ("captum", "gradcampp"),
+ROWS = [("segxai", "gradcam"), ("segxai-default", "gradcam"), ("monai", "gradcam"), ("captum", "gradcam"),
+        ("pytorch-grad-cam", "gradcam"), ("medcam", "gradcam"), ("segxai", "gradcampp"),
+        ("segxai-default", "gradcampp"), ("monai", "gradcampp"), ("captum", "gradcampp"),
         ("pytorch-grad-cam", "gradcampp"), ("medcam", "gradcampp"), ("segxai", "occlusion"),
-        ("segxai-crop", "occlusion"), ("monai", "occlusion"), ("segxai", "integrated-gradients"),
-        ("segxai-crop", "integrated-gradients"), ("captum", "integrated-gradients")]
-"""(tool, method) rows; ``segxai-crop`` is SegXAI's default for the black-box methods: the score on R's bounding
-box grown by 16 voxels, not on the whole grid (less work; the map differs where the network sees the whole scan,
-e.g. through instance normalisation)."""
+        ("segxai-default", "occlusion"), ("monai", "occlusion"), ("segxai", "integrated-gradients"),
+        ("segxai-default", "integrated-gradients"), ("captum", "integrated-gradients")]
+"""(tool, method) rows; ``segxai`` does the peers' work (the whole scan in one pass), ``segxai-default`` what
+SegXAI does by default: Grad-CAM in the model's sliding windows, as its segmentation ran; the black-box methods
+on R's bounding box grown by 16 voxels, in the model's windows where that is larger than one (less work at 96^3;
+the maps differ where the network sees the whole scan, e.g. through instance normalisation)."""
 REFERENCES = {"gradcam": ("reference", "gradcam"), "gradcampp": ("reference", "gradcampp"),
               "occlusion": ("segxai", "occlusion"), "integrated-gradients": ("segxai", "integrated-gradients")}
 UNSUPPORTED = {("captum", "gradcampp"): "captum has no Grad-CAM++"}
@@ -58,11 +60,10 @@ def occlusion_cubes(region) -> tuple[list[list[int]], int]:
     return starts, math.prod(len(s) for s in starts)
 
 
-def _segxai(context, method: str, size: str, crop: bool = False):
+def _segxai(context, method: str, default: bool = False):
     """SegXAI's map of ``method`` at the benchmark's settings, (D, H, W) float32: every method in one pass over
-    the scan (``window: scan``), as the peers, except on the CT grid (the model's windows: no peer runs there);
-    occlusion and integrated gradients on the whole grid (``margin: null``), as the peers, or with ``crop`` as
-    SegXAI runs them by default (R's crop, the model's windows where it is larger than one)."""
+    the scan (``window: scan``), occlusion and integrated gradients on the whole grid (``margin: null``), as the
+    peers, or with ``default`` in SegXAI's default windows and crop (:data:`ROWS`)."""
     from SegXAILib.methods import get_explainer
 
     if method == "occlusion":
@@ -70,8 +71,8 @@ def _segxai(context, method: str, size: str, crop: bool = False):
                                          "max_cubes": occlusion_cubes(context.predicted_mask)[1]}}
     if method == "integrated-gradients":
         context.options = {"integrated-gradients": {"steps": STEPS, "method": "trapezoid", "batch": BATCH}}
-    if not crop:
-        context.options.setdefault(method, {})["window"] = "model" if size == "ct" else "scan"
+    if not default:
+        context.options.setdefault(method, {})["window"] = "scan"
         if method in ("occlusion", "integrated-gradients"):
             context.options[method]["margin"] = None
     maps = get_explainer(method).explain(context).maps
@@ -119,9 +120,9 @@ def run_one(size: str, tool: str, method: str, out: Path) -> dict:
     x = torch.from_numpy(image)[None, None]
     context = ExplainContext(model=model, image=x, target="whole tumour", channels=channels,
                              probabilities=probabilities, device=device)
-    if tool in ("segxai", "segxai-crop"):
+    if tool in ("segxai", "segxai-default"):
         start = time.perf_counter()
-        array = _segxai(context, method, size, crop=tool == "segxai-crop")
+        array = _segxai(context, method, default=tool == "segxai-default")
     else:
         window = x[(..., *(slice(0, p) for p in model.card.patch_size))]
         layer = resolve_layers(model.network, "last_decoder", window)[0][0]
@@ -181,7 +182,7 @@ def row(size: str, tool: str, method: str, folder: Path, repeat: int = 1) -> dic
 
     result = {"tool": tool, "method": method, "size": "x".join(map(str, SIZES[size][::-1])), "seconds": None,
               "peak_gb": None, "pearson_vs_reference": None, "note": ""}
-    failure = UNSUPPORTED.get((tool, method)) or (None if tool in ("segxai", "segxai-crop", "reference") else
+    failure = UNSUPPORTED.get((tool, method)) or (None if tool in ("segxai", "segxai-default", "reference") else
                                                   peer_adapters.import_failure(tool))
     if failure:
         return {**result, "note": f"fails: {failure}"}
