@@ -29,13 +29,14 @@ SHAPE = (24, 24, 24)
 
 
 def needs(tool: str) -> None:
-    """Skip when the peer cannot be imported: pytorch-grad-cam needs a torchvision built for the installed torch
-    (PyPI's is for CUDA torch, so it is not in the ``bench`` extra); the others come with ``pip install -e
+    """Skip when the peer cannot be imported: pytorch-grad-cam needs a torchvision that imports beside the installed
+    torch (PyPI's does not beside the CPU torch 2.13, so it is not in the ``bench`` extra; docs/peers.md runs these
+    tests in a second environment with torch 2.14.1 and torchvision 0.29.1); the others come with ``pip install -e
     ".[bench]"``."""
     failure = peers.import_failure(tool)
     if failure is not None:
-        fix = ("install a torchvision built for this torch, then grad-cam" if tool == "pytorch-grad-cam"
-               else "pip install -e '.[bench]'")
+        fix = ("install torch and a torchvision that import together, then grad-cam (docs/peers.md)"
+               if tool == "pytorch-grad-cam" else "pip install -e '.[bench]'")
         pytest.skip(f"{tool} cannot be imported ({failure}); {fix}")
 
 
