@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,17 @@ def one_torch_thread():
     """Tests use tiny tensors: one thread avoids oversubscribing small CI machines (10x slower)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def every_core():
+    """For a test that runs real-size scans in this process (and compares with nothing computed in another
+    process): torch threads on every core, as a user's run has them (autouse fixtures run first, so this
+    overrides :func:`one_torch_thread` and is undone before it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     yield
     torch.set_num_threads(previous)
 

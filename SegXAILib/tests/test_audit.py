@@ -223,7 +223,7 @@ def test_local_workers_share_the_gpus_round_robin(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_degraded_copies_rank_before_the_clean_cases(tmp_path):
+def test_degraded_copies_rank_before_the_clean_cases(tmp_path, every_core):
     """The bundled lesion model: degraded copies (noise, blur, another contrast) of a clean case rank
     nearer the top of the review order than clean cases; the order uses no label (ProtoSeg's mean SA
     rule, then TTA's entropy inside the object)."""

@@ -348,7 +348,7 @@ def test_a_wrong_number_of_scans_is_one_line_naming_the_sequences(tmp_path, sequ
 
 
 @pytest.mark.slow
-def test_explain_a_multilabel_class_from_four_scans(tmp_path, sequence_files):
+def test_explain_a_multilabel_class_from_four_scans(tmp_path, sequence_files, every_core):
     """One class of a multi-label model is explained as its own two-class model: the maps are on the first scan's
     grid, the per-class files overlap, the label map is the bundle's, and the report shows which scan drove it."""
     folder = zoo_bundle(tmp_path / "brats", BRATS, sequence_files)

@@ -32,7 +32,7 @@ def whole_tumour_floor(model) -> float:
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.slow
-def test_trained_model_segments_the_demo_lesion(name, demo_case):
+def test_trained_model_segments_the_demo_lesion(name, demo_case, every_core):
     model = load_model(name)
     methods = {"brain-lesion-unet": [], "brain-lesion-eunet": ["mhex"], "brain-lesion-dual-encoder": ["fusion"]}[name]
     with torch.no_grad():

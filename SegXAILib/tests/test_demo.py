@@ -12,7 +12,7 @@ from SegXAILib.volume import read_volume
 
 
 @pytest.mark.slow
-def test_every_demo_map_carries_signal_and_plain_words(tmp_path):
+def test_every_demo_map_carries_signal_and_plain_words(tmp_path, every_core):
     """Each map file the demo writes is finite everywhere and not constant inside the head (the Grad-CAM++ map
     was all zeros once), and no description shows a module name such as ``model.1.submodule.2`` (that name is
     kept in the map's ``layer`` field)."""
