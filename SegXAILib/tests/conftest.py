@@ -29,7 +29,7 @@ def every_core():
     process): torch threads on every core, as a user's run has them (autouse fixtures run first, so this
     overrides :func:`one_torch_thread` and is undone before it)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     yield
     torch.set_num_threads(previous)
 
