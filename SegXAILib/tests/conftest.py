@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -14,13 +16,22 @@ from SegXAILib.models.networks import build_network
 from SegXAILib.volume import Volume, write_volume
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block, and back to what they were after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tests use tiny tensors: one thread avoids oversubscribing small CI machines (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture
@@ -28,10 +39,8 @@ def every_core():
     """For a test that runs real-size scans in this process (and compares with nothing computed in another
     process): torch threads on every core, as a user's run has them (autouse fixtures run first, so this
     overrides :func:`one_torch_thread` and is undone before it)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1):
+        yield
 
 
 TINY_ARCH = {"name": "unet", "args": {"channels": [4, 8, 16], "strides": [2, 2]}}
