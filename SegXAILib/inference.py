@@ -65,7 +65,8 @@ def window_count(image_shape: Sequence[int], patch_size: Sequence[int], overlap:
 
 
 def mixed_precision(device: torch.device):
-    """The context every network pass runs in: float16 autocast on CUDA (mixed precision), nothing on the CPU."""
+    """The context of :func:`sliding_window_predict`'s network passes (and the black-box methods' passes of one
+    window, :mod:`.explain.blackbox`): float16 autocast on CUDA (mixed precision), nothing on the CPU."""
     return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
 

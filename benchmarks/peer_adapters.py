@@ -139,8 +139,8 @@ def nnunetv2_cam_gradcam(predictor, image: torch.Tensor, layer: str, target_clas
     when the predictor mirrors), takes the mask of ``target_class`` there and back-propagates the network's output
     summed over that mask (its ``SemanticSegmentationTarget`` sums every output channel there, not only the
     class's); each window's CAM is min-max normalised by pytorch-grad-cam, resized by ``scipy.ndimage.zoom``, and the
-    windows averaged with equal weights. Its target puts the mask on the GPU whenever CUDA is available, so there
-    the predictor's device must be CUDA."""
+    windows averaged with equal weights in float16 and multiplied by 1.3. Its target puts the mask on the GPU
+    whenever CUDA is available, so there the predictor's device must be CUDA."""
     from nnunetv2_cam.cam_core import compute_cam_with_sliding_window
 
     cam = compute_cam_with_sliding_window(
@@ -200,10 +200,14 @@ def activation_and_gradient(problem: Problem) -> tuple[torch.Tensor, torch.Tenso
     return kept["A"].detach().double(), kept["A"].grad.double()
 
 
+def layer_cam(alpha: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_k alpha_k A_k) on the layer's grid: (1, 1, d, h, w) float32."""
+    return F.relu((alpha * activation).sum(1, keepdim=True)).float()
+
+
 def cam_on_grid(alpha: torch.Tensor, activation: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """ReLU(sum_k alpha_k A_k) upsampled trilinearly (align_corners=False) to ``shape``: (D, H, W) float32."""
-    cam = F.relu((alpha * activation).sum(1, keepdim=True)).float()
-    return _grid(F.interpolate(cam, size=shape, mode="trilinear", align_corners=False))
+    """:func:`layer_cam` upsampled trilinearly (align_corners=False) to ``shape``: (D, H, W) float32."""
+    return _grid(F.interpolate(layer_cam(alpha, activation), size=shape, mode="trilinear", align_corners=False))
 
 
 def gradcam_weights(problem: Problem, plusplus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -246,12 +246,14 @@ def main() -> None:
         print(json.dumps(run_one(size, tool, method, Path(out))))
         return
 
+    tools = None if args.tools is None else set(args.tools.split(","))
+
     def rows(folder: Path) -> Iterator[dict]:
         for method in args.methods.split(","):
             tool = REFERENCES[method][0]
             reference = row(args.size, tool, method, folder, args.repeat if tool == "segxai" else 1)
             reference_map = folder / f"{REFERENCES[method][0]}-{method}.npy"
-            for tool in [t for t, m in ROWS if m == method and (args.tools is None or t in args.tools.split(","))]:
+            for tool in [t for t, m in ROWS if m == method and (tools is None or t in tools)]:
                 result = reference if (tool, method) == REFERENCES[method] else row(args.size, tool, method, folder,
                                                                                              args.repeat)
                 agreement(result, folder / f"{tool}-{method}.npy", reference_map)

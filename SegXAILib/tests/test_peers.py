@@ -90,7 +90,7 @@ def resized_as_pytorch_grad_cam(problem, plusplus: bool) -> np.ndarray:
         return cam / (cam.max() + 1e-7)
 
     alpha, a = peers.gradcam_weights(problem, plusplus)
-    cam = scaled(torch.relu((alpha * a).sum(1))[0].numpy().astype(np.float32))
+    cam = scaled(peers.layer_cam(alpha, a)[0, 0].numpy())
     return scaled(np.maximum(zoom(cam, [t / s for s, t in zip(cam.shape, SHAPE)]), 0))
 
 
